@@ -10,9 +10,10 @@
 
 /// The SPIFFE Workload API (`SpiffeWorkloadAPI` service), generated from the vendored
 /// upstream file.
-#[expect(
+#[allow(
     missing_docs,
     clippy::all,
+    clippy::allow_attributes_without_reason,
     reason = "generated code; the .proto files carry the documentation"
 )]
 pub mod workload {
@@ -24,8 +25,10 @@ pub mod tessera {
     /// `tessera.types.v1`.
     pub mod types {
         /// Version 1.
-        #[expect(
+        #[allow(
             missing_docs,
+            clippy::all,
+            clippy::allow_attributes_without_reason,
             reason = "generated code; the .proto files carry the documentation"
         )]
         pub mod v1 {
@@ -35,9 +38,10 @@ pub mod tessera {
     /// `tessera.node.v1`.
     pub mod node {
         /// Version 1.
-        #[expect(
+        #[allow(
             missing_docs,
             clippy::all,
+            clippy::allow_attributes_without_reason,
             reason = "generated code; the .proto files carry the documentation"
         )]
         pub mod v1 {
@@ -47,9 +51,10 @@ pub mod tessera {
     /// `tessera.admin.v1`.
     pub mod admin {
         /// Version 1.
-        #[expect(
+        #[allow(
             missing_docs,
             clippy::all,
+            clippy::allow_attributes_without_reason,
             reason = "generated code; the .proto files carry the documentation"
         )]
         pub mod v1 {

@@ -3,6 +3,8 @@
 //! result differs from what is committed. A failing run leaves the fresh files in place,
 //! so committing them after review fixes the test.
 
+#![allow(clippy::expect_used, reason = "a test: a failed step is a failed test")]
+
 use std::fs;
 use std::path::{Path, PathBuf};
 
