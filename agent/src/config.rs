@@ -1,0 +1,189 @@
+//! The agent's configuration file (`[agent]` and `[[plugins.workload_attestor]]`),
+//! parsed once into typed values before the runtime starts. Every field documents its
+//! default.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use tessera_plugin_sdk::TrustDomain;
+use tessera_plugin_sdk::config::{ConfigDuration, ConfigError, LogFormat, LogLevel, load_toml, parse_toml};
+use tessera_plugin_unix::UnixAttestorConfig;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    agent: RawAgent,
+    #[serde(default)]
+    plugins: RawPlugins,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    trust_domain: String,
+    server_address: String,
+    #[serde(default = "default_socket")]
+    socket_path: PathBuf,
+    data_dir: PathBuf,
+    trust_bundle_path: Option<PathBuf>,
+    join_token: Option<String>,
+    #[serde(default = "default_proc_root")]
+    proc_root: PathBuf,
+    attestation_timeout: Option<ConfigDuration>,
+    #[serde(default)]
+    log_level: LogLevel,
+    #[serde(default)]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlugins {
+    #[serde(default)]
+    workload_attestor: Vec<RawPlugin>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlugin {
+    name: String,
+    #[serde(default)]
+    data: Option<toml::Table>,
+}
+
+fn default_socket() -> PathBuf {
+    PathBuf::from("/run/tessera/agent.sock")
+}
+
+fn default_proc_root() -> PathBuf {
+    PathBuf::from("/proc")
+}
+
+/// Default `attestation_timeout`: all workload attestors together must finish in 5 s.
+pub const DEFAULT_ATTESTATION_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A configured workload attestor.
+#[derive(Debug, Clone)]
+pub enum WorkloadAttestorConfig {
+    /// The `unix` attestor.
+    Unix(UnixAttestorConfig),
+}
+
+/// The validated agent configuration.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// `trust_domain` (required).
+    pub trust_domain: TrustDomain,
+    /// `server_address` (required): `host:port` of the server's node API.
+    pub server_address: String,
+    /// `socket_path` (default `/run/tessera/agent.sock`): the Workload API socket. Its
+    /// directory is created 0755 by the agent (or must be owned by root or the agent and
+    /// not writable by others); the socket is 0777 since attestation, not the file mode,
+    /// decides who gets what.
+    pub socket_path: PathBuf,
+    /// `data_dir` (required): agent key and SVID, last bundle received. Created 0700.
+    pub data_dir: PathBuf,
+    /// `trust_bundle_path` (no default): PEM CA certificates used only for the first
+    /// contact with the server; afterwards the agent keeps the bundle the server sends.
+    pub trust_bundle_path: Option<PathBuf>,
+    /// `join_token` (no default): join token for the first attestation; the
+    /// `--join-token` flag overrides it. Not needed once the agent holds a valid SVID.
+    pub join_token: Option<String>,
+    /// `proc_root` (default `/proc`): where procfs is mounted.
+    pub proc_root: PathBuf,
+    /// `attestation_timeout` (default `5s`): deadline for all workload attestors of
+    /// one call.
+    pub attestation_timeout: Duration,
+    /// `log_level` (default `info`).
+    pub log_level: LogLevel,
+    /// `log_format` (default `text`).
+    pub log_format: LogFormat,
+    /// `[[plugins.workload_attestor]]` (default: `unix` with its defaults).
+    pub workload_attestors: Vec<WorkloadAttestorConfig>,
+}
+
+impl AgentConfig {
+    /// Reads and validates the configuration file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::from_file(load_toml(path)?, path)
+    }
+
+    /// Parses configuration text (`path` only names the source in errors).
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        Self::from_file(parse_toml(text, path)?, path)
+    }
+
+    fn from_file(file: File, path: &Path) -> Result<Self, ConfigError> {
+        let raw = file.agent;
+        let trust_domain = TrustDomain::new(&raw.trust_domain)
+            .map_err(|err| ConfigError::invalid(path, "agent.trust_domain", err))?;
+        if raw.server_address.trim().is_empty() {
+            return Err(ConfigError::invalid(path, "agent.server_address", "must be host:port"));
+        }
+        let mut workload_attestors = Vec::new();
+        for (index, plugin) in file.plugins.workload_attestor.into_iter().enumerate() {
+            let key = format!("plugins.workload_attestor[{index}]");
+            match plugin.name.as_str() {
+                "unix" => {
+                    let data = plugin.data.unwrap_or_default();
+                    let config: UnixAttestorConfig = toml::Value::Table(data)
+                        .try_into()
+                        .map_err(|err: toml::de::Error| {
+                            ConfigError::invalid(path, &format!("{key}.data"), err.message().replace('\n', " "))
+                        })?;
+                    workload_attestors.push(WorkloadAttestorConfig::Unix(config));
+                }
+                other => {
+                    return Err(ConfigError::invalid(
+                        path,
+                        &format!("{key}.name"),
+                        format!("unknown workload attestor `{other}` (available: unix)"),
+                    ));
+                }
+            }
+        }
+        if workload_attestors.is_empty() {
+            workload_attestors.push(WorkloadAttestorConfig::Unix(UnixAttestorConfig::default()));
+        }
+        Ok(Self {
+            trust_domain,
+            server_address: raw.server_address,
+            socket_path: raw.socket_path,
+            data_dir: raw.data_dir,
+            trust_bundle_path: raw.trust_bundle_path,
+            join_token: raw.join_token,
+            proc_root: raw.proc_root,
+            attestation_timeout: raw.attestation_timeout.map_or(DEFAULT_ATTESTATION_TIMEOUT, |d| d.0),
+            log_level: raw.log_level,
+            log_format: raw.log_format,
+            workload_attestors,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "[agent]\ntrust_domain = \"example.org\"\nserver_address = \"127.0.0.1:8081\"\ndata_dir = \"/tmp/a\"\n";
+
+    #[test]
+    fn defaults_apply() {
+        let c = AgentConfig::parse(MINIMAL, Path::new("a.toml")).unwrap();
+        assert_eq!(c.socket_path, PathBuf::from("/run/tessera/agent.sock"));
+        assert_eq!(c.workload_attestors.len(), 1);
+        assert_eq!(c.attestation_timeout, DEFAULT_ATTESTATION_TIMEOUT);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let err = AgentConfig::parse(&format!("{MINIMAL}insecure = true\n"), Path::new("a.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("insecure") && err.contains("line 5"), "{err}");
+        let text = format!("{MINIMAL}[[plugins.workload_attestor]]\nname = \"k8s\"\n");
+        let err = AgentConfig::parse(&text, Path::new("a.toml")).unwrap_err().to_string();
+        assert!(err.contains("plugins.workload_attestor[0].name"), "{err}");
+    }
+}

@@ -1,0 +1,437 @@
+//! The tessera agent library: node attestation and agent SVID renewal, the `Sync`
+//! stream and SVID manager, caller identification, and the SPIFFE Workload API on a
+//! Unix socket. `main.rs` is a thin wrapper over [`start`] and the [`cli`].
+//!
+//! It never signs anything: every SVID comes from the server, for a key the agent
+//! generated; the agent decides only which caller receives which of them.
+
+pub mod attest;
+pub mod cache;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod manager;
+pub mod node;
+pub mod peer;
+pub mod store;
+pub mod tls;
+pub mod workload_api;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tessera_plugin_sdk::socket::{prepare_socket_dir, remove_stale_socket, set_socket_mode};
+use tessera_plugin_sdk::{SpiffeId, WorkloadAttestor};
+use tessera_proto::node::{SyncRequest, SyncResponse};
+use tokio::net::UnixListener;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+pub use crate::config::AgentConfig;
+pub use crate::error::AgentError;
+
+use crate::cache::{CacheSnapshot, TrustBundle};
+use crate::config::WorkloadAttestorConfig;
+use crate::manager::{SvidManager, jitter_fraction, renewal_time};
+use crate::node::ServerConnection;
+use crate::store::{AgentSvidFiles, Store, parse_pem_certificates};
+use crate::tls::{AgentCredentials, ServerTrust, ServerVerifier};
+
+/// A stored agent SVID this close to expiry is not reused at start.
+const MIN_REMAINING_AT_START: Duration = Duration::from_secs(30);
+
+/// A started agent. Call [`RunningAgent::stop`] (or cancel its shutdown token and
+/// [`RunningAgent::wait`]).
+#[derive(Debug)]
+pub struct RunningAgent {
+    agent_id: SpiffeId,
+    socket_path: PathBuf,
+    cache: watch::Receiver<Arc<CacheSnapshot>>,
+    shutdown: CancellationToken,
+    tasks: JoinSet<Result<(), AgentError>>,
+}
+
+impl RunningAgent {
+    /// The agent's SPIFFE ID.
+    pub fn agent_id(&self) -> &SpiffeId {
+        &self.agent_id
+    }
+
+    /// The Workload API socket.
+    pub fn socket_path(&self) -> &Path {
+        &self.socket_path
+    }
+
+    /// True once the first `Sync` message has been applied.
+    pub fn is_synced(&self) -> bool {
+        self.cache.borrow().synced
+    }
+
+    /// The current cache snapshot.
+    pub fn snapshot(&self) -> Arc<CacheSnapshot> {
+        Arc::clone(&self.cache.borrow())
+    }
+
+    /// A token that stops the agent when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Stops the agent: streams end, the socket is removed.
+    pub async fn stop(mut self) -> Result<(), AgentError> {
+        self.shutdown.cancel();
+        self.wait().await
+    }
+
+    /// Waits until the agent stops (shutdown token cancelled, or a task failed).
+    pub async fn wait(&mut self) -> Result<(), AgentError> {
+        let mut result = Ok(());
+        while let Some(joined) = self.tasks.join_next().await {
+            let outcome = joined.map_err(|err| AgentError::Task(err.to_string())).and_then(|r| r);
+            if let Err(err) = outcome {
+                tracing::error!(error = %err, "agent task failed; stopping");
+                self.shutdown.cancel();
+                if result.is_ok() {
+                    result = Err(err);
+                }
+            }
+        }
+        let _ = std::fs::remove_file(&self.socket_path);
+        tracing::info!("agent stopped");
+        result
+    }
+}
+
+fn attestors(config: &AgentConfig) -> attest::Attestors {
+    let plugins = config
+        .workload_attestors
+        .iter()
+        .map(|plugin| match plugin {
+            WorkloadAttestorConfig::Unix(unix) => {
+                Arc::new(tessera_plugin_unix::UnixAttestor::new(unix.clone())) as Arc<dyn WorkloadAttestor>
+            }
+        })
+        .collect();
+    attest::Attestors::new(plugins, config.attestation_timeout)
+}
+
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, AgentError> + Send + 'static,
+) -> Result<T, AgentError> {
+    tokio::task::spawn_blocking(work).await.map_err(|err| AgentError::Task(err.to_string()))?
+}
+
+/// Starts the agent: loads or obtains its SVID (`join_token` overrides the config's),
+/// connects to the server, binds the Workload API socket.
+pub async fn start(config: AgentConfig, join_token: Option<String>) -> Result<RunningAgent, AgentError> {
+    let data_dir = config.data_dir.clone();
+    let store = blocking(move || Store::open(&data_dir)).await?;
+    let bootstrap = config.trust_bundle_path.clone();
+    let stored_bundle = {
+        let store = store.clone();
+        blocking(move || store.load_bundle()).await?
+    };
+    let authorities = match (stored_bundle, bootstrap) {
+        (Some(bundle), _) => bundle,
+        (None, Some(path)) => {
+            let text = tokio::fs::read(&path)
+                .await
+                .map_err(AgentError::io(format!("trust_bundle_path {}", path.display())))?;
+            parse_pem_certificates(&text)
+                .map_err(|err| AgentError::Config(format!("trust_bundle_path {}: {err}", path.display())))?
+        }
+        (None, None) => {
+            return Err(AgentError::Config(
+                "no trust bundle: set trust_bundle_path for the first start (insecure bootstrap is not supported)"
+                    .into(),
+            ));
+        }
+    };
+    let trust = Arc::new(ServerTrust::default());
+    trust.set(&authorities);
+    let server_id = SpiffeId::from_segments(&config.trust_domain, &["tessera", "server"])
+        .map_err(|err| AgentError::Config(format!("server id: {err}")))?;
+    let provider = tls::provider();
+    let verifier = Arc::new(ServerVerifier::new(Arc::clone(&trust), server_id, Arc::clone(&provider)));
+
+    let stored = {
+        let store = store.clone();
+        blocking(move || store.load_svid()).await?
+    };
+    let now = SystemTime::now();
+    let own = match stored {
+        Some(svid)
+            if svid.not_after > now + MIN_REMAINING_AT_START && svid.spiffe_id.is_member_of(&config.trust_domain) =>
+        {
+            tracing::info!(agent_id = %svid.spiffe_id, "using the stored agent SVID");
+            svid
+        }
+        stored => {
+            if stored.is_some() {
+                tracing::info!("the stored agent SVID has expired; attesting again");
+            }
+            let token = join_token.or_else(|| config.join_token.clone()).ok_or_else(|| {
+                AgentError::Config(
+                    "the agent has no valid SVID; attestation needs a join token (--join-token or join_token)".into(),
+                )
+            })?;
+            attest_agent(&config, &store, &trust, Arc::clone(&verifier), Arc::clone(&provider), &token).await?
+        }
+    };
+
+    let credentials = Arc::new(AgentCredentials::default());
+    credentials
+        .set(own.chain.clone(), own.key_pkcs8.clone())
+        .map_err(|err| AgentError::Crypto(format!("agent key: {err}")))?;
+    let tls_config = tls::client_config(verifier, Some(Arc::clone(&credentials)), provider)
+        .map_err(|err| AgentError::Crypto(err.to_string()))?;
+    let connection = Arc::new(ServerConnection::new(&config.server_address, Arc::new(tls_config))?);
+
+    let initial = CacheSnapshot {
+        synced: false,
+        revision: 0,
+        bundle: Arc::new(TrustBundle {
+            trust_domain: config.trust_domain.clone(),
+            authorities,
+            sequence_number: 0,
+        }),
+        entries: Arc::new(BTreeMap::new()),
+        svids: Arc::new(HashMap::new()),
+    };
+    let (cache_tx, cache_rx) = watch::channel(Arc::new(initial));
+    let shutdown = CancellationToken::new();
+    let listener = bind_workload_socket(&config.socket_path)?;
+
+    let mut tasks = JoinSet::new();
+    let (sync_tx, sync_rx) = mpsc::channel(64);
+    let manager = SvidManager {
+        trust_domain: config.trust_domain.clone(),
+        connection: Arc::clone(&connection),
+        cache: cache_tx,
+        store: store.clone(),
+        server_trust: trust,
+    };
+    let manager_shutdown = shutdown.clone();
+    tasks.spawn(async move {
+        manager.run(sync_rx, manager_shutdown).await;
+        Ok(())
+    });
+    tasks.spawn(sync_loop(Arc::clone(&connection), sync_tx, shutdown.clone()));
+    tasks.spawn(renew_loop(connection, store, credentials, own.clone(), shutdown.clone()));
+
+    let api = workload_api::WorkloadApi::new(cache_rx.clone(), attestors(&config), shutdown.clone());
+    let (conn_tx, conn_rx) = mpsc::channel(128);
+    let accept_shutdown = shutdown.clone();
+    let proc_root = config.proc_root.clone();
+    tasks.spawn(async move {
+        workload_api::accept_loop(listener, proc_root, conn_tx, accept_shutdown).await;
+        Ok(())
+    });
+    let serve_shutdown = shutdown.clone();
+    tasks.spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(tessera_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer::new(api))
+            .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), serve_shutdown.cancelled_owned())
+            .await
+            .map_err(|err| AgentError::Task(format!("Workload API: {err}")))
+    });
+
+    tracing::info!(
+        agent_id = %own.spiffe_id,
+        socket = %config.socket_path.display(),
+        server = %config.server_address,
+        "agent started"
+    );
+    Ok(RunningAgent {
+        agent_id: own.spiffe_id,
+        socket_path: config.socket_path,
+        cache: cache_rx,
+        shutdown,
+        tasks,
+    })
+}
+
+async fn attest_agent(
+    config: &AgentConfig,
+    store: &Store,
+    trust: &ServerTrust,
+    verifier: Arc<ServerVerifier>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    token: &str,
+) -> Result<AgentSvidFiles, AgentError> {
+    let (key, csr) = blocking(store::new_key_and_csr).await?;
+    let tls = tls::client_config(verifier, None, provider).map_err(|err| AgentError::Crypto(err.to_string()))?;
+    let svid = node::attest_with_join_token(&config.server_address, Arc::new(tls), token, csr).await?;
+    let leaf = svid
+        .cert_chain
+        .first()
+        .ok_or_else(|| AgentError::Attestation("server sent an empty certificate chain".into()))?;
+    let info = tessera_plugin_sdk::x509::leaf_info(leaf)
+        .map_err(|err| AgentError::Attestation(format!("agent SVID: {err}")))?;
+    let chain = svid.cert_chain.clone();
+    let bundle = svid.bundle.map(|b| b.x509_authorities).filter(|a| !a.is_empty());
+    if let Some(authorities) = &bundle {
+        trust.set(authorities);
+    }
+    {
+        let store = store.clone();
+        let chain = chain.clone();
+        let key = key.clone();
+        blocking(move || {
+            store.save_svid(&chain, &key)?;
+            if let Some(authorities) = bundle {
+                store.save_bundle(&authorities)?;
+            }
+            Ok(())
+        })
+        .await?;
+    }
+    tracing::info!(agent_id = %info.spiffe_id, "node attestation succeeded");
+    Ok(AgentSvidFiles {
+        chain,
+        key_pkcs8: key,
+        spiffe_id: info.spiffe_id,
+        not_after: info.not_after,
+        not_before: info.not_before,
+    })
+}
+
+/// Binds the Workload API socket: directory created 0755 (or checked), stale socket of
+/// ours removed, socket 0777 (attestation is the gate, as in SPIRE).
+fn bind_workload_socket(path: &Path) -> Result<UnixListener, AgentError> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let what = format!("socket_path {}", path.display());
+    prepare_socket_dir(dir, 0o755).map_err(AgentError::io(what.clone()))?;
+    remove_stale_socket(path).map_err(AgentError::io(what.clone()))?;
+    let listener = UnixListener::bind(path).map_err(AgentError::io(what.clone()))?;
+    set_socket_mode(path, 0o777).map_err(AgentError::io(what))?;
+    Ok(listener)
+}
+
+fn backoff(current: Duration) -> Duration {
+    (current * 2).clamp(Duration::from_millis(500), Duration::from_secs(30))
+}
+
+/// Follows the server's `Sync` stream, reconnecting with backoff and resuming from the
+/// last revision received.
+async fn sync_loop(
+    connection: Arc<ServerConnection>,
+    updates: mpsc::Sender<SyncResponse>,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
+    let mut since = 0;
+    let mut delay = Duration::ZERO;
+    loop {
+        let mut client = connection.client();
+        let opened = tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            opened = client.sync(SyncRequest { since_revision: since }) => opened,
+        };
+        match opened {
+            Ok(response) => {
+                let mut stream = response.into_inner();
+                loop {
+                    let message = tokio::select! {
+                        () = shutdown.cancelled() => return Ok(()),
+                        message = stream.message() => message,
+                    };
+                    match message {
+                        Ok(Some(message)) => {
+                            delay = Duration::ZERO;
+                            since = message.revision;
+                            if updates.send(message).await.is_err() {
+                                return Ok(());
+                            }
+                        }
+                        Ok(None) => {
+                            tracing::info!("server ended the sync stream; reconnecting");
+                            break;
+                        }
+                        Err(status) => {
+                            tracing::warn!(code = ?status.code(), message = status.message(), "sync stream failed");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(status) => {
+                tracing::warn!(code = ?status.code(), message = status.message(), "cannot open the sync stream");
+            }
+        }
+        delay = backoff(delay);
+        let wait = delay.mul_f64(0.5 + 0.5 * jitter_fraction());
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// Renews the agent SVID at about half its lifetime (with jitter). A failed renewal is
+/// retried with backoff while the SVID is valid; once it has expired the agent stops
+/// loudly, since only a new attestation can help (SPIRE #2065).
+async fn renew_loop(
+    connection: Arc<ServerConnection>,
+    store: Store,
+    credentials: Arc<AgentCredentials>,
+    mut current: AgentSvidFiles,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
+    let mut next = renewal_time(current.not_before, current.not_after);
+    let mut delay = Duration::ZERO;
+    loop {
+        let wait = next.duration_since(SystemTime::now()).unwrap_or_default();
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(wait) => {}
+        }
+        let (key, csr) = blocking(store::new_key_and_csr).await?;
+        match node::renew(&connection, csr).await {
+            Ok(svid) => {
+                let info = svid
+                    .cert_chain
+                    .first()
+                    .map(|leaf| tessera_plugin_sdk::x509::leaf_info(leaf))
+                    .transpose()
+                    .map_err(|err| AgentError::Crypto(format!("renewed SVID: {err}")))?
+                    .ok_or_else(|| AgentError::Crypto("renewed SVID: empty chain".into()))?;
+                {
+                    let store = store.clone();
+                    let chain = svid.cert_chain.clone();
+                    let key = key.clone();
+                    blocking(move || store.save_svid(&chain, &key)).await?;
+                }
+                credentials
+                    .set(svid.cert_chain.clone(), key.clone())
+                    .map_err(|err| AgentError::Crypto(err.to_string()))?;
+                connection.reconnect()?;
+                tracing::info!(agent_id = %info.spiffe_id, serial = %info.serial_hex, "agent SVID renewed");
+                current = AgentSvidFiles {
+                    chain: svid.cert_chain,
+                    key_pkcs8: key,
+                    spiffe_id: info.spiffe_id,
+                    not_after: info.not_after,
+                    not_before: info.not_before,
+                };
+                next = renewal_time(current.not_before, current.not_after);
+                delay = Duration::ZERO;
+            }
+            Err(status) => {
+                if current.not_after <= SystemTime::now() {
+                    return Err(AgentError::Rejected(format!(
+                        "agent SVID expired and renewal failed ({:?}: {}); re-attest with a new join token",
+                        status.code(),
+                        status.message()
+                    )));
+                }
+                delay = backoff(delay);
+                tracing::warn!(code = ?status.code(), message = status.message(), retry_in = ?delay, "agent SVID renewal failed");
+                next = SystemTime::now() + delay.mul_f64(0.5 + 0.5 * jitter_fraction());
+            }
+        }
+    }
+}

@@ -1,0 +1,296 @@
+//! The SVID manager: the one task that applies `Sync` messages to the cache and keeps an
+//! X.509-SVID for every entry the agent holds. Entries are minted as soon as they
+//! arrive (one `BatchNewX509SVID` round trip), renewed at about half their lifetime
+//! with jitter so a fleet does not renew in lockstep, and retried with exponential
+//! backoff while the server fails, during which still-valid SVIDs keep being served.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tessera_plugin_sdk::TrustDomain;
+use tessera_proto::convert::entry_from_proto;
+use tessera_proto::node::{BatchNewX509svidRequest, NewX509svidParams, SyncResponse, x509svid_result};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::cache::{CacheSnapshot, TrustBundle, WorkloadSvid};
+use crate::node::ServerConnection;
+use crate::store::Store;
+use crate::tls::ServerTrust;
+
+/// Most SVIDs requested in one call.
+const BATCH: usize = 100;
+/// First retry delay after a failure; doubles up to [`MAX_BACKOFF`].
+const MIN_BACKOFF: Duration = Duration::from_millis(500);
+/// Longest retry delay.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// A random fraction in `[0, 1)` for jitter.
+pub fn jitter_fraction() -> f64 {
+    let mut bytes = [0u8; 4];
+    if aws_lc_rs::rand::fill(&mut bytes).is_err() {
+        return 0.5;
+    }
+    f64::from(u32::from_le_bytes(bytes)) / (f64::from(u32::MAX) + 1.0)
+}
+
+/// When to renew a certificate valid from `not_before` to `not_after`: at half its
+/// lifetime, minus up to a tenth of the lifetime of jitter.
+pub fn renewal_time(not_before: SystemTime, not_after: SystemTime) -> SystemTime {
+    let lifetime = not_after.duration_since(not_before).unwrap_or_default();
+    not_before + lifetime / 2 - lifetime.mul_f64(0.1 * jitter_fraction())
+}
+
+/// The manager's inputs and outputs.
+#[derive(Debug)]
+pub struct SvidManager {
+    /// Trust domain of the agent.
+    pub trust_domain: TrustDomain,
+    /// Connection to the server.
+    pub connection: Arc<ServerConnection>,
+    /// Where the cache is published.
+    pub cache: watch::Sender<Arc<CacheSnapshot>>,
+    /// Where the bundle is persisted.
+    pub store: Store,
+    /// Trust anchors for the server connection, updated with the bundle.
+    pub server_trust: Arc<ServerTrust>,
+}
+
+struct Minted {
+    entry_id: String,
+    svid: Result<WorkloadSvid, String>,
+}
+
+impl SvidManager {
+    /// Runs until `shutdown`, consuming `updates` from the sync task.
+    pub async fn run(self, mut updates: mpsc::Receiver<SyncResponse>, shutdown: CancellationToken) {
+        let mut state = (**self.cache.borrow()).clone();
+        let mut entries = (*state.entries).clone();
+        let mut svids = (*state.svids).clone();
+        let mut retry_at: HashMap<String, (Instant, Duration)> = HashMap::new();
+        loop {
+            let now = SystemTime::now();
+            let instant_now = Instant::now();
+            let before = svids.len();
+            svids.retain(|id, svid| entries.contains_key(id) && svid.not_after > now);
+            let mut changed = svids.len() != before;
+
+            let due: Vec<String> = entries
+                .values()
+                .filter(|entry| match svids.get(&entry.id) {
+                    Some(svid) => svid.entry_revision != entry.revision || svid.renew_at <= now,
+                    None => true,
+                })
+                .filter(|entry| retry_at.get(&entry.id).is_none_or(|(at, _)| *at <= instant_now))
+                .map(|entry| entry.id.clone())
+                .take(BATCH)
+                .collect();
+            if !due.is_empty() {
+                for minted in self.mint(&entries, &due).await {
+                    match minted.svid {
+                        Ok(svid) => {
+                            retry_at.remove(&minted.entry_id);
+                            svids.insert(minted.entry_id, Arc::new(svid));
+                            changed = true;
+                        }
+                        Err(reason) => {
+                            let delay = retry_at
+                                .get(&minted.entry_id)
+                                .map_or(MIN_BACKOFF, |(_, d)| (*d * 2).min(MAX_BACKOFF));
+                            let jittered = delay.mul_f64(0.5 + 0.5 * jitter_fraction());
+                            tracing::warn!(entry_id = %minted.entry_id, %reason, retry_in = ?jittered, "cannot obtain an X.509-SVID");
+                            retry_at.insert(minted.entry_id, (Instant::now() + jittered, delay));
+                        }
+                    }
+                }
+            }
+            if changed {
+                state.svids = Arc::new(svids.clone());
+                self.cache.send_replace(Arc::new(state.clone()));
+            }
+
+            // Sleep until the next renewal, expiry or retry, or until the server sends
+            // something.
+            let next_wake = svids
+                .values()
+                .map(|svid| svid.renew_at.min(svid.not_after))
+                .filter_map(|at| at.duration_since(SystemTime::now()).ok())
+                .map(|d| Instant::now() + d)
+                .chain(retry_at.values().map(|(at, _)| *at))
+                .min()
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            let more_due = entries.keys().any(|id| !svids.contains_key(id) && !retry_at.contains_key(id));
+            if more_due {
+                continue;
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                update = updates.recv() => {
+                    let Some(update) = update else { return };
+                    self.apply(update, &mut state, &mut entries).await;
+                    while let Ok(more) = updates.try_recv() {
+                        self.apply(more, &mut state, &mut entries).await;
+                    }
+                    retry_at.retain(|id, _| entries.contains_key(id));
+                    svids.retain(|id, _| entries.contains_key(id));
+                    state.entries = Arc::new(entries.clone());
+                    state.svids = Arc::new(svids.clone());
+                    self.cache.send_replace(Arc::new(state.clone()));
+                }
+                () = tokio::time::sleep_until(next_wake) => {}
+            }
+        }
+    }
+
+    async fn apply(
+        &self,
+        update: SyncResponse,
+        state: &mut CacheSnapshot,
+        entries: &mut BTreeMap<String, Arc<tessera_plugin_sdk::RegistrationEntry>>,
+    ) {
+        if update.snapshot {
+            entries.clear();
+        }
+        for wire in &update.entries {
+            match entry_from_proto(wire) {
+                Ok(entry) => {
+                    entries.insert(entry.id.clone(), Arc::new(entry));
+                }
+                Err(err) => tracing::warn!(entry_id = %wire.id, error = %err, "ignoring an invalid entry from the server"),
+            }
+        }
+        for id in &update.deleted_entry_ids {
+            entries.remove(id);
+        }
+        if let Some(bundle) = update.bundle {
+            if bundle.trust_domain != self.trust_domain.name() {
+                tracing::warn!("ignoring a bundle for another trust domain on the sync stream");
+            } else if bundle.x509_authorities.is_empty() {
+                tracing::warn!("ignoring an empty bundle from the server");
+            } else if bundle.x509_authorities != state.bundle.authorities
+                || bundle.sequence_number != state.bundle.sequence_number
+            {
+                self.server_trust.set(&bundle.x509_authorities);
+                let store = self.store.clone();
+                let authorities = bundle.x509_authorities.clone();
+                match tokio::task::spawn_blocking(move || store.save_bundle(&authorities)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(err)) => tracing::warn!(error = %err, "cannot persist the bundle"),
+                    Err(err) => tracing::warn!(error = %err, "cannot persist the bundle"),
+                }
+                state.bundle = Arc::new(TrustBundle {
+                    trust_domain: self.trust_domain.clone(),
+                    authorities: bundle.x509_authorities,
+                    sequence_number: bundle.sequence_number,
+                });
+                tracing::info!(sequence_number = state.bundle.sequence_number, "trust bundle updated");
+            }
+        }
+        state.revision = update.revision;
+        if !state.synced {
+            tracing::info!(revision = update.revision, entries = entries.len(), "first sync with the server complete");
+        }
+        state.synced = true;
+    }
+
+    /// Mints SVIDs for `due` in one round trip: fresh P-256 keys are generated off the
+    /// runtime, only their public keys travel.
+    async fn mint(
+        &self,
+        entries: &BTreeMap<String, Arc<tessera_plugin_sdk::RegistrationEntry>>,
+        due: &[String],
+    ) -> Vec<Minted> {
+        let count = due.len();
+        let keys = match tokio::task::spawn_blocking(move || {
+            (0..count)
+                .map(|_| {
+                    rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+                        .map(|key| (key.serialize_der(), rcgen::PublicKeyData::subject_public_key_info(&key)))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        {
+            Ok(Ok(keys)) => keys,
+            Ok(Err(err)) => return failed(due, format!("key generation: {err}")),
+            Err(err) => return failed(due, format!("key generation: {err}")),
+        };
+        let params = due
+            .iter()
+            .zip(&keys)
+            .map(|(id, (_, spki))| NewX509svidParams { entry_id: id.clone(), public_key: spki.clone() })
+            .collect();
+        let response = match self
+            .connection
+            .client()
+            .batch_new_x509svid(BatchNewX509svidRequest { params })
+            .await
+        {
+            Ok(response) => response.into_inner(),
+            Err(status) => return failed(due, format!("{:?}: {}", status.code(), status.message())),
+        };
+        let mut out = Vec::with_capacity(due.len());
+        for ((entry_id, (pkcs8, _)), result) in due.iter().zip(keys).zip(response.results) {
+            let svid = match (result.result, entries.get(entry_id)) {
+                (_, None) => Err("entry vanished".to_owned()),
+                (Some(x509svid_result::Result::Svid(svid)), Some(entry)) => {
+                    build_svid(entry, svid.cert_chain, pkcs8)
+                }
+                (Some(x509svid_result::Result::Error(err)), _) => Err(format!("code {}: {}", err.code, err.message)),
+                (None, _) => Err("empty result".to_owned()),
+            };
+            out.push(Minted { entry_id: entry_id.clone(), svid });
+        }
+        if out.len() < due.len() {
+            out.extend(failed(&due[out.len()..], "server sent fewer results than asked".into()));
+        }
+        out
+    }
+}
+
+fn failed(ids: &[String], reason: String) -> Vec<Minted> {
+    ids.iter().map(|id| Minted { entry_id: id.clone(), svid: Err(reason.clone()) }).collect()
+}
+
+/// Checks what the server sent against the entry (the SVID must carry the entry's ID)
+/// and wraps it with its key.
+fn build_svid(
+    entry: &tessera_plugin_sdk::RegistrationEntry,
+    cert_chain: Vec<Vec<u8>>,
+    private_key: Vec<u8>,
+) -> Result<WorkloadSvid, String> {
+    let leaf = cert_chain.first().ok_or("empty certificate chain")?;
+    let info = tessera_plugin_sdk::x509::leaf_info(leaf).map_err(|err| err.to_string())?;
+    if info.spiffe_id != entry.spiffe_id {
+        return Err(format!("server signed {} for an entry of {}", info.spiffe_id, entry.spiffe_id));
+    }
+    Ok(WorkloadSvid {
+        entry_id: entry.id.clone(),
+        entry_revision: entry.revision,
+        spiffe_id: info.spiffe_id,
+        cert_chain,
+        private_key,
+        serial_hex: info.serial_hex,
+        not_before: info.not_before,
+        not_after: info.not_after,
+        renew_at: renewal_time(info.not_before, info.not_after),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_is_near_half_life() {
+        let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let end = start + Duration::from_secs(3600);
+        for _ in 0..100 {
+            let at = renewal_time(start, end);
+            let offset = at.duration_since(start).unwrap().as_secs();
+            assert!((1440..=1800).contains(&offset), "{offset}");
+        }
+    }
+}

@@ -1,0 +1,23 @@
+//! The plugin SDK of tessera: the traits at each plugin seam and the domain types they
+//! speak (SPIFFE IDs, selectors, workloads, registration entries), plus the small file
+//! helpers every component that keeps secrets on disk shares.
+//!
+//! It owns no I/O policy of the agent or server: those crates inject implementations
+//! of these traits and decide how to run them.
+
+pub mod attestor;
+pub mod config;
+pub mod entry;
+pub mod fs;
+pub mod id;
+pub mod logging;
+pub mod selector;
+pub mod socket;
+pub mod workload;
+pub mod x509;
+
+pub use attestor::{AttestError, WorkloadAttestor};
+pub use entry::RegistrationEntry;
+pub use id::{IdError, SpiffeId, TrustDomain};
+pub use selector::{Selector, SelectorError};
+pub use workload::{Workload, WorkloadError};

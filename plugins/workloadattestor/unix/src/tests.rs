@@ -1,0 +1,385 @@
+//! Tests of the unix attestor against real child processes (run as root here; the
+//! tests that depend on root skip themselves otherwise).
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tessera_plugin_sdk::workload::pidfd_open;
+
+use super::*;
+
+fn sha256_hex(path: &Path) -> String {
+    let data = std::fs::read(path).unwrap();
+    hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &data))
+}
+
+fn values(selectors: &[Selector]) -> Vec<String> {
+    assert!(selectors.iter().all(|s| s.kind() == "unix"));
+    selectors.iter().map(|s| s.value().to_owned()).collect()
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Spawns `cmd`, retrying while the kernel says ETXTBSY (a freshly written binary can
+/// still be open for writing in a sibling test's forked child).
+fn spawn(cmd: &mut Command) -> Child {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match cmd.stdin(Stdio::null()).spawn() {
+            Ok(child) => return child,
+            Err(e)
+                if e.raw_os_error() == Some(Errno::ETXTBSY as i32) && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("spawn: {e}"),
+        }
+    }
+}
+
+/// Spawns `sleep 30` and waits until the exec is complete (`spawn` can return before
+/// the kernel has switched the `exe` link and the command name).
+fn spawn_sleep() -> Child {
+    let child = spawn(Command::new(sleep_binary()).arg("30"));
+    wait_until_exec(&child, "sleep");
+    child
+}
+
+fn pin(child: &Child, uid: u32, gid: u32) -> Workload {
+    let pid = i32::try_from(child.id()).unwrap();
+    let pidfd = pidfd_open(pid).unwrap();
+    Workload::pin(pid, uid, gid, pidfd, false, Path::new("/proc")).unwrap()
+}
+
+fn wait_until_exec(child: &Child, expected_exe: &str) {
+    // `spawn` returns after exec, but be tolerant of slow /proc updates.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let link = std::fs::read_link(format!("/proc/{}/exe", child.id())).unwrap();
+        if link.to_string_lossy().contains(expected_exe) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "child did not exec {expected_exe}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn wait_dead(w: &Workload) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while w.is_alive().unwrap() {
+        assert!(Instant::now() < deadline, "child did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn reap(mut child: Child) {
+    let _ = child.kill();
+    child.wait().unwrap();
+}
+
+fn sleep_binary() -> std::path::PathBuf {
+    std::fs::canonicalize("/usr/bin/sleep")
+        .or_else(|_| std::fs::canonicalize("/bin/sleep"))
+        .unwrap()
+}
+
+#[test]
+fn attests_a_running_process() {
+    let me_uid = nix::unistd::geteuid().as_raw();
+    let me_gid = nix::unistd::getegid().as_raw();
+    let child = spawn_sleep();
+    let w = pin(&child, me_uid, me_gid);
+    let attestor = UnixAttestor::new(UnixAttestorConfig::default());
+    assert_eq!(attestor.name(), "unix");
+    let got = values(&attestor.attest(&w).unwrap());
+
+    assert!(got.contains(&format!("uid:{me_uid}")), "{got:?}");
+    assert!(got.contains(&format!("gid:{me_gid}")), "{got:?}");
+    if is_root() {
+        assert!(got.contains(&"user:root".to_owned()), "{got:?}");
+        assert!(got.contains(&"group:root".to_owned()), "{got:?}");
+    }
+    let sleep = sleep_binary();
+    assert!(
+        got.contains(&format!("path:{}", sleep.display())),
+        "{got:?}"
+    );
+    assert!(
+        got.contains(&format!("sha256:{}", sha256_hex(&sleep))),
+        "{got:?}"
+    );
+
+    // Supplementary groups mirror the Groups: line.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    let groups_line = status.lines().find(|l| l.starts_with("Groups:")).unwrap();
+    for g in groups_line["Groups:".len()..].split_whitespace() {
+        assert!(got.contains(&format!("supplementary_gid:{g}")), "{got:?}");
+    }
+    assert_eq!(
+        got.iter()
+            .filter(|v| v.starts_with("supplementary_gid:"))
+            .count(),
+        groups_line["Groups:".len()..].split_whitespace().count()
+    );
+
+    // A second attestation hits the hash cache and gives the same answer.
+    assert_eq!(attestor.hasher.cached_len(), 1);
+    assert_eq!(values(&attestor.attest(&w).unwrap()), got);
+    assert_eq!(attestor.hasher.cached_len(), 1);
+    reap(child);
+}
+
+#[test]
+fn credentials_must_match_the_socket() {
+    let me_uid = nix::unistd::geteuid().as_raw();
+    let me_gid = nix::unistd::getegid().as_raw();
+    let child = spawn_sleep();
+    let attestor = UnixAttestor::new(UnixAttestorConfig::default());
+
+    let w = pin(&child, me_uid.wrapping_add(1), me_gid);
+    let err = attestor.attest(&w).unwrap_err();
+    assert!(
+        matches!(err, AttestError::CredentialMismatch { field: "euid", .. }),
+        "{err:?}"
+    );
+    let w = pin(&child, me_uid, me_gid.wrapping_add(1));
+    let err = attestor.attest(&w).unwrap_err();
+    assert!(
+        matches!(err, AttestError::CredentialMismatch { field: "egid", .. }),
+        "{err:?}"
+    );
+    reap(child);
+}
+
+#[test]
+fn attests_another_users_process_by_its_effective_ids() {
+    if !is_root() {
+        eprintln!("skipped: needs root to start a process as another user");
+        return;
+    }
+    // std's `Command::groups` is unstable: use util-linux setpriv when present.
+    let child = match which("setpriv") {
+        Ok(setpriv) => spawn(
+            Command::new(setpriv)
+                .args([
+                    "--reuid=65534",
+                    "--regid=65533",
+                    "--groups=65533,12345",
+                    "--",
+                ])
+                .arg(sleep_binary())
+                .arg("30"),
+        ),
+        Err(()) => {
+            eprintln!("skipped: no setpriv");
+            return;
+        }
+    };
+    wait_until_exec(&child, "sleep");
+    let w = pin(&child, 65534, 65533);
+    let attestor = UnixAttestor::new(UnixAttestorConfig::default());
+    let got = values(&attestor.attest(&w).unwrap());
+    assert!(got.contains(&"uid:65534".to_owned()), "{got:?}");
+    assert!(got.contains(&"gid:65533".to_owned()), "{got:?}");
+    assert!(
+        got.contains(&"supplementary_gid:12345".to_owned()),
+        "{got:?}"
+    );
+    assert!(
+        got.contains(&"supplementary_gid:65533".to_owned()),
+        "{got:?}"
+    );
+    // Names only where NSS knows them.
+    let has_user = User::from_uid(Uid::from_raw(65534)).unwrap().is_some();
+    assert_eq!(
+        got.iter().any(|v| v.starts_with("user:")),
+        has_user,
+        "{got:?}"
+    );
+    let g12345 = Group::from_gid(Gid::from_raw(12345)).unwrap();
+    assert_eq!(
+        got.iter().any(|v| v.starts_with("supplementary_group:")),
+        g12345.is_some() || Group::from_gid(Gid::from_raw(65533)).unwrap().is_some()
+    );
+    // The root-owned socket view would be a mismatch.
+    let w = pin(&child, 0, 0);
+    assert!(matches!(
+        attestor.attest(&w),
+        Err(AttestError::CredentialMismatch { .. })
+    ));
+    reap(child);
+}
+
+#[test]
+fn deleted_executable_has_a_hash_but_no_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("sleepy");
+    std::fs::copy(sleep_binary(), &copy).unwrap();
+    let child = spawn(Command::new(&copy).arg("30"));
+    wait_until_exec(&child, "sleepy");
+    std::fs::remove_file(&copy).unwrap();
+    let w = pin(
+        &child,
+        nix::unistd::geteuid().as_raw(),
+        nix::unistd::getegid().as_raw(),
+    );
+    let link = std::fs::read_link(format!("/proc/{}/exe", child.id())).unwrap();
+    assert!(link.to_string_lossy().ends_with(" (deleted)"), "{link:?}");
+
+    let attestor = UnixAttestor::new(UnixAttestorConfig::default());
+    let got = values(&attestor.attest(&w).unwrap());
+    assert!(!got.iter().any(|v| v.starts_with("path:")), "{got:?}");
+    assert!(
+        got.contains(&format!("sha256:{}", sha256_hex(&sleep_binary()))),
+        "{got:?}"
+    );
+    // Deleted executables are never cached.
+    assert_eq!(attestor.hasher.cached_len(), 0);
+    reap(child);
+}
+
+#[test]
+fn memfd_executable_has_a_hash_but_no_path() {
+    let Ok(python) = which("python3") else {
+        eprintln!("skipped: no python3");
+        return;
+    };
+    let sleep = sleep_binary();
+    let script = format!(
+        "import os; fd = os.memfd_create('sleepy'); \
+         os.write(fd, open('{}', 'rb').read()); \
+         os.execve(fd, ['sleep', '30'], {{}})",
+        sleep.display()
+    );
+    let child = spawn(Command::new(python).arg("-c").arg(script));
+    wait_until_exec(&child, "/memfd:");
+    let w = pin(
+        &child,
+        nix::unistd::geteuid().as_raw(),
+        nix::unistd::getegid().as_raw(),
+    );
+    let attestor = UnixAttestor::new(UnixAttestorConfig::default());
+    let got = values(&attestor.attest(&w).unwrap());
+    assert!(!got.iter().any(|v| v.starts_with("path:")), "{got:?}");
+    assert!(
+        got.contains(&format!("sha256:{}", sha256_hex(&sleep))),
+        "{got:?}"
+    );
+    reap(child);
+}
+
+fn which(name: &str) -> Result<std::path::PathBuf, ()> {
+    let path = std::env::var_os("PATH").ok_or(())?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .ok_or(())
+}
+
+#[test]
+fn binary_over_the_limit_is_refused() {
+    let child = spawn_sleep();
+    let w = pin(
+        &child,
+        nix::unistd::geteuid().as_raw(),
+        nix::unistd::getegid().as_raw(),
+    );
+    let size = std::fs::metadata(sleep_binary()).unwrap().len();
+
+    let attestor = UnixAttestor::new(UnixAttestorConfig {
+        max_binary_size: size - 1,
+    });
+    match attestor.attest(&w) {
+        Err(AttestError::BinaryTooLarge { size: s, limit }) => {
+            assert_eq!((s, limit), (size, size - 1));
+        }
+        other => panic!("expected BinaryTooLarge, got {other:?}"),
+    }
+    assert_eq!(attestor.hasher.cached_len(), 0);
+
+    // Exactly at the limit is fine.
+    let attestor = UnixAttestor::new(UnixAttestorConfig {
+        max_binary_size: size,
+    });
+    let got = values(&attestor.attest(&w).unwrap());
+    assert!(got.iter().any(|v| v.starts_with("sha256:")));
+    reap(child);
+}
+
+#[test]
+fn zombie_fails_attestation() {
+    let mut child = spawn_sleep();
+    let w = pin(
+        &child,
+        nix::unistd::geteuid().as_raw(),
+        nix::unistd::getegid().as_raw(),
+    );
+    child.kill().unwrap();
+    wait_dead(&w);
+    // Still a zombie: /proc/<pid> exists, status is readable, exe is not.
+    assert!(Path::new(&format!("/proc/{}/status", child.id())).exists());
+    let attestor = UnixAttestor::new(UnixAttestorConfig::default());
+    let err = attestor.attest(&w).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            AttestError::Workload(WorkloadError::Io { .. } | WorkloadError::ProcessExited)
+        ),
+        "{err:?}"
+    );
+    child.wait().unwrap();
+    // Reaped: still an error, and the pidfd says exited.
+    assert!(!w.is_alive().unwrap());
+    assert!(attestor.attest(&w).is_err());
+}
+
+#[test]
+fn exited_process_is_not_alive_and_cannot_be_pinned() {
+    let mut child = spawn(&mut Command::new("true"));
+    let pid = i32::try_from(child.id()).unwrap();
+    let pidfd = pidfd_open(pid).unwrap();
+    child.wait().unwrap();
+    assert!(matches!(
+        Workload::pin(pid, 0, 0, pidfd, false, Path::new("/proc")),
+        Err(WorkloadError::ProcessExited)
+    ));
+
+    let mut child = spawn_sleep();
+    let w = pin(
+        &child,
+        nix::unistd::geteuid().as_raw(),
+        nix::unistd::getegid().as_raw(),
+    );
+    assert!(w.is_alive().unwrap());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!w.is_alive().unwrap());
+}
+
+#[test]
+fn exe_path_rules() {
+    assert_eq!(exe_path(b"/usr/bin/x"), Some("/usr/bin/x"));
+    assert_eq!(exe_path(b"/usr/bin/x (deleted)"), None);
+    assert_eq!(exe_path(b"/memfd:x (deleted)"), None);
+    assert_eq!(exe_path(b"/memfd:x"), None);
+    assert_eq!(exe_path(b"relative"), None);
+    assert_eq!(exe_path(b""), None);
+    assert_eq!(exe_path(b"/usr/bin/\xff"), None);
+}
+
+#[test]
+fn unrepresentable_values_are_left_out() {
+    let mut out = Vec::new();
+    push(&mut out, "path:/tmp/a\nb");
+    push(&mut out, &format!("path:/{}", "a".repeat(2000)));
+    assert!(out.is_empty());
+    push(&mut out, "uid:0");
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].to_string(), "unix:uid:0");
+}

@@ -1,0 +1,82 @@
+//! Conversions between the wire messages and the SDK's domain types. Parsing happens
+//! here, at the boundary: a wire entry becomes a [`RegistrationEntry`] only when every
+//! ID and selector in it is valid.
+
+use std::time::Duration;
+
+use tessera_plugin_sdk::{RegistrationEntry, Selector, SpiffeId};
+
+use crate::types;
+
+/// Why a wire entry is not a valid registration entry.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConvertError {
+    /// A field failed to parse; the message names it.
+    #[error("{field}: {message}")]
+    Invalid {
+        /// The field, e.g. `spiffe_id`.
+        field: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+fn invalid(field: &'static str, message: impl ToString) -> ConvertError {
+    ConvertError::Invalid { field, message: message.to_string() }
+}
+
+/// Wire form of a selector.
+pub fn selector_to_proto(selector: &Selector) -> types::Selector {
+    types::Selector { r#type: selector.kind().to_owned(), value: selector.value().to_owned() }
+}
+
+/// Parses a wire selector.
+pub fn selector_from_proto(selector: &types::Selector) -> Result<Selector, ConvertError> {
+    Selector::new(&selector.r#type, &selector.value).map_err(|err| invalid("selector", err))
+}
+
+/// Wire form of an entry.
+pub fn entry_to_proto(entry: &RegistrationEntry) -> types::Entry {
+    types::Entry {
+        id: entry.id.clone(),
+        spiffe_id: entry.spiffe_id.to_string(),
+        parent_id: entry.parent_id.to_string(),
+        selectors: entry.selectors.iter().map(selector_to_proto).collect(),
+        x509_svid_ttl_seconds: entry
+            .x509_svid_ttl
+            .map_or(0, |ttl| i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX)),
+        dns_names: entry.dns_names.clone(),
+        hint: entry.hint.clone(),
+        created_revision: entry.created_revision,
+        revision: entry.revision,
+    }
+}
+
+/// Parses a wire entry as sent by the server (ids and revisions included).
+pub fn entry_from_proto(entry: &types::Entry) -> Result<RegistrationEntry, ConvertError> {
+    let spiffe_id = SpiffeId::parse(&entry.spiffe_id).map_err(|err| invalid("spiffe_id", err))?;
+    let parent_id = SpiffeId::parse(&entry.parent_id).map_err(|err| invalid("parent_id", err))?;
+    let selectors = entry
+        .selectors
+        .iter()
+        .map(selector_from_proto)
+        .collect::<Result<Vec<_>, _>>()?;
+    let x509_svid_ttl = match entry.x509_svid_ttl_seconds {
+        0 => None,
+        secs => Some(Duration::from_secs(
+            u64::try_from(secs).map_err(|_| invalid("x509_svid_ttl_seconds", "must not be negative"))?,
+        )),
+    };
+    Ok(RegistrationEntry {
+        id: entry.id.clone(),
+        spiffe_id,
+        parent_id,
+        selectors,
+        x509_svid_ttl,
+        dns_names: entry.dns_names.clone(),
+        hint: entry.hint.clone(),
+        created_revision: entry.created_revision,
+        revision: entry.revision,
+    })
+}

@@ -1,0 +1,316 @@
+//! The admin API (`tessera.admin.v1.Admin`) on a local Unix socket, authorized by the
+//! caller's uid (root, the server's own uid, or a configured admin uid). Every request
+//! is validated here, at the boundary: IDs, selectors, TTLs and DNS names are parsed
+//! before anything reaches the datastore.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tessera_plugin_join_token::{JoinToken, agent_path_segments};
+use tessera_plugin_sdk::SpiffeId;
+use tessera_proto::admin::admin_server::Admin;
+use tessera_proto::admin::{
+    Agent, CreateEntryRequest, CreateJoinTokenRequest, CreateJoinTokenResponse,
+    DeleteEntryRequest, DeleteEntryResponse, GetBundleRequest, GetEntryRequest, HealthRequest,
+    HealthResponse, ListAgentsRequest, ListAgentsResponse, ListEntriesRequest,
+    ListEntriesResponse,
+};
+use tessera_proto::convert::{entry_to_proto, selector_from_proto};
+use tessera_proto::types::{Bundle, Entry};
+use tonic::transport::server::UdsConnectInfo;
+use tonic::{Request, Response, Status};
+
+use crate::datastore::{NewEntry, NewJoinToken};
+use crate::error::ApiError;
+use crate::state::{RESERVED_PREFIX, ServerState};
+
+/// Longest join token lifetime an operator may ask for.
+pub const MAX_JOIN_TOKEN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Longest hint accepted on an entry.
+pub const MAX_HINT_LEN: usize = 1024;
+
+/// The admin API service.
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    state: Arc<ServerState>,
+    allowed_uids: Vec<u32>,
+}
+
+fn unix_seconds(time: SystemTime) -> i64 {
+    time.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+impl AdminService {
+    /// A service over `state`; root, the server's effective uid and the configured
+    /// `admin_uids` may call it.
+    pub fn new(state: Arc<ServerState>) -> Self {
+        let mut allowed_uids = vec![0, nix::unistd::geteuid().as_raw()];
+        allowed_uids.extend(state.config.admin_uids.iter().copied());
+        Self { state, allowed_uids }
+    }
+
+    fn authorize<T>(&self, request: &Request<T>, action: &str) -> Result<(), Status> {
+        let uid = request
+            .extensions()
+            .get::<UdsConnectInfo>()
+            .and_then(|info| info.peer_cred)
+            .map(|cred| cred.uid());
+        match uid {
+            Some(uid) if self.allowed_uids.contains(&uid) => Ok(()),
+            Some(uid) => {
+                tracing::warn!(uid, action, "admin API call refused: uid not authorized");
+                Err(Status::permission_denied(format!("uid {uid} may not use the admin API")))
+            }
+            None => Err(Status::permission_denied("caller credentials unavailable")),
+        }
+    }
+
+    fn parse_id(&self, field: &str, text: &str) -> Result<SpiffeId, ApiError> {
+        let id = SpiffeId::parse(text)
+            .map_err(|err| ApiError::InvalidArgument(format!("{field} `{}`: {err}", text.escape_debug())))?;
+        if !id.is_member_of(self.state.trust_domain()) {
+            return Err(ApiError::InvalidArgument(format!(
+                "{field} {id} is not in trust domain {}",
+                self.state.trust_domain()
+            )));
+        }
+        Ok(id)
+    }
+
+    fn validate_entry(&self, entry: &Entry) -> Result<NewEntry, ApiError> {
+        let spiffe_id = self.parse_id("spiffe_id", &entry.spiffe_id)?;
+        if spiffe_id.is_trust_domain_id() {
+            return Err(ApiError::InvalidArgument(format!(
+                "spiffe_id {spiffe_id} has no path; a trust domain ID cannot be a workload identity"
+            )));
+        }
+        if spiffe_id.has_path_prefix(RESERVED_PREFIX) {
+            return Err(ApiError::InvalidArgument(format!(
+                "spiffe_id {spiffe_id}: the path prefix {RESERVED_PREFIX}/ is reserved for tessera"
+            )));
+        }
+        let parent_id = self.parse_id("parent_id", &entry.parent_id)?;
+        if entry.selectors.is_empty() {
+            return Err(ApiError::InvalidArgument("at least one selector is required".into()));
+        }
+        let mut selectors = entry
+            .selectors
+            .iter()
+            .map(|s| selector_from_proto(s).map_err(|err| ApiError::InvalidArgument(err.to_string())))
+            .collect::<Result<Vec<_>, _>>()?;
+        selectors.sort();
+        selectors.dedup();
+        let x509_svid_ttl = match entry.x509_svid_ttl_seconds {
+            0 => None,
+            secs if secs < 0 => {
+                return Err(ApiError::InvalidArgument("x509_svid_ttl must not be negative".into()));
+            }
+            secs => {
+                let ttl = Duration::from_secs(secs.unsigned_abs());
+                if ttl >= self.state.config.ca_ttl {
+                    return Err(ApiError::InvalidArgument("x509_svid_ttl must be shorter than the CA lifetime".into()));
+                }
+                Some(ttl)
+            }
+        };
+        for name in &entry.dns_names {
+            validate_dns_name(name).map_err(ApiError::InvalidArgument)?;
+        }
+        if entry.hint.len() > MAX_HINT_LEN || entry.hint.chars().any(char::is_control) {
+            return Err(ApiError::InvalidArgument(format!(
+                "hint must be at most {MAX_HINT_LEN} bytes without control characters"
+            )));
+        }
+        Ok(NewEntry {
+            spiffe_id,
+            parent_id,
+            selectors,
+            x509_svid_ttl,
+            dns_names: entry.dns_names.clone(),
+            hint: entry.hint.clone(),
+        })
+    }
+}
+
+/// A DNS SAN: 1-253 bytes of dot-separated labels, each 1-63 bytes of `[a-z0-9-]`
+/// (case-insensitive), not starting or ending with `-`; a single leading `*.` wildcard
+/// label is allowed only when at least two labels follow it.
+pub fn validate_dns_name(name: &str) -> Result<(), String> {
+    let bad = |why: &str| Err(format!("dns name `{}`: {why}", name.escape_debug()));
+    if name.is_empty() || name.len() > 253 {
+        return bad("must be 1 to 253 bytes");
+    }
+    let (wildcard, rest) = match name.strip_prefix("*.") {
+        Some(rest) => (true, rest),
+        None => (false, name),
+    };
+    let labels: Vec<&str> = rest.split('.').collect();
+    if wildcard && labels.len() < 2 {
+        return bad("a wildcard must be followed by at least two labels");
+    }
+    for label in labels {
+        if label.is_empty() || label.len() > 63 {
+            return bad("every label must be 1 to 63 bytes");
+        }
+        if !label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+            return bad("labels may contain only letters, digits and `-`");
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return bad("labels must not start or end with `-`");
+        }
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn create_join_token(
+        &self,
+        request: Request<CreateJoinTokenRequest>,
+    ) -> Result<Response<CreateJoinTokenResponse>, Status> {
+        self.authorize(&request, "token generate")?;
+        let request = request.into_inner();
+        let ttl = match request.ttl_seconds {
+            0 => self.state.config.join_token_ttl,
+            secs if secs < 0 => return Err(Status::invalid_argument("ttl must not be negative")),
+            secs => Duration::from_secs(secs.unsigned_abs()),
+        };
+        if ttl > MAX_JOIN_TOKEN_TTL {
+            return Err(Status::invalid_argument("ttl must be at most 720h"));
+        }
+        let alias = match request.alias_spiffe_id.as_str() {
+            "" => None,
+            text => {
+                let alias = self.parse_id("spiffe_id", text)?;
+                if alias.is_trust_domain_id() || alias.has_path_prefix(RESERVED_PREFIX) {
+                    return Err(Status::invalid_argument(format!(
+                        "alias {alias} must have a path outside {RESERVED_PREFIX}/"
+                    )));
+                }
+                Some(alias)
+            }
+        };
+        let token = JoinToken::generate();
+        let agent_id = SpiffeId::from_segments(self.state.trust_domain(), &agent_path_segments(token.id()))
+            .map_err(|err| ApiError::Internal(format!("agent id: {err}")))?;
+        let expires_at = SystemTime::now() + ttl;
+        self.state
+            .datastore
+            .create_join_token(NewJoinToken {
+                id: token.id().to_owned(),
+                secret_hash: token.secret_hash(),
+                alias,
+                expires_at,
+            })
+            .await
+            .map_err(ApiError::from)?;
+        tracing::info!(token_id = token.id(), "join token created");
+        Ok(Response::new(CreateJoinTokenResponse {
+            token: token.expose(),
+            token_id: token.id().to_owned(),
+            agent_spiffe_id: agent_id.to_string(),
+            expires_at: unix_seconds(expires_at),
+        }))
+    }
+
+    async fn create_entry(&self, request: Request<CreateEntryRequest>) -> Result<Response<Entry>, Status> {
+        self.authorize(&request, "entry create")?;
+        let entry = request
+            .into_inner()
+            .entry
+            .ok_or_else(|| Status::invalid_argument("entry is required"))?;
+        let new = self.validate_entry(&entry)?;
+        let created = self.state.datastore.create_entry(new).await.map_err(ApiError::from)?;
+        self.state.publish_revision().await;
+        tracing::info!(entry_id = %created.id, spiffe_id = %created.spiffe_id, "entry created");
+        Ok(Response::new(entry_to_proto(&created)))
+    }
+
+    async fn get_entry(&self, request: Request<GetEntryRequest>) -> Result<Response<Entry>, Status> {
+        self.authorize(&request, "entry show")?;
+        let entry = self
+            .state
+            .datastore
+            .get_entry(&request.get_ref().id)
+            .await
+            .map_err(ApiError::from)?
+            .ok_or_else(|| Status::not_found("entry not found"))?;
+        Ok(Response::new(entry_to_proto(&entry)))
+    }
+
+    async fn list_entries(
+        &self,
+        request: Request<ListEntriesRequest>,
+    ) -> Result<Response<ListEntriesResponse>, Status> {
+        self.authorize(&request, "entry list")?;
+        let entries = self.state.datastore.list_entries().await.map_err(ApiError::from)?;
+        Ok(Response::new(ListEntriesResponse { entries: entries.iter().map(entry_to_proto).collect() }))
+    }
+
+    async fn delete_entry(
+        &self,
+        request: Request<DeleteEntryRequest>,
+    ) -> Result<Response<DeleteEntryResponse>, Status> {
+        self.authorize(&request, "entry delete")?;
+        let id = &request.get_ref().id;
+        if !self.state.datastore.delete_entry(id).await.map_err(ApiError::from)? {
+            return Err(Status::not_found("entry not found"));
+        }
+        self.state.publish_revision().await;
+        tracing::info!(entry_id = %id, "entry deleted");
+        Ok(Response::new(DeleteEntryResponse {}))
+    }
+
+    async fn list_agents(
+        &self,
+        request: Request<ListAgentsRequest>,
+    ) -> Result<Response<ListAgentsResponse>, Status> {
+        self.authorize(&request, "agent list")?;
+        let agents = self.state.datastore.list_agents().await.map_err(ApiError::from)?;
+        Ok(Response::new(ListAgentsResponse {
+            agents: agents
+                .into_iter()
+                .map(|agent| Agent {
+                    spiffe_id: agent.spiffe_id.to_string(),
+                    attestation_type: agent.attestation_type,
+                    serial: agent.serial,
+                    expires_at: unix_seconds(agent.expires_at),
+                    aliases: agent.aliases.iter().map(ToString::to_string).collect(),
+                    first_attested_at: unix_seconds(agent.first_attested_at),
+                    last_seen_at: unix_seconds(agent.last_seen_at),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn get_bundle(&self, request: Request<GetBundleRequest>) -> Result<Response<Bundle>, Status> {
+        self.authorize(&request, "bundle show")?;
+        Ok(Response::new(self.state.bundle().await?))
+    }
+
+    async fn health(&self, request: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
+        self.authorize(&request, "healthcheck")?;
+        self.state.datastore.ping().await.map_err(ApiError::from)?;
+        Ok(Response::new(HealthResponse {
+            trust_domain: self.state.trust_domain().to_string(),
+            revision: self.state.datastore.current_revision().await.map_err(ApiError::from)?,
+            ca_not_after: unix_seconds(self.state.ca.not_after()),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::validate_dns_name;
+
+    #[test]
+    fn dns_names() {
+        for good in ["example.org", "a-b.example.org", "*.svc.example.org", "localhost"] {
+            assert!(validate_dns_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", "-a.org", "a-.org", "a..org", "*.org", "a_b.org", "a.org.", "é.org", "*.*.a.org"] {
+            assert!(validate_dns_name(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,1838 @@
+//! The signing CA of the server and X.509-SVID issuance.
+//!
+//! [`CertificateAuthority`] owns the CA key (ECDSA P-256, kept parsed in memory) and its
+//! self-signed certificate, persisted as `ca_key.pem` (0600) and `ca_cert.pem` (0644) in
+//! a 0700 directory through [`tessera_plugin_sdk::fs`]. It signs X509-SVIDs where the
+//! server chooses every field and the caller contributes only a public key
+//! (SECURITY.md §2 rule 3, CVE-2021-27098).
+//!
+//! The free functions are the strict edges around it: [`public_key_from_csr`] (DER only,
+//! self-signature verified, key policy), [`check_public_key`] (the key policy),
+//! [`spiffe_id_of_certificate`] and [`serial_of_certificate`] (used by the node API to
+//! identify agents by their SVID).
+//!
+//! Not here (yet): CA rotation, upstream authorities, the `KeyManager` seam, JWT keys.
+//! When less than a sixth of the CA lifetime remains a warning is logged on load.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, DnValue,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, PublicKeyData,
+    SanType, SerialNumber,
+};
+use tessera_plugin_sdk::fs::{
+    ensure_private_dir, read_private_file, write_private_file, write_public_file,
+};
+use tessera_plugin_sdk::{SpiffeId, TrustDomain};
+use time::OffsetDateTime;
+use x509_parser::certificate::X509Certificate;
+use x509_parser::certification_request::X509CertificationRequest;
+use x509_parser::extensions::GeneralName;
+use x509_parser::oid_registry::{
+    OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_PKCS1_RSAENCRYPTION,
+    OID_PKCS1_RSASSAPSS, OID_PKCS1_SHA256WITHRSA, OID_PKCS1_SHA384WITHRSA, OID_PKCS1_SHA512WITHRSA,
+    OID_SIG_ECDSA_WITH_SHA256, OID_SIG_ECDSA_WITH_SHA384, OID_SIG_ED25519,
+};
+use x509_parser::prelude::FromDer;
+use x509_parser::x509::SubjectPublicKeyInfo;
+
+/// File name of the CA private key (PKCS#8 PEM, mode 0600).
+pub const CA_KEY_FILE: &str = "ca_key.pem";
+/// File name of the CA certificate (PEM, mode 0644).
+pub const CA_CERT_FILE: &str = "ca_cert.pem";
+
+/// How far NotBefore is back-dated to absorb clock skew (SPIRE uses 10 s).
+pub const BACKDATE: Duration = Duration::from_secs(10);
+
+/// Largest CSR [`public_key_from_csr`] parses; an RSA-4096 CSR is about 1.3 KiB.
+pub const MAX_CSR_LEN: usize = 16 * 1024;
+
+/// Smallest and largest RSA modulus accepted, in bits.
+const RSA_MIN_BITS: usize = 2048;
+const RSA_MAX_BITS: usize = 4096;
+/// The only RSA public exponent accepted.
+const RSA_EXPONENT: u64 = 65537;
+
+/// X.520 `serialNumber` attribute type (2.5.4.5), used to make each CA subject unique.
+const OID_AT_SERIAL_NUMBER: &[u64] = &[2, 5, 4, 5];
+
+/// Errors of the CA and of the certificate/CSR helpers.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CaError {
+    /// Reading or writing the CA files failed.
+    #[error("CA storage {path}: {source}")]
+    Io {
+        /// The file or directory involved.
+        path: PathBuf,
+        /// The underlying error (it already names the problem).
+        #[source]
+        source: std::io::Error,
+    },
+    /// The CSR is not acceptable DER, or its self-signature does not verify.
+    #[error("invalid CSR: {0}")]
+    InvalidCsr(String),
+    /// The public key is outside the key policy (type, curve, size, encoding).
+    #[error("public key rejected by policy: {0}")]
+    KeyPolicy(String),
+    /// The request itself is unacceptable (ID outside the trust domain, bad DNS name,
+    /// zero TTL).
+    #[error("invalid signing request: {0}")]
+    InvalidRequest(String),
+    /// Building or signing a certificate failed.
+    #[error("signing failed: {0}")]
+    Signing(String),
+    /// The CA certificate has expired; nothing can be signed.
+    #[error("the CA certificate has expired")]
+    Expired,
+    /// The CA files exist but cannot be used as they are.
+    #[error("CA files are corrupt or inconsistent: {0}")]
+    Corrupt(String),
+    /// The CA on disk belongs to another trust domain than the configured one.
+    #[error(
+        "the CA on disk is for {found:?}, but the configured trust domain ID is {configured:?}"
+    )]
+    TrustDomainMismatch {
+        /// `spiffe://<configured trust domain>`.
+        configured: String,
+        /// The URI SAN of the CA certificate on disk.
+        found: String,
+    },
+    /// A certificate given to [`spiffe_id_of_certificate`] or
+    /// [`serial_of_certificate`] is malformed or not an X509-SVID.
+    #[error("invalid certificate: {0}")]
+    InvalidCertificate(String),
+}
+
+/// One signed X509-SVID.
+#[derive(Clone, PartialEq, Eq)]
+pub struct IssuedCertificate {
+    /// The certificate, DER.
+    pub der: Vec<u8>,
+    /// Serial number, lowercase hex without separators or leading zeros (as
+    /// [`serial_of_certificate`] returns it).
+    pub serial_hex: String,
+    /// NotBefore as written in the certificate (whole seconds).
+    pub not_before: SystemTime,
+    /// NotAfter as written in the certificate (whole seconds).
+    pub not_after: SystemTime,
+}
+
+impl fmt::Debug for IssuedCertificate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IssuedCertificate")
+            .field("der_len", &self.der.len())
+            .field("serial_hex", &self.serial_hex)
+            .field("not_before", &self.not_before)
+            .field("not_after", &self.not_after)
+            .finish()
+    }
+}
+
+/// The server's signing CA: a parsed private key and its self-signed certificate.
+///
+/// `Send + Sync`; signing takes `&self`. All methods are blocking (key generation,
+/// file I/O, signing): call them from `spawn_blocking`.
+pub struct CertificateAuthority {
+    /// Signing key plus the subject / key identifier the leaves reference.
+    issuer: Issuer<'static, KeyPair>,
+    trust_domain: TrustDomain,
+    cert_der: Vec<u8>,
+    cert_pem: String,
+    serial_hex: String,
+    /// Validity of the CA certificate, Unix seconds.
+    not_before: i64,
+    not_after: i64,
+}
+
+impl fmt::Debug for CertificateAuthority {
+    /// Never prints the key.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertificateAuthority")
+            .field("trust_domain", &self.trust_domain.name())
+            .field("serial_hex", &self.serial_hex)
+            .field("not_before", &self.not_before)
+            .field("not_after", &self.not_after)
+            .field("key", &"[elided]")
+            .finish()
+    }
+}
+
+impl CertificateAuthority {
+    /// Loads `<dir>/ca_key.pem` and `<dir>/ca_cert.pem`, or creates both on first start
+    /// (a new P-256 key and a self-signed certificate valid for `ttl`).
+    ///
+    /// On load the certificate must be a CA for `trust_domain`, self-signed by the key
+    /// on disk, and unexpired; a warning is logged when less than a sixth of its lifetime
+    /// remains. Exactly one of the two files present is an error (never silently replace
+    /// a CA agents may already trust). Blocking.
+    pub fn load_or_create(
+        dir: &Path,
+        trust_domain: &TrustDomain,
+        ttl: Duration,
+    ) -> Result<Self, CaError> {
+        let io = |source| CaError::Io {
+            path: dir.to_owned(),
+            source,
+        };
+        ensure_private_dir(dir).map_err(io)?;
+        let key_exists = exists_no_follow(&dir.join(CA_KEY_FILE)).map_err(io)?;
+        let cert_exists = exists_no_follow(&dir.join(CA_CERT_FILE)).map_err(io)?;
+        match (key_exists, cert_exists) {
+            (true, true) => Self::load(dir, trust_domain),
+            (false, false) => Self::create(dir, trust_domain, ttl),
+            (true, false) => Err(CaError::Corrupt(format!(
+                "{} exists but {} does not; remove both to create a new CA \
+                 (agents will then need the new trust bundle)",
+                dir.join(CA_KEY_FILE).display(),
+                dir.join(CA_CERT_FILE).display()
+            ))),
+            (false, true) => Err(CaError::Corrupt(format!(
+                "{} exists but {} does not; restore the key or remove both to create a new CA",
+                dir.join(CA_CERT_FILE).display(),
+                dir.join(CA_KEY_FILE).display()
+            ))),
+        }
+    }
+
+    /// The CA certificate, DER.
+    pub fn certificate_der(&self) -> &[u8] {
+        &self.cert_der
+    }
+
+    /// The CA certificate, PEM (one `CERTIFICATE` block, LF line endings).
+    pub fn certificate_pem(&self) -> String {
+        self.cert_pem.clone()
+    }
+
+    /// NotAfter of the CA certificate.
+    pub fn not_after(&self) -> SystemTime {
+        system_time(self.not_after)
+    }
+
+    /// NotBefore of the CA certificate.
+    pub fn not_before(&self) -> SystemTime {
+        system_time(self.not_before)
+    }
+
+    /// The trust domain this CA signs for.
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.trust_domain
+    }
+
+    /// Hex serial of the CA certificate (same format as [`serial_of_certificate`]).
+    pub fn serial_hex(&self) -> &str {
+        &self.serial_hex
+    }
+
+    /// Signs an X509-SVID for `spiffe_id` over the public key `public_key_spki_der`.
+    ///
+    /// The server picks every field: empty subject, one URI SAN (`spiffe_id`) plus
+    /// `dns_names` in a critical SAN extension, basicConstraints CA=false (critical),
+    /// keyUsage digitalSignature (critical), EKU serverAuth + clientAuth, subject and
+    /// authority key identifiers, a random positive 128-bit serial,
+    /// NotBefore = now − 10 s, NotAfter = min(now + `ttl`, CA NotAfter).
+    ///
+    /// The key must pass [`check_public_key`]; `spiffe_id` must be a leaf ID (non-empty
+    /// path) in the CA's trust domain; `dns_names` must be valid host names (a `*`
+    /// is allowed only as the whole leftmost label); `ttl` must be at least one second.
+    pub fn sign_x509_svid(
+        &self,
+        public_key_spki_der: &[u8],
+        spiffe_id: &SpiffeId,
+        dns_names: &[String],
+        ttl: Duration,
+    ) -> Result<IssuedCertificate, CaError> {
+        let public_key = parse_policy_key(public_key_spki_der)?;
+        if !spiffe_id.is_member_of(&self.trust_domain) {
+            return Err(CaError::InvalidRequest(format!(
+                "{} is not in trust domain {}",
+                spiffe_id.as_str(),
+                self.trust_domain.name()
+            )));
+        }
+        if spiffe_id.is_trust_domain_id() {
+            return Err(CaError::InvalidRequest(format!(
+                "{} has no path; a trust domain ID cannot be an SVID subject",
+                spiffe_id.as_str()
+            )));
+        }
+        let ttl_secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
+        if ttl_secs == 0 {
+            return Err(CaError::InvalidRequest(
+                "ttl must be at least one second".into(),
+            ));
+        }
+
+        let now = unix_now()?;
+        if now >= self.not_after {
+            return Err(CaError::Expired);
+        }
+        let not_before = now.saturating_sub(backdate_secs()).max(self.not_before);
+        let not_after = now.saturating_add(ttl_secs).min(self.not_after);
+        if not_after <= not_before {
+            return Err(CaError::Signing(
+                "the system clock is before the CA's NotBefore; refusing to sign".into(),
+            ));
+        }
+
+        let mut sans = Vec::with_capacity(1 + dns_names.len());
+        sans.push(SanType::URI(ia5(spiffe_id.as_str())?));
+        for name in dns_names {
+            check_dns_name(name)?;
+            sans.push(SanType::DnsName(ia5(name)?));
+        }
+
+        let serial = random_serial()?;
+        let params = leaf_params(
+            sans,
+            serial.clone(),
+            to_offset(not_before)?,
+            to_offset(not_after)?,
+        );
+        let cert = params
+            .signed_by(&public_key, &self.issuer)
+            .map_err(|e| CaError::Signing(e.to_string()))?;
+        Ok(IssuedCertificate {
+            der: cert.der().to_vec(),
+            serial_hex: serial_hex(&serial),
+            not_before: system_time(not_before),
+            not_after: system_time(not_after),
+        })
+    }
+
+    /// First start: generate the key and the certificate, persist both (key first, so
+    /// a crash in between leaves "key without cert", reported on the next start).
+    fn create(dir: &Path, trust_domain: &TrustDomain, ttl: Duration) -> Result<Self, CaError> {
+        let ttl_secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
+        if ttl_secs == 0 {
+            return Err(CaError::InvalidRequest(
+                "CA ttl must be at least one second".into(),
+            ));
+        }
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| CaError::Signing(format!("CA key generation: {e}")))?;
+        let now = unix_now()?;
+        let not_before = now.saturating_sub(backdate_secs());
+        let not_after = now.saturating_add(ttl_secs);
+        let serial = random_serial()?;
+        let params = ca_params(
+            trust_domain,
+            serial.clone(),
+            to_offset(not_before)?,
+            to_offset(not_after)
+                .map_err(|_| CaError::InvalidRequest(format!("CA ttl {ttl:?} is too long")))?,
+        )?;
+        let cert = params
+            .self_signed(&key)
+            .map_err(|e| CaError::Signing(format!("CA certificate: {e}")))?;
+        let cert_der = cert.der().to_vec();
+        let cert_pem = pem_encode("CERTIFICATE", &cert_der);
+
+        let key_pem = key.serialize_pem();
+        write_private_file(dir, CA_KEY_FILE, key_pem.as_bytes()).map_err(|source| CaError::Io {
+            path: dir.join(CA_KEY_FILE),
+            source,
+        })?;
+        drop(key_pem);
+        write_public_file(dir, CA_CERT_FILE, cert_pem.as_bytes()).map_err(|source| {
+            CaError::Io {
+                path: dir.join(CA_CERT_FILE),
+                source,
+            }
+        })?;
+
+        tracing::info!(
+            trust_domain = trust_domain.name(),
+            serial = %serial_hex(&serial),
+            not_after = not_after,
+            "created a new self-signed CA"
+        );
+        let ca = Self {
+            issuer: Issuer::new(params, key),
+            trust_domain: trust_domain.clone(),
+            cert_der,
+            cert_pem,
+            serial_hex: serial_hex(&serial),
+            not_before,
+            not_after,
+        };
+        ca.self_test()?;
+        Ok(ca)
+    }
+
+    /// Later starts: read, parse and cross-check both files.
+    fn load(dir: &Path, trust_domain: &TrustDomain) -> Result<Self, CaError> {
+        let key_pem = read_private_file(dir, CA_KEY_FILE).map_err(|source| CaError::Io {
+            path: dir.join(CA_KEY_FILE),
+            source,
+        })?;
+        let key_pem = std::str::from_utf8(&key_pem)
+            .map_err(|_| CaError::Corrupt(format!("{CA_KEY_FILE} is not UTF-8 PEM")))?;
+        // The error text of rcgen never contains key material.
+        let key = KeyPair::from_pem(key_pem)
+            .map_err(|e| CaError::Corrupt(format!("{CA_KEY_FILE}: cannot parse key: {e}")))?;
+        if key.algorithm() != &rcgen::PKCS_ECDSA_P256_SHA256
+            && key.algorithm() != &rcgen::PKCS_ECDSA_P384_SHA384
+        {
+            return Err(CaError::Corrupt(format!(
+                "{CA_KEY_FILE}: unsupported CA key algorithm {:?} (want ECDSA P-256 or P-384)",
+                key.algorithm()
+            )));
+        }
+
+        let cert_path = dir.join(CA_CERT_FILE);
+        let cert_pem_bytes = read_public_file(&cert_path)?;
+        let cert_der = pem_decode_single_certificate(&cert_pem_bytes)?;
+        let (serial, not_before, not_after) = {
+            let cert = parse_certificate(&cert_der)
+                .map_err(|e| CaError::Corrupt(format!("{CA_CERT_FILE}: {e}")))?;
+            check_ca_certificate(&cert, &key, trust_domain)?;
+            (
+                serial_from_cert(&cert)
+                    .map_err(|e| CaError::Corrupt(format!("{CA_CERT_FILE}: {e}")))?,
+                cert.validity().not_before.timestamp(),
+                cert.validity().not_after.timestamp(),
+            )
+        };
+
+        let now = unix_now()?;
+        if now >= not_after {
+            tracing::error!(
+                trust_domain = trust_domain.name(),
+                serial = %serial,
+                not_after = not_after,
+                "the CA certificate has expired"
+            );
+            return Err(CaError::Expired);
+        }
+        let lifetime = not_after.saturating_sub(not_before);
+        let remaining = not_after.saturating_sub(now);
+        if remaining.saturating_mul(6) < lifetime {
+            tracing::warn!(
+                trust_domain = trust_domain.name(),
+                serial = %serial,
+                not_after = not_after,
+                remaining_secs = remaining,
+                "less than 1/6 of the CA lifetime remains and CA rotation is not implemented yet"
+            );
+        }
+
+        let issuer = Issuer::from_ca_cert_der(&cert_der.clone().into(), key)
+            .map_err(|e| CaError::Corrupt(format!("{CA_CERT_FILE}: {e}")))?;
+        let ca = Self {
+            issuer,
+            trust_domain: trust_domain.clone(),
+            cert_pem: pem_encode("CERTIFICATE", &cert_der),
+            cert_der,
+            serial_hex: serial,
+            not_before,
+            not_after,
+        };
+        ca.self_test()?;
+        tracing::info!(
+            trust_domain = trust_domain.name(),
+            serial = %ca.serial_hex,
+            not_after = not_after,
+            "loaded the CA"
+        );
+        Ok(ca)
+    }
+
+    /// Signs a throwaway leaf and checks it chains to our certificate: catches an
+    /// issuer name or key identifier that does not match the certificate on disk.
+    fn self_test(&self) -> Result<(), CaError> {
+        let probe_key = self.issuer.key().subject_public_key_info();
+        let probe_id = SpiffeId::from_segments(&self.trust_domain, &["tessera", "ca-self-test"])
+            .map_err(|e| CaError::Signing(format!("self-test ID: {e}")))?;
+        let leaf = self.sign_x509_svid(&probe_key, &probe_id, &[], Duration::from_secs(60))?;
+        let ca = parse_certificate(&self.cert_der).map_err(|e| CaError::Corrupt(e.to_string()))?;
+        let leaf_cert =
+            parse_certificate(&leaf.der).map_err(|e| CaError::Signing(e.to_string()))?;
+        if leaf_cert.issuer().as_raw() != ca.subject().as_raw() {
+            return Err(CaError::Corrupt(
+                "issued certificates would not name the CA certificate's subject as issuer".into(),
+            ));
+        }
+        leaf_cert
+            .verify_signature(Some(ca.public_key()))
+            .map_err(|e| CaError::Corrupt(format!("self-test signature does not verify: {e}")))
+    }
+}
+
+/// Strict CSR handling for the agent's own SVID: returns the CSR's public key (SPKI,
+/// DER) and nothing else.
+///
+/// DER only: empty input, PEM, truncated DER, trailing bytes and CSRs over
+/// [`MAX_CSR_LEN`] are [`CaError::InvalidCsr`]. The key must pass [`check_public_key`]
+/// (checked *before* the signature, so a huge RSA key costs nothing to reject); the
+/// self-signature must use an allowed algorithm (ECDSA with SHA-256/384, RSA PKCS#1 v1.5
+/// or PSS with SHA-256/384/512; not SHA-1) and verify. Everything else in the CSR
+/// (subject, SANs, basic constraints, other extensions) is ignored by design.
+pub fn public_key_from_csr(csr_der: &[u8]) -> Result<Vec<u8>, CaError> {
+    if csr_der.is_empty() {
+        return Err(CaError::InvalidCsr("empty".into()));
+    }
+    if csr_der.len() > MAX_CSR_LEN {
+        return Err(CaError::InvalidCsr(format!(
+            "larger than {MAX_CSR_LEN} bytes"
+        )));
+    }
+    if csr_der.starts_with(b"-----BEGIN") || csr_der.first().is_some_and(u8::is_ascii_whitespace) {
+        return Err(CaError::InvalidCsr("PEM given; DER expected".into()));
+    }
+    let (rest, csr) = X509CertificationRequest::from_der(csr_der)
+        .map_err(|e| CaError::InvalidCsr(format!("not a DER PKCS#10 request: {e}")))?;
+    if !rest.is_empty() {
+        return Err(CaError::InvalidCsr(format!(
+            "{} trailing bytes after the request",
+            rest.len()
+        )));
+    }
+    if csr.certification_request_info.version.0 != 0 {
+        return Err(CaError::InvalidCsr(format!(
+            "unsupported version {}",
+            csr.certification_request_info.version.0
+        )));
+    }
+    let spki = csr.certification_request_info.subject_pki.raw;
+    check_public_key(spki)?;
+
+    let alg = &csr.signature_algorithm.algorithm;
+    let allowed = [
+        &OID_SIG_ECDSA_WITH_SHA256,
+        &OID_SIG_ECDSA_WITH_SHA384,
+        &OID_PKCS1_SHA256WITHRSA,
+        &OID_PKCS1_SHA384WITHRSA,
+        &OID_PKCS1_SHA512WITHRSA,
+        &OID_PKCS1_RSASSAPSS,
+    ];
+    if !allowed.contains(&alg) {
+        return Err(CaError::InvalidCsr(format!(
+            "signature algorithm {alg} is not allowed"
+        )));
+    }
+    csr.verify_signature()
+        .map_err(|e| CaError::InvalidCsr(format!("self-signature does not verify: {e}")))?;
+    Ok(spki.to_vec())
+}
+
+/// The key policy for SVID public keys: EC P-256 or P-384 (uncompressed point on the
+/// curve), or RSA with a 2048..=4096-bit modulus and exponent 65537. Everything else
+/// (RSA-1024, RSA-16384, other curves, Ed25519 for now, DSA, malformed or
+/// non-canonical SPKI, trailing bytes) is [`CaError::KeyPolicy`].
+pub fn check_public_key(spki_der: &[u8]) -> Result<(), CaError> {
+    parse_policy_key(spki_der).map(drop)
+}
+
+/// The SPIFFE ID in the single URI SAN of a DER certificate.
+///
+/// Errors ([`CaError::InvalidCertificate`]) on malformed DER or trailing bytes, no SAN
+/// extension, zero or several URI SANs, or a URI that is not a canonical leaf SPIFFE ID.
+/// Chain verification is the caller's job (TLS).
+pub fn spiffe_id_of_certificate(der: &[u8]) -> Result<SpiffeId, CaError> {
+    let cert = parse_certificate(der)?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| CaError::InvalidCertificate(format!("bad subjectAltName: {e}")))?
+        .ok_or_else(|| CaError::InvalidCertificate("no subjectAltName extension".into()))?;
+    let mut uris = san.value.general_names.iter().filter_map(|n| match n {
+        GeneralName::URI(uri) => Some(*uri),
+        _ => None,
+    });
+    let (Some(uri), None) = (uris.next(), uris.next()) else {
+        return Err(CaError::InvalidCertificate(
+            "an X509-SVID must have exactly one URI SAN".into(),
+        ));
+    };
+    SpiffeId::parse_leaf(uri)
+        .map_err(|e| CaError::InvalidCertificate(format!("URI SAN is not a SPIFFE ID: {e}")))
+}
+
+/// Serial number of a DER certificate: lowercase hex, no separators, no leading zeros
+/// (the format of [`IssuedCertificate::serial_hex`]). Zero or negative serials are
+/// errors.
+pub fn serial_of_certificate(der: &[u8]) -> Result<String, CaError> {
+    let cert = parse_certificate(der)?;
+    serial_from_cert(&cert)
+}
+
+// ---------------------------------------------------------------------------------------
+// Certificate profiles.
+
+/// The CA certificate. rcgen's defaults are for tests (placeholder CN, serial derived
+/// from the key, centuries of validity), so every field is set here.
+fn ca_params(
+    trust_domain: &TrustDomain,
+    serial: SerialNumber,
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+) -> Result<CertificateParams, CaError> {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "tessera");
+    dn.push(
+        DnType::CommonName,
+        format!("tessera CA {}", trust_domain.name()),
+    );
+    // A serialNumber attribute makes every CA's subject unique, so a rotated CA is never
+    // confused with its predecessor by name-based chain building.
+    let serial_attr = rcgen::string::PrintableString::try_from(serial_hex(&serial))
+        .map_err(|e| CaError::Signing(format!("CA subject: {e}")))?;
+    dn.push(
+        DnType::CustomDnType(OID_AT_SERIAL_NUMBER.to_vec()),
+        DnValue::PrintableString(serial_attr),
+    );
+
+    let mut p = CertificateParams::default();
+    p.not_before = not_before;
+    p.not_after = not_after;
+    p.serial_number = Some(serial);
+    // The trust domain ID as URI SAN, as SPIRE does. The subject is non-empty, so rcgen
+    // leaves this SAN non-critical.
+    p.subject_alt_names = vec![SanType::URI(ia5(&trust_domain.id_string())?)];
+    p.distinguished_name = dn;
+    // No path length constraint: rotation and upstream authorities may add levels.
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    // rcgen always marks keyUsage critical.
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    p.extended_key_usages = Vec::new();
+    p.name_constraints = None;
+    p.crl_distribution_points = Vec::new();
+    p.custom_extensions = Vec::new();
+    // Self-signed: the subject key identifier (written for CA certificates) suffices.
+    p.use_authority_key_identifier_extension = false;
+    p.key_identifier_method = KeyIdMethod::Sha256;
+    Ok(p)
+}
+
+/// The X509-SVID profile (X509-SVID spec §4, SECURITY.md §3.7 item 67).
+///
+/// The subject is empty, so rcgen marks the subjectAltName extension critical on its
+/// own (RFC 5280 §4.2.1.6, its `write_subject_alt_names`); a test pins this, so a
+/// change in rcgen cannot silently drop the criticality.
+fn leaf_params(
+    sans: Vec<SanType>,
+    serial: SerialNumber,
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+) -> CertificateParams {
+    let mut p = CertificateParams::default();
+    p.not_before = not_before;
+    p.not_after = not_after;
+    p.serial_number = Some(serial);
+    p.subject_alt_names = sans;
+    p.distinguished_name = DistinguishedName::new();
+    // Writes basicConstraints (critical) with cA = FALSE, and a subject key identifier.
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    p.name_constraints = None;
+    p.crl_distribution_points = Vec::new();
+    p.custom_extensions = Vec::new();
+    p.use_authority_key_identifier_extension = true;
+    p.key_identifier_method = KeyIdMethod::Sha256;
+    p
+}
+
+/// Load-time checks of the CA certificate against the key and the configuration.
+fn check_ca_certificate(
+    cert: &X509Certificate<'_>,
+    key: &KeyPair,
+    trust_domain: &TrustDomain,
+) -> Result<(), CaError> {
+    let corrupt = |what: &str| CaError::Corrupt(format!("{CA_CERT_FILE}: {what}"));
+    let bc = cert
+        .basic_constraints()
+        .map_err(|e| corrupt(&format!("bad basicConstraints: {e}")))?
+        .ok_or_else(|| corrupt("no basicConstraints"))?;
+    if !bc.value.ca {
+        return Err(corrupt("not a CA certificate (basicConstraints CA=false)"));
+    }
+    let ku = cert
+        .key_usage()
+        .map_err(|e| corrupt(&format!("bad keyUsage: {e}")))?
+        .ok_or_else(|| corrupt("no keyUsage"))?;
+    if !ku.value.key_cert_sign() {
+        return Err(corrupt("keyUsage lacks keyCertSign"));
+    }
+    if cert.public_key().raw != key.subject_public_key_info().as_slice() {
+        return Err(CaError::Corrupt(format!(
+            "{CA_CERT_FILE} does not certify the key in {CA_KEY_FILE}"
+        )));
+    }
+    cert.verify_signature(None)
+        .map_err(|e| corrupt(&format!("self-signature does not verify: {e}")))?;
+    let configured = trust_domain.id_string();
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| corrupt(&format!("bad subjectAltName: {e}")))?;
+    let found: Vec<&str> = san
+        .map(|s| {
+            s.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    GeneralName::URI(u) => Some(*u),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if found != [configured.as_str()] {
+        return Err(CaError::TrustDomainMismatch {
+            configured,
+            found: found.join(", "),
+        });
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Key policy.
+
+/// Checks the policy and returns the key in the form rcgen signs over.
+fn parse_policy_key(spki_der: &[u8]) -> Result<rcgen::SubjectPublicKeyInfo, CaError> {
+    let policy = |m: String| CaError::KeyPolicy(m);
+    let (rest, spki) = SubjectPublicKeyInfo::from_der(spki_der)
+        .map_err(|e| policy(format!("malformed SubjectPublicKeyInfo: {e}")))?;
+    if !rest.is_empty() {
+        return Err(policy(format!(
+            "{} trailing bytes after SubjectPublicKeyInfo",
+            rest.len()
+        )));
+    }
+    if spki.subject_public_key.unused_bits != 0 {
+        return Err(policy("public key BIT STRING has unused bits".into()));
+    }
+    let alg = &spki.algorithm.algorithm;
+    let key_bytes: &[u8] = &spki.subject_public_key.data;
+    if *alg == OID_KEY_TYPE_EC_PUBLIC_KEY {
+        let curve = spki
+            .algorithm
+            .parameters
+            .as_ref()
+            .and_then(|p| p.as_oid().ok())
+            .ok_or_else(|| policy("EC key without a named curve".into()))?;
+        let (verify_alg, point_len): (
+            &'static aws_lc_rs::signature::EcdsaVerificationAlgorithm,
+            usize,
+        ) = if curve == OID_EC_P256 {
+            (&aws_lc_rs::signature::ECDSA_P256_SHA256_ASN1, 65)
+        } else if curve == OID_NIST_EC_P384 {
+            (&aws_lc_rs::signature::ECDSA_P384_SHA384_ASN1, 97)
+        } else {
+            return Err(policy(format!(
+                "unsupported EC curve {curve}; allowed: P-256, P-384"
+            )));
+        };
+        if key_bytes.len() != point_len || key_bytes.first() != Some(&4) {
+            return Err(policy(
+                "EC point must be uncompressed and of the curve's size".into(),
+            ));
+        }
+        aws_lc_rs::signature::ParsedPublicKey::new(verify_alg, key_bytes)
+            .map_err(|e| policy(format!("EC point is not on the curve: {e}")))?;
+    } else if *alg == OID_PKCS1_RSAENCRYPTION {
+        let rsa = match spki.parsed() {
+            Ok(x509_parser::public_key::PublicKey::RSA(rsa)) => rsa,
+            _ => return Err(policy("malformed RSA public key".into())),
+        };
+        let modulus = strip_leading_zeros(rsa.modulus);
+        let bits = bit_len(modulus);
+        if !(RSA_MIN_BITS..=RSA_MAX_BITS).contains(&bits) {
+            return Err(policy(format!(
+                "RSA key of {bits} bits; allowed: {RSA_MIN_BITS} to {RSA_MAX_BITS}"
+            )));
+        }
+        if modulus.last().is_none_or(|b| b & 1 == 0) {
+            return Err(policy("RSA modulus is even".into()));
+        }
+        let exponent = rsa
+            .try_exponent()
+            .map_err(|_| policy("malformed RSA exponent".into()))?;
+        if exponent != RSA_EXPONENT {
+            return Err(policy(format!(
+                "RSA exponent {exponent}; only {RSA_EXPONENT} is allowed"
+            )));
+        }
+        aws_lc_rs::signature::ParsedPublicKey::new(
+            &aws_lc_rs::signature::RSA_PKCS1_2048_8192_SHA256,
+            key_bytes,
+        )
+        .map_err(|e| policy(format!("RSA key rejected: {e}")))?;
+    } else if *alg == OID_SIG_ED25519 {
+        return Err(policy(
+            "Ed25519 keys are not supported yet; use EC P-256".into(),
+        ));
+    } else {
+        return Err(policy(format!(
+            "unsupported key algorithm {alg}; allowed: EC P-256/P-384, RSA 2048-4096"
+        )));
+    }
+
+    // What gets signed is rcgen's re-encoding of the key: insist it is byte-identical to
+    // the input, so the certificate carries exactly the caller's key (this also rejects
+    // odd algorithm parameters such as RSA without NULL).
+    let key = rcgen::SubjectPublicKeyInfo::from_der(spki_der)
+        .map_err(|e| policy(format!("unsupported SubjectPublicKeyInfo: {e}")))?;
+    if key.subject_public_key_info() != spki_der {
+        return Err(policy("non-canonical SubjectPublicKeyInfo encoding".into()));
+    }
+    Ok(key)
+}
+
+fn strip_leading_zeros(bytes: &[u8]) -> &[u8] {
+    let start = bytes.iter().position(|b| *b != 0).unwrap_or(bytes.len());
+    &bytes[start..]
+}
+
+/// Bit length of a big-endian unsigned integer without leading zero bytes.
+fn bit_len(bytes: &[u8]) -> usize {
+    match bytes.first() {
+        None => 0,
+        Some(first) => bytes.len() * 8 - first.leading_zeros() as usize,
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Small helpers.
+
+fn parse_certificate(der: &[u8]) -> Result<X509Certificate<'_>, CaError> {
+    let (rest, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| CaError::InvalidCertificate(format!("not a DER certificate: {e}")))?;
+    if !rest.is_empty() {
+        return Err(CaError::InvalidCertificate(format!(
+            "{} trailing bytes after the certificate",
+            rest.len()
+        )));
+    }
+    Ok(cert)
+}
+
+fn serial_from_cert(cert: &X509Certificate<'_>) -> Result<String, CaError> {
+    let raw = cert.raw_serial();
+    if raw.first().is_none_or(|b| b & 0x80 != 0) {
+        return Err(CaError::InvalidCertificate(
+            "negative or empty serial number".into(),
+        ));
+    }
+    let hex = hex::encode(strip_leading_zeros(raw));
+    if hex.is_empty() {
+        return Err(CaError::InvalidCertificate("zero serial number".into()));
+    }
+    Ok(hex)
+}
+
+fn serial_hex(serial: &SerialNumber) -> String {
+    hex::encode(strip_leading_zeros(serial.as_ref()))
+}
+
+/// 128 random bits, top bit cleared (positive), never zero (RFC 5280 §4.1.2.2).
+fn random_serial() -> Result<SerialNumber, CaError> {
+    loop {
+        let mut bytes = [0u8; 16];
+        aws_lc_rs::rand::fill(&mut bytes)
+            .map_err(|_| CaError::Signing("the system RNG failed".into()))?;
+        bytes[0] &= 0x7f;
+        if bytes.iter().any(|b| *b != 0) {
+            return Ok(SerialNumber::from_slice(strip_leading_zeros(&bytes)));
+        }
+    }
+}
+
+/// DNS SAN check: 1..=253 bytes, labels 1..=63 of `[A-Za-z0-9-]` not starting or
+/// ending with `-`, at least two labels; `*` only as the whole leftmost label and
+/// followed by at least two labels (no `*.com`).
+fn check_dns_name(name: &str) -> Result<(), CaError> {
+    let bad = |why: &str| CaError::InvalidRequest(format!("DNS name {name:?}: {why}"));
+    if name.is_empty() || name.len() > 253 {
+        return Err(bad("must be 1 to 253 bytes"));
+    }
+    let labels: Vec<&str> = name.split('.').collect();
+    let (first, rest) = labels.split_first().ok_or_else(|| bad("empty"))?;
+    let wildcard = *first == "*";
+    if wildcard && rest.len() < 2 {
+        return Err(bad("a wildcard must cover a name of at least two labels"));
+    }
+    if !wildcard && rest.is_empty() {
+        return Err(bad("must have at least two labels"));
+    }
+    let to_check: &[&str] = if wildcard { rest } else { &labels };
+    for label in to_check {
+        if label.is_empty() || label.len() > 63 {
+            return Err(bad("labels must be 1 to 63 bytes"));
+        }
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return Err(bad("labels may only contain letters, digits and '-'"));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err(bad("labels must not start or end with '-'"));
+        }
+    }
+    Ok(())
+}
+
+fn ia5(s: &str) -> Result<rcgen::string::Ia5String, CaError> {
+    rcgen::string::Ia5String::try_from(s)
+        .map_err(|e| CaError::InvalidRequest(format!("{s:?} is not IA5: {e}")))
+}
+
+fn exists_no_follow(path: &Path) -> std::io::Result<bool> {
+    match std::fs::symlink_metadata(path) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// The certificate file is public, but it is still read without following a symlink.
+fn read_public_file(path: &Path) -> Result<Vec<u8>, CaError> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    const MAX: u64 = 1024 * 1024;
+    let io = |source| CaError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+        .open(path)
+        .map_err(io)?;
+    let mut out = Vec::new();
+    file.take(MAX + 1).read_to_end(&mut out).map_err(io)?;
+    if out.len() as u64 > MAX {
+        return Err(CaError::Corrupt(format!(
+            "{} is larger than {MAX} bytes",
+            path.display()
+        )));
+    }
+    Ok(out)
+}
+
+/// Exactly one `CERTIFICATE` PEM block and nothing else that PEM parsing recognises.
+fn pem_decode_single_certificate(pem: &[u8]) -> Result<Vec<u8>, CaError> {
+    let mut reader = pem;
+    let mut found = None;
+    loop {
+        match rustls_pemfile::read_one(&mut reader) {
+            Ok(None) => break,
+            Ok(Some(rustls_pemfile::Item::X509Certificate(der))) if found.is_none() => {
+                found = Some(der.to_vec());
+            }
+            Ok(Some(_)) => {
+                return Err(CaError::Corrupt(format!(
+                    "{CA_CERT_FILE} must hold exactly one CERTIFICATE block"
+                )));
+            }
+            Err(e) => return Err(CaError::Corrupt(format!("{CA_CERT_FILE}: bad PEM: {e:?}"))),
+        }
+    }
+    found.ok_or_else(|| CaError::Corrupt(format!("{CA_CERT_FILE} holds no CERTIFICATE block")))
+}
+
+/// PEM-encodes DER (RFC 7468: 64-column base64, LF).
+///
+/// Hand-written because none of this workspace's dependencies exposes a PEM or base64
+/// encoder (rustls-pemfile and x509-parser only decode; rcgen encodes only what it
+/// generated itself), and a dozen lines do not justify a new crate.
+fn pem_encode(label: &str, der: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut b64 = Vec::with_capacity(der.len().div_ceil(3) * 4);
+    for chunk in der.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                b64.push(ALPHABET[((n >> (18 - 6 * i)) & 0x3f) as usize]);
+            } else {
+                b64.push(b'=');
+            }
+        }
+    }
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for line in b64.chunks(64) {
+        out.extend(line.iter().map(|b| char::from(*b)));
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
+fn backdate_secs() -> i64 {
+    i64::try_from(BACKDATE.as_secs()).unwrap_or(0)
+}
+
+fn unix_now() -> Result<i64, CaError> {
+    let since = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_err(|_| CaError::Signing("system clock is before 1970".into()))?;
+    i64::try_from(since.as_secs()).map_err(|_| CaError::Signing("system clock out of range".into()))
+}
+
+fn to_offset(unix: i64) -> Result<OffsetDateTime, CaError> {
+    let t = OffsetDateTime::from_unix_timestamp(unix)
+        .map_err(|_| CaError::Signing(format!("time {unix} out of range")))?;
+    // X.509 GeneralizedTime has four year digits.
+    if t.year() > 9999 || t.year() < 1950 {
+        return Err(CaError::Signing(format!(
+            "time {unix} out of the X.509 range"
+        )));
+    }
+    Ok(t)
+}
+
+fn system_time(unix: i64) -> SystemTime {
+    match u64::try_from(unix) {
+        Ok(secs) => UNIX_EPOCH + Duration::from_secs(secs),
+        Err(_) => UNIX_EPOCH,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+    use std::time::Instant;
+
+    use rcgen::{CustomExtension, PKCS_ECDSA_P256_SHA256};
+    use rustls::pki_types::{CertificateDer, UnixTime};
+    use x509_parser::oid_registry::OID_X509_EXT_SUBJECT_ALT_NAME;
+
+    use super::*;
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    fn td() -> TrustDomain {
+        TrustDomain::new("example.org").unwrap()
+    }
+
+    fn id(path: &str) -> SpiffeId {
+        SpiffeId::parse_leaf(&format!("spiffe://example.org{path}")).unwrap()
+    }
+
+    fn new_ca() -> (tempfile::TempDir, PathBuf, CertificateAuthority) {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("ca");
+        let ca = CertificateAuthority::load_or_create(&dir, &td(), 24 * HOUR).unwrap();
+        (root, dir, ca)
+    }
+
+    fn csr_for(key: &KeyPair, params: &CertificateParams) -> Vec<u8> {
+        params.serialize_request(key).unwrap().der().to_vec()
+    }
+
+    fn plain_csr() -> (KeyPair, Vec<u8>) {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let der = csr_for(&key, &CertificateParams::default());
+        (key, der)
+    }
+
+    fn now_unix() -> i64 {
+        unix_now().unwrap()
+    }
+
+    /// Full path validation with webpki (strict DER, chain, EKU) plus x509-parser's
+    /// signature check.
+    fn verify_chain(ca_der: &[u8], leaf_der: &[u8]) {
+        let ca_cert = CertificateDer::from(ca_der.to_vec());
+        let anchor = webpki::anchor_from_trusted_cert(&ca_cert).unwrap();
+        let leaf = CertificateDer::from(leaf_der.to_vec());
+        let ee = webpki::EndEntityCert::try_from(&leaf).unwrap();
+        let now = UnixTime::since_unix_epoch(Duration::from_secs(now_unix() as u64));
+        for usage in [
+            webpki::KeyUsage::client_auth(),
+            webpki::KeyUsage::server_auth(),
+        ] {
+            ee.verify_for_usage(
+                webpki::ALL_VERIFICATION_ALGS,
+                std::slice::from_ref(&anchor),
+                &[],
+                now,
+                usage,
+                None,
+                None,
+            )
+            .unwrap();
+        }
+        let ca = parse_certificate(ca_der).unwrap();
+        let leaf = parse_certificate(leaf_der).unwrap();
+        leaf.verify_signature(Some(ca.public_key())).unwrap();
+    }
+
+    /// Every item of SECURITY.md §3.7 item 67 plus the X509-SVID profile.
+    fn check_svid_profile(
+        ca: &CertificateAuthority,
+        issued: &IssuedCertificate,
+        want_id: &SpiffeId,
+        want_dns: &[&str],
+    ) {
+        let cert = parse_certificate(&issued.der).unwrap();
+        // Empty subject, issuer = CA subject.
+        assert_eq!(cert.subject().iter().count(), 0, "empty subject");
+        let ca_cert = parse_certificate(ca.certificate_der()).unwrap();
+        assert_eq!(cert.issuer().as_raw(), ca_cert.subject().as_raw());
+        assert_eq!(cert.version().0, 2, "X.509 v3");
+
+        // Exactly one URI SAN, the entry's ID, in a critical SAN extension; DNS SANs.
+        let san = cert.subject_alternative_name().unwrap().unwrap();
+        assert!(
+            san.critical,
+            "SAN must be critical when the subject is empty"
+        );
+        let uris: Vec<_> = san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|n| {
+                if let GeneralName::URI(u) = n {
+                    Some(*u)
+                } else {
+                    None
+                }
+            })
+            .collect();
+        assert_eq!(uris, [want_id.as_str()]);
+        let dns: Vec<_> = san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|n| {
+                if let GeneralName::DNSName(d) = n {
+                    Some(*d)
+                } else {
+                    None
+                }
+            })
+            .collect();
+        assert_eq!(dns, want_dns);
+        assert_eq!(
+            san.value.general_names.len(),
+            1 + want_dns.len(),
+            "no other name types"
+        );
+        assert_eq!(spiffe_id_of_certificate(&issued.der).unwrap(), *want_id);
+
+        // CA=false, critical.
+        let bc = cert.basic_constraints().unwrap().unwrap();
+        assert!(bc.critical);
+        assert!(!bc.value.ca);
+        assert!(!cert.is_ca());
+
+        // keyUsage critical, digitalSignature only.
+        let ku = cert.key_usage().unwrap().unwrap();
+        assert!(ku.critical);
+        assert!(ku.value.digital_signature());
+        assert!(!ku.value.key_cert_sign());
+        assert!(!ku.value.crl_sign());
+        assert_eq!(ku.value.flags, 1, "digitalSignature and nothing else");
+
+        // EKU serverAuth + clientAuth, nothing else.
+        let eku = cert.extended_key_usage().unwrap().unwrap();
+        assert!(eku.value.server_auth && eku.value.client_auth);
+        assert!(!eku.value.any && !eku.value.code_signing && eku.value.other.is_empty());
+
+        // Key identifiers: AKI = CA's SKI.
+        let ca_ski = ca_cert
+            .iter_extensions()
+            .find_map(|e| match e.parsed_extension() {
+                x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(k) => {
+                    Some(k.0.to_vec())
+                }
+                _ => None,
+            })
+            .unwrap();
+        let aki = cert
+            .iter_extensions()
+            .find_map(|e| match e.parsed_extension() {
+                x509_parser::extensions::ParsedExtension::AuthorityKeyIdentifier(a) => {
+                    a.key_identifier.as_ref().map(|k| k.0.to_vec())
+                }
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(aki, ca_ski);
+
+        // Only the extensions we chose.
+        let mut oids: Vec<String> = cert
+            .extensions()
+            .iter()
+            .map(|e| e.oid.to_id_string())
+            .collect();
+        oids.sort();
+        assert_eq!(
+            oids,
+            [
+                "2.5.29.14",
+                "2.5.29.15",
+                "2.5.29.17",
+                "2.5.29.19",
+                "2.5.29.35",
+                "2.5.29.37"
+            ],
+            "SKI, KU, SAN, BC, AKI, EKU"
+        );
+
+        // Validity: NotBefore back-dated by at most 10 s (+ test slack), NotAfter within the CA's.
+        let nb = cert.validity().not_before.timestamp();
+        let na = cert.validity().not_after.timestamp();
+        let now = now_unix();
+        assert!(
+            now - nb >= 10 - 1 && now - nb <= 10 + 5,
+            "backdate {}",
+            now - nb
+        );
+        assert!(na <= ca_cert.validity().not_after.timestamp());
+        assert_eq!(system_time(nb), issued.not_before);
+        assert_eq!(system_time(na), issued.not_after);
+
+        // Serial: positive, at most 128 bits, reported consistently.
+        let raw = cert.raw_serial();
+        assert!(raw[0] & 0x80 == 0 && raw.len() <= 17);
+        assert_eq!(
+            serial_of_certificate(&issued.der).unwrap(),
+            issued.serial_hex
+        );
+
+        verify_chain(ca.certificate_der(), &issued.der);
+    }
+
+    #[test]
+    fn ca_certificate_profile() {
+        let (_root, _dir, ca) = new_ca();
+        let cert = parse_certificate(ca.certificate_der()).unwrap();
+        let bc = cert.basic_constraints().unwrap().unwrap();
+        assert!(bc.critical && bc.value.ca);
+        let ku = cert.key_usage().unwrap().unwrap();
+        assert!(ku.critical && ku.value.key_cert_sign() && ku.value.crl_sign());
+        assert!(!ku.value.digital_signature());
+        let san = cert.subject_alternative_name().unwrap().unwrap();
+        assert_eq!(
+            san.value.general_names,
+            [GeneralName::URI("spiffe://example.org")]
+        );
+        let subject = cert.subject().to_string();
+        assert!(subject.contains("O=tessera"), "{subject}");
+        assert!(subject.contains("CN=tessera CA example.org"), "{subject}");
+        assert!(subject.contains(&ca.serial_hex), "{subject}");
+        assert!(
+            cert.iter_extensions()
+                .any(|e| e.oid.to_id_string() == "2.5.29.14"),
+            "SKI"
+        );
+        let raw = cert.raw_serial();
+        assert!(raw[0] & 0x80 == 0 && raw.len() <= 16);
+        let nb = cert.validity().not_before.timestamp();
+        let na = cert.validity().not_after.timestamp();
+        assert!((now_unix() - nb - 10).abs() <= 2);
+        assert_eq!(na - nb, 24 * 3600 + 10);
+        assert_eq!(ca.not_after(), system_time(na));
+        cert.verify_signature(None).unwrap();
+        // Our PEM encoder agrees with the file and decodes back.
+        assert_eq!(
+            pem_decode_single_certificate(ca.certificate_pem().as_bytes()).unwrap(),
+            ca.certificate_der()
+        );
+        assert!(format!("{ca:?}").contains("[elided]"));
+    }
+
+    #[test]
+    fn pem_encoder_matches_rcgen() {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let cert = CertificateParams::new(vec!["a.example".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        assert_eq!(pem_encode("CERTIFICATE", cert.der()), cert.pem());
+        for len in 0..5 {
+            let data: Vec<u8> = (0..len).collect();
+            let pem = pem_encode("X", &data);
+            assert!(pem.starts_with("-----BEGIN X-----\n") && pem.ends_with("-----END X-----\n"));
+        }
+        assert_eq!(
+            pem_encode("X", b"foobar"),
+            "-----BEGIN X-----\nZm9vYmFy\n-----END X-----\n"
+        );
+        assert_eq!(
+            pem_encode("X", b"fooba"),
+            "-----BEGIN X-----\nZm9vYmE=\n-----END X-----\n"
+        );
+        assert_eq!(
+            pem_encode("X", b"foob"),
+            "-----BEGIN X-----\nZm9vYg==\n-----END X-----\n"
+        );
+    }
+
+    #[test]
+    fn files_modes_and_debug_hides_key() {
+        let (_root, dir, ca) = new_ca();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir.join(CA_KEY_FILE)), 0o600);
+        assert_eq!(mode(&dir.join(CA_CERT_FILE)), 0o644);
+        let debug = format!("{ca:?}");
+        let key_der_hex = hex::encode(ca.issuer.key().serialized_der());
+        assert!(!debug.contains("PRIVATE"), "{debug}");
+        assert!(!debug.contains(&key_der_hex[..32]), "{debug}");
+        let key_pem = std::fs::read_to_string(dir.join(CA_KEY_FILE)).unwrap();
+        assert!(key_pem.starts_with("-----BEGIN PRIVATE KEY-----"));
+        assert!(!debug.contains(key_pem.lines().nth(1).unwrap()));
+    }
+
+    #[test]
+    fn reload_gives_same_ca_and_chains() {
+        let (_root, dir, ca) = new_ca();
+        let reloaded = CertificateAuthority::load_or_create(&dir, &td(), 24 * HOUR).unwrap();
+        assert_eq!(reloaded.certificate_der(), ca.certificate_der());
+        assert_eq!(reloaded.certificate_pem(), ca.certificate_pem());
+        assert_eq!(reloaded.serial_hex(), ca.serial_hex());
+        assert_eq!(reloaded.not_after(), ca.not_after());
+        assert_eq!(
+            reloaded.issuer.key().serialized_der(),
+            ca.issuer.key().serialized_der()
+        );
+
+        // A leaf from the reloaded CA chains to the original certificate.
+        let (_key, csr) = plain_csr();
+        let spki = public_key_from_csr(&csr).unwrap();
+        let issued = reloaded
+            .sign_x509_svid(&spki, &id("/workload"), &[], HOUR)
+            .unwrap();
+        check_svid_profile(&ca, &issued, &id("/workload"), &[]);
+        let issued = ca
+            .sign_x509_svid(&spki, &id("/workload"), &[], HOUR)
+            .unwrap();
+        verify_chain(reloaded.certificate_der(), &issued.der);
+    }
+
+    #[test]
+    fn issued_leaf_follows_the_profile() {
+        let (_root, _dir, ca) = new_ca();
+        let (key, csr) = plain_csr();
+        let spki = public_key_from_csr(&csr).unwrap();
+        assert_eq!(spki, key.subject_public_key_info());
+        let dns = vec![
+            "web.example.org".to_string(),
+            "*.svc.example.org".to_string(),
+        ];
+        let issued = ca
+            .sign_x509_svid(&spki, &id("/ns/prod/web"), &dns, HOUR)
+            .unwrap();
+        check_svid_profile(
+            &ca,
+            &issued,
+            &id("/ns/prod/web"),
+            &["web.example.org", "*.svc.example.org"],
+        );
+        let cert = parse_certificate(&issued.der).unwrap();
+        assert_eq!(
+            cert.public_key().raw,
+            spki.as_slice(),
+            "exactly the caller's key"
+        );
+        let lifetime =
+            cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
+        assert_eq!(lifetime, 3600 + 10);
+
+        let second = ca
+            .sign_x509_svid(&spki, &id("/ns/prod/web"), &dns, HOUR)
+            .unwrap();
+        assert_ne!(second.serial_hex, issued.serial_hex, "fresh random serials");
+    }
+
+    #[test]
+    fn not_after_is_clamped_to_the_ca() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("ca");
+        let ca = CertificateAuthority::load_or_create(&dir, &td(), HOUR).unwrap();
+        let (_key, csr) = plain_csr();
+        let spki = public_key_from_csr(&csr).unwrap();
+        let issued = ca
+            .sign_x509_svid(&spki, &id("/w"), &[], 1000 * HOUR)
+            .unwrap();
+        assert_eq!(issued.not_after, ca.not_after());
+        check_svid_profile(&ca, &issued, &id("/w"), &[]);
+        // Even a TTL that overflows every clock is clamped, not an error.
+        let issued = ca
+            .sign_x509_svid(&spki, &id("/w"), &[], Duration::MAX)
+            .unwrap();
+        assert_eq!(issued.not_after, ca.not_after());
+    }
+
+    #[test]
+    fn rsa_and_p384_keys_are_signed() {
+        let (_root, _dir, ca) = new_ca();
+        let rsa =
+            KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048).unwrap();
+        let p384 = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+        for key in [rsa, p384] {
+            let spki = public_key_from_csr(&csr_for(&key, &CertificateParams::default())).unwrap();
+            let issued = ca.sign_x509_svid(&spki, &id("/k"), &[], HOUR).unwrap();
+            check_svid_profile(&ca, &issued, &id("/k"), &[]);
+        }
+    }
+
+    /// SECURITY.md §3.7 item 63.
+    #[test]
+    fn malformed_csrs_are_invalid() {
+        let (key, der) = plain_csr();
+        let pem = CertificateParams::default()
+            .serialize_request(&key)
+            .unwrap()
+            .pem()
+            .unwrap();
+        let mut trailing = der.clone();
+        trailing.push(0);
+        let mut trailing_seq = der.clone();
+        trailing_seq.extend_from_slice(&der);
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("empty", Vec::new()),
+            ("pem", pem.into_bytes()),
+            ("truncated by one", der[..der.len() - 1].to_vec()),
+            ("truncated half", der[..der.len() / 2].to_vec()),
+            ("one byte", der[..1].to_vec()),
+            ("trailing zero", trailing),
+            ("two CSRs", trailing_seq),
+            ("garbage", b"hello world".to_vec()),
+            ("huge", vec![0x30; MAX_CSR_LEN + 1]),
+        ];
+        for (name, input) in cases {
+            match public_key_from_csr(&input) {
+                Err(CaError::InvalidCsr(msg)) => assert!(!msg.is_empty(), "{name}"),
+                other => panic!("{name}: expected InvalidCsr, got {other:?}"),
+            }
+        }
+    }
+
+    /// SECURITY.md §3.7 item 64.
+    #[test]
+    fn csr_with_bad_self_signature_is_invalid() {
+        let (_key, der) = plain_csr();
+        // Last byte: inside the ECDSA signature's s integer.
+        let mut bad_sig = der.clone();
+        *bad_sig.last_mut().unwrap() ^= 0x01;
+        // A byte inside the signed request info (the public key point).
+        let spki = public_key_from_csr(&der).unwrap();
+        let pos = der
+            .windows(spki.len())
+            .position(|w| w == spki.as_slice())
+            .unwrap();
+        let mut bad_info = der.clone();
+        bad_info[pos + spki.len() - 1] ^= 0x01; // still a DER point, but a different key
+        for (name, input) in [("signature", bad_sig), ("info", bad_info)] {
+            match public_key_from_csr(&input) {
+                Err(CaError::InvalidCsr(_)) | Err(CaError::KeyPolicy(_)) => {}
+                other => panic!("{name}: expected rejection, got {other:?}"),
+            }
+        }
+        // Signature tampering specifically is InvalidCsr.
+        let mut bad_sig = der;
+        *bad_sig.last_mut().unwrap() ^= 0x01;
+        assert!(
+            matches!(public_key_from_csr(&bad_sig), Err(CaError::InvalidCsr(m)) if m.contains("self-signature"))
+        );
+    }
+
+    /// SECURITY.md §3.7 item 65 (CVE-2021-27098): only the key is taken from the CSR.
+    #[test]
+    fn csr_requests_are_ignored() {
+        let (_root, _dir, ca) = new_ca();
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, "admin");
+        params.subject_alt_names = vec![
+            SanType::URI(ia5("spiffe://example.org/admin").unwrap()),
+            SanType::URI(ia5("spiffe://other.org/admin").unwrap()),
+            SanType::DnsName(ia5("evil.example").unwrap()),
+        ];
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::CodeSigning];
+        params.custom_extensions = vec![CustomExtension::from_oid_content(
+            &[1, 2, 3, 4],
+            vec![0x05, 0x00],
+        )];
+        let csr = csr_for(&key, &params);
+
+        let spki = public_key_from_csr(&csr).unwrap();
+        assert_eq!(spki, key.subject_public_key_info());
+        let entry_id = id("/ns/prod/web");
+        let issued = ca.sign_x509_svid(&spki, &entry_id, &[], HOUR).unwrap();
+        check_svid_profile(&ca, &issued, &entry_id, &[]);
+        let cert = parse_certificate(&issued.der).unwrap();
+        assert!(
+            !cert
+                .iter_extensions()
+                .any(|e| e.oid.to_id_string() == "1.2.3.4")
+        );
+        assert!(!issued.der.windows(5).any(|w| w == b"admin"));
+        assert!(!issued.der.windows(4).any(|w| w == b"evil"));
+    }
+
+    // Hand-built DER for keys rcgen / aws-lc cannot generate.
+    fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        let len = content.len();
+        if len < 0x80 {
+            out.push(len as u8);
+        } else {
+            let bytes: Vec<u8> = len
+                .to_be_bytes()
+                .into_iter()
+                .skip_while(|b| *b == 0)
+                .collect();
+            out.push(0x80 | bytes.len() as u8);
+            out.extend(bytes);
+        }
+        out.extend_from_slice(content);
+        out
+    }
+
+    fn rsa_spki(bits: usize, exponent: &[u8]) -> Vec<u8> {
+        let mut modulus = vec![0u8];
+        modulus.push(0xc5);
+        modulus.extend(std::iter::repeat_n(0x5a, bits / 8 - 2));
+        modulus.push(0x01); // odd
+        let rsa_key = tlv(0x30, &[tlv(0x02, &modulus), tlv(0x02, exponent)].concat());
+        let alg = tlv(
+            0x30,
+            &[
+                tlv(
+                    0x06,
+                    &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01],
+                ),
+                vec![0x05, 0x00],
+            ]
+            .concat(),
+        );
+        let bitstring = tlv(0x03, &[vec![0x00], rsa_key].concat());
+        tlv(0x30, &[alg, bitstring].concat())
+    }
+
+    fn ec_spki(curve_oid: &[u8], point: &[u8]) -> Vec<u8> {
+        let alg = tlv(
+            0x30,
+            &[
+                tlv(0x06, &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01]),
+                tlv(0x06, curve_oid),
+            ]
+            .concat(),
+        );
+        let bitstring = tlv(0x03, &[&[0x00][..], point].concat());
+        tlv(0x30, &[alg, bitstring].concat())
+    }
+
+    const P256_OID: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+
+    /// SECURITY.md §3.7 item 66.
+    #[test]
+    fn key_policy() {
+        let p256 = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        check_public_key(&p256.subject_public_key_info()).unwrap();
+        // The hand builder agrees with real encodings.
+        assert_eq!(
+            ec_spki(P256_OID, p256.der_bytes()),
+            p256.subject_public_key_info()
+        );
+        let rsa =
+            KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048).unwrap();
+        check_public_key(&rsa.subject_public_key_info()).unwrap();
+
+        let e65537 = [0x01, 0x00, 0x01];
+        let mut trailing = p256.subject_public_key_info();
+        trailing.push(0);
+        let mut compressed = vec![0x02];
+        compressed.extend_from_slice(&p256.der_bytes()[1..33]);
+        let mut off_curve = vec![0x04];
+        off_curve.extend([0x01; 64]);
+        let p521 = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P521_SHA512).unwrap();
+        let ed25519 = KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("rsa-1024", rsa_spki(1024, &e65537)),
+            ("rsa-2040", rsa_spki(2040, &e65537)),
+            ("rsa-4104", rsa_spki(4104, &e65537)),
+            ("rsa-16384", rsa_spki(16384, &e65537)),
+            ("rsa e=3", rsa_spki(2048, &[0x03])),
+            ("p-521", p521.subject_public_key_info()),
+            ("ed25519", ed25519.subject_public_key_info()),
+            (
+                "secp256k1",
+                ec_spki(&[0x2b, 0x81, 0x04, 0x00, 0x0a], p256.der_bytes()),
+            ),
+            ("compressed point", ec_spki(P256_OID, &compressed)),
+            ("point off the curve", ec_spki(P256_OID, &off_curve)),
+            ("trailing bytes", trailing),
+            ("empty", Vec::new()),
+            ("garbage", b"not a key".to_vec()),
+        ];
+        for (name, spki) in cases {
+            match check_public_key(&spki) {
+                Err(CaError::KeyPolicy(msg)) => eprintln!("{name}: {msg}"),
+                other => panic!("{name}: expected KeyPolicy, got {other:?}"),
+            }
+        }
+
+        // Cost stays bounded: a 16384-bit key is rejected on size alone.
+        let big = rsa_spki(16384, &e65537);
+        let start = Instant::now();
+        for _ in 0..1000 {
+            assert!(check_public_key(&big).is_err());
+        }
+        assert!(start.elapsed() < Duration::from_secs(5));
+
+        // The CSR path applies the policy too.
+        let csr = csr_for(&p521, &CertificateParams::default());
+        assert!(matches!(
+            public_key_from_csr(&csr),
+            Err(CaError::KeyPolicy(_))
+        ));
+        let csr = csr_for(&ed25519, &CertificateParams::default());
+        assert!(matches!(
+            public_key_from_csr(&csr),
+            Err(CaError::KeyPolicy(_))
+        ));
+    }
+
+    #[test]
+    fn sign_rejects_bad_requests() {
+        let (_root, _dir, ca) = new_ca();
+        let (_key, csr) = plain_csr();
+        let spki = public_key_from_csr(&csr).unwrap();
+        let foreign = SpiffeId::parse_leaf("spiffe://other.org/w").unwrap();
+        let td_only = SpiffeId::parse("spiffe://example.org").unwrap();
+        for (name, r) in [
+            ("foreign td", ca.sign_x509_svid(&spki, &foreign, &[], HOUR)),
+            ("td only", ca.sign_x509_svid(&spki, &td_only, &[], HOUR)),
+            (
+                "ttl 0",
+                ca.sign_x509_svid(&spki, &id("/w"), &[], Duration::ZERO),
+            ),
+            (
+                "ttl 500ms",
+                ca.sign_x509_svid(&spki, &id("/w"), &[], Duration::from_millis(500)),
+            ),
+        ] {
+            assert!(
+                matches!(r, Err(CaError::InvalidRequest(_))),
+                "{name}: {r:?}"
+            );
+        }
+        for bad in [
+            "",
+            "localhost",
+            "*.com",
+            "*",
+            "a..b",
+            "-a.b",
+            "a-.b",
+            "a b.c",
+            "a_b.c",
+            "x.*.c",
+            "é.com",
+            "a.b.",
+        ] {
+            let r = ca.sign_x509_svid(&spki, &id("/w"), &[bad.to_string()], HOUR);
+            assert!(
+                matches!(r, Err(CaError::InvalidRequest(_))),
+                "{bad:?}: {r:?}"
+            );
+        }
+        assert!(matches!(
+            ca.sign_x509_svid(&rsa_spki(1024, &[1, 0, 1]), &id("/w"), &[], HOUR),
+            Err(CaError::KeyPolicy(_))
+        ));
+    }
+
+    #[test]
+    fn spiffe_id_and_serial_of_certificates() {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let make = |uris: &[&str]| {
+            let mut p = CertificateParams::default();
+            p.subject_alt_names = uris.iter().map(|u| SanType::URI(ia5(u).unwrap())).collect();
+            p.serial_number = Some(SerialNumber::from_slice(&[0x00, 0x12, 0xab]));
+            p.self_signed(&key).unwrap().der().to_vec()
+        };
+        let one = make(&["spiffe://example.org/agent/x"]);
+        assert_eq!(
+            spiffe_id_of_certificate(&one).unwrap().as_str(),
+            "spiffe://example.org/agent/x"
+        );
+        assert_eq!(serial_of_certificate(&one).unwrap(), "12ab");
+        for (name, der) in [
+            (
+                "two URIs",
+                make(&["spiffe://example.org/a", "spiffe://example.org/b"]),
+            ),
+            ("no SAN", make(&[])),
+            ("not spiffe", make(&["https://example.org/a"])),
+            ("td only", make(&["spiffe://example.org"])),
+            ("not canonical", make(&["spiffe://example.org/a/../b"])),
+        ] {
+            assert!(
+                matches!(
+                    spiffe_id_of_certificate(&der),
+                    Err(CaError::InvalidCertificate(_))
+                ),
+                "{name}"
+            );
+        }
+        let mut trailing = one.clone();
+        trailing.push(0);
+        assert!(spiffe_id_of_certificate(&trailing).is_err());
+        assert!(serial_of_certificate(&trailing).is_err());
+        assert!(spiffe_id_of_certificate(&one[..one.len() - 3]).is_err());
+        assert!(spiffe_id_of_certificate(&[]).is_err());
+        // The SAN OID constant we rely on when reading SANs.
+        assert_eq!(OID_X509_EXT_SUBJECT_ALT_NAME.to_id_string(), "2.5.29.17");
+    }
+
+    /// Writes a CA with chosen validity straight to disk (as an older start would have).
+    fn write_ca_files(dir: &Path, trust_domain: &TrustDomain, not_before: i64, not_after: i64) {
+        ensure_private_dir(dir).unwrap();
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let params = ca_params(
+            trust_domain,
+            random_serial().unwrap(),
+            to_offset(not_before).unwrap(),
+            to_offset(not_after).unwrap(),
+        )
+        .unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        write_private_file(dir, CA_KEY_FILE, key.serialize_pem().as_bytes()).unwrap();
+        write_public_file(dir, CA_CERT_FILE, cert.pem().as_bytes()).unwrap();
+    }
+
+    #[test]
+    fn expired_and_nearly_expired_cas() {
+        let root = tempfile::tempdir().unwrap();
+        let now = now_unix();
+        let expired = root.path().join("expired");
+        write_ca_files(&expired, &td(), now - 7200, now - 60);
+        assert!(matches!(
+            CertificateAuthority::load_or_create(&expired, &td(), HOUR),
+            Err(CaError::Expired)
+        ));
+
+        // Under 1/6 of the lifetime left: loads (with a warning) and clamps leaves.
+        let late = root.path().join("late");
+        write_ca_files(&late, &td(), now - 6000, now + 600);
+        let ca = CertificateAuthority::load_or_create(&late, &td(), HOUR).unwrap();
+        let (_key, csr) = plain_csr();
+        let spki = public_key_from_csr(&csr).unwrap();
+        let issued = ca.sign_x509_svid(&spki, &id("/w"), &[], HOUR).unwrap();
+        assert_eq!(issued.not_after, system_time(now + 600));
+        check_svid_profile(&ca, &issued, &id("/w"), &[]);
+    }
+
+    #[test]
+    fn inconsistent_files_are_refused() {
+        let (root, dir, _ca) = new_ca();
+
+        // Another trust domain configured.
+        let other = TrustDomain::new("other.org").unwrap();
+        assert!(matches!(
+            CertificateAuthority::load_or_create(&dir, &other, HOUR),
+            Err(CaError::TrustDomainMismatch { .. })
+        ));
+
+        // Certificate for another key.
+        let foreign = root.path().join("foreign");
+        write_ca_files(&foreign, &td(), now_unix() - 10, now_unix() + 3600);
+        std::fs::copy(foreign.join(CA_CERT_FILE), dir.join(CA_CERT_FILE)).unwrap();
+        assert!(matches!(
+            CertificateAuthority::load_or_create(&dir, &td(), HOUR),
+            Err(CaError::Corrupt(_))
+        ));
+
+        // Garbage certificate, two certificates.
+        std::fs::write(dir.join(CA_CERT_FILE), b"junk").unwrap();
+        assert!(matches!(
+            CertificateAuthority::load_or_create(&dir, &td(), HOUR),
+            Err(CaError::Corrupt(_))
+        ));
+        let pem = std::fs::read_to_string(foreign.join(CA_CERT_FILE)).unwrap();
+        std::fs::write(dir.join(CA_CERT_FILE), format!("{pem}{pem}")).unwrap();
+        assert!(matches!(
+            CertificateAuthority::load_or_create(&dir, &td(), HOUR),
+            Err(CaError::Corrupt(_))
+        ));
+
+        // Key without certificate: never silently replaced.
+        std::fs::remove_file(dir.join(CA_CERT_FILE)).unwrap();
+        let key_before = std::fs::read(dir.join(CA_KEY_FILE)).unwrap();
+        assert!(matches!(
+            CertificateAuthority::load_or_create(&dir, &td(), HOUR),
+            Err(CaError::Corrupt(_))
+        ));
+        assert_eq!(std::fs::read(dir.join(CA_KEY_FILE)).unwrap(), key_before);
+
+        // Certificate without key.
+        let lone = root.path().join("lone");
+        write_ca_files(&lone, &td(), now_unix() - 10, now_unix() + 3600);
+        std::fs::remove_file(lone.join(CA_KEY_FILE)).unwrap();
+        assert!(matches!(
+            CertificateAuthority::load_or_create(&lone, &td(), HOUR),
+            Err(CaError::Corrupt(_))
+        ));
+
+        // World-readable key: refused by read_private_file.
+        let loose = root.path().join("loose");
+        write_ca_files(&loose, &td(), now_unix() - 10, now_unix() + 3600);
+        std::fs::set_permissions(
+            loose.join(CA_KEY_FILE),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        assert!(matches!(
+            CertificateAuthority::load_or_create(&loose, &td(), HOUR),
+            Err(CaError::Io { .. })
+        ));
+
+        // Zero and absurd CA TTLs.
+        assert!(
+            CertificateAuthority::load_or_create(&root.path().join("z"), &td(), Duration::ZERO)
+                .is_err()
+        );
+        assert!(
+            CertificateAuthority::load_or_create(&root.path().join("big"), &td(), Duration::MAX)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn ca_is_send_and_sync() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<CertificateAuthority>();
+    }
+
+    #[test]
+    fn sign_cost() {
+        let (_root, _dir, ca) = new_ca();
+        let (_key, csr) = plain_csr();
+        let spki = public_key_from_csr(&csr).unwrap();
+        let svid_id = id("/ns/prod/web");
+        let dns = vec!["web.example.org".to_string()];
+        let n = 1000;
+        let start = Instant::now();
+        for _ in 0..n {
+            ca.sign_x509_svid(&spki, &svid_id, &dns, HOUR).unwrap();
+        }
+        let sign = start.elapsed() / n;
+        let start = Instant::now();
+        for _ in 0..n {
+            public_key_from_csr(&csr).unwrap();
+        }
+        let csr_cost = start.elapsed() / n;
+        println!("sign_x509_svid: {sign:?} per call; public_key_from_csr: {csr_cost:?} per call");
+    }
+}

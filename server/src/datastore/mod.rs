@@ -1,0 +1,414 @@
+//! The server's datastore: registration entries, join tokens, attested agents, bundles,
+//! and the change feed that drives the `Sync` stream.
+//!
+//! Callers only ever see `Arc<dyn Datastore>`; [`open_sqlite`] gives the embedded
+//! default and a PostgreSQL implementation can be added beside it without touching
+//! them. Every implementation must keep the contract written on [`Datastore`]:
+//!
+//! - every write to entries, agents or bundles bumps one monotonically increasing
+//!   revision and records a [`Change`] in the same transaction as the write;
+//! - concurrency-critical writes (join token consumption) are single statements;
+//! - a row that cannot be parsed back into a domain type is a
+//!   [`DatastoreError::Corrupt`], never a panic;
+//! - error messages name tables, row ids and columns, never secrets or raw selector
+//!   values (SECURITY.md §2 rule 10).
+//!
+//! This module owns storage only: authorization (which agent may see which entry),
+//! validation of operator input beyond what storage needs, and logging of suspicious
+//! events (a serial mismatch) belong to the callers.
+
+mod sqlite;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tessera_plugin_sdk::{RegistrationEntry, Selector, SpiffeId};
+
+/// A boxed error kept as the source of a [`DatastoreError`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// The storage seam of the server. Object-safe; used as `Arc<dyn Datastore>`.
+#[async_trait::async_trait]
+pub trait Datastore: Send + Sync + std::fmt::Debug {
+    /// Stores a new registration entry under a fresh id (32 lowercase hex characters from
+    /// 16 random bytes) and records [`ChangeKind::EntryUpserted`]. The returned entry has
+    /// `created_revision == revision ==` the revision of that change.
+    ///
+    /// [`DatastoreError::Conflict`] when an entry with the same spiffe_id, parent_id and
+    /// selector set exists; [`DatastoreError::InvalidArgument`] when the TTL is not a
+    /// whole number of seconds.
+    async fn create_entry(&self, entry: NewEntry) -> Result<RegistrationEntry, DatastoreError>;
+
+    /// The entry with this id, if any.
+    async fn get_entry(&self, id: &str) -> Result<Option<RegistrationEntry>, DatastoreError>;
+
+    /// Every entry, ordered by id.
+    async fn list_entries(&self) -> Result<Vec<RegistrationEntry>, DatastoreError>;
+
+    /// Every entry whose parent_id is one of `parent_ids` (an agent ID and its aliases),
+    /// ordered by id. Exact string comparison.
+    async fn list_entries_by_parent(
+        &self,
+        parent_ids: &[SpiffeId],
+    ) -> Result<Vec<RegistrationEntry>, DatastoreError>;
+
+    /// Deletes an entry and records [`ChangeKind::EntryDeleted`] with its id. `false`
+    /// (and no change recorded) when there is no such entry.
+    async fn delete_entry(&self, id: &str) -> Result<bool, DatastoreError>;
+
+    /// Stores a join token. Only the hash of its secret is kept.
+    /// [`DatastoreError::Conflict`] when the id is taken. Join tokens are not part of
+    /// the change feed (agents never sync them).
+    async fn create_join_token(&self, token: NewJoinToken) -> Result<(), DatastoreError>;
+
+    /// Consumes a join token: a single atomic statement
+    /// (`UPDATE ... SET used_at = now WHERE id AND secret_hash AND used_at IS NULL AND
+    /// expires_at > now RETURNING alias`), so N concurrent calls with the same token give
+    /// exactly one [`TokenOutcome::Consumed`].
+    ///
+    /// An unused token whose expiry is not after `now` is deleted; the caller gets
+    /// [`TokenOutcome::Expired`] when it presented the right secret, else
+    /// [`TokenOutcome::Invalid`]. An unknown id, a wrong secret or a used token all give
+    /// [`TokenOutcome::Invalid`] (indistinguishable).
+    async fn consume_join_token(
+        &self,
+        id: &str,
+        secret_hash: &[u8; 32],
+        now: SystemTime,
+    ) -> Result<TokenOutcome, DatastoreError>;
+
+    /// Inserts or replaces an attested agent (re-attestation) and records
+    /// [`ChangeKind::AgentUpdated`]. On replace every field is overwritten except
+    /// `first_attested_at`, which keeps the earlier of the stored and the new value.
+    async fn upsert_agent(&self, agent: AttestedAgent) -> Result<(), DatastoreError>;
+
+    /// The attested agent with this ID, if any.
+    async fn get_agent(
+        &self,
+        spiffe_id: &SpiffeId,
+    ) -> Result<Option<AttestedAgent>, DatastoreError>;
+
+    /// Every attested agent, ordered by SPIFFE ID.
+    async fn list_agents(&self) -> Result<Vec<AttestedAgent>, DatastoreError>;
+
+    /// Renewal of an agent SVID (SECURITY.md §2 rule 4). Succeeds only when
+    /// `current_serial` is the agent's serial, or its previous serial while the current
+    /// one is unconfirmed (`previous_serial` is `Some`). Then `previous_serial :=
+    /// current_serial` (the serial the agent proved it holds, so a crash mid-renewal
+    /// never locks it out), `serial := new_serial`, `expires_at := new_expires_at`, and
+    /// [`ChangeKind::AgentUpdated`] is recorded.
+    ///
+    /// `false` when the agent is unknown or the serial did not match (a stale or
+    /// possibly stolen SVID: the caller refuses and logs it).
+    async fn rotate_agent_serial(
+        &self,
+        spiffe_id: &SpiffeId,
+        current_serial: &str,
+        new_serial: &str,
+        new_expires_at: SystemTime,
+    ) -> Result<bool, DatastoreError>;
+
+    /// `serial` was seen in use: when it is the agent's current serial, forget the
+    /// previous one (recording [`ChangeKind::AgentUpdated`] if that changed anything).
+    /// Cheap when there is nothing to confirm: no write lock is taken.
+    async fn confirm_agent_serial(
+        &self,
+        spiffe_id: &SpiffeId,
+        serial: &str,
+    ) -> Result<(), DatastoreError>;
+
+    /// The bundle of a trust domain, if stored.
+    async fn get_bundle(&self, trust_domain: &str) -> Result<Option<StoredBundle>, DatastoreError>;
+
+    /// Inserts or replaces the bundle of `bundle.trust_domain` and records
+    /// [`ChangeKind::BundleUpdated`] with the trust domain as object id. Comparing
+    /// sequence numbers is the caller's business.
+    async fn set_bundle(&self, bundle: StoredBundle) -> Result<(), DatastoreError>;
+
+    /// The latest revision of the change feed; 0 before the first write. Never goes
+    /// down, not even when changes are pruned.
+    async fn current_revision(&self) -> Result<u64, DatastoreError>;
+
+    /// The changes recorded after `revision`, ordered by revision, or
+    /// [`ChangeSet::TooOld`] when some of them were pruned or `revision` is ahead of the
+    /// datastore (restored from a backup): the caller must then take a snapshot.
+    async fn changes_since(&self, revision: u64) -> Result<ChangeSet, DatastoreError>;
+
+    /// Prunes the change feed down to the latest `keep` revisions; returns how many
+    /// changes were removed. Afterwards `changes_since(r)` is [`ChangeSet::TooOld`] for
+    /// every `r` below `current_revision() - keep`.
+    async fn prune_changes(&self, keep: u64) -> Result<u64, DatastoreError>;
+
+    /// A trivial round trip, for health checks.
+    async fn ping(&self) -> Result<(), DatastoreError>;
+
+    /// Closes every connection (waits for the ones in use), e.g. at shutdown. Later
+    /// calls fail with [`DatastoreError::Unavailable`].
+    async fn close(&self);
+}
+
+/// A registration entry to create; the datastore assigns id and revisions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEntry {
+    /// The SPIFFE ID the workload receives.
+    pub spiffe_id: SpiffeId,
+    /// The agent ID (or node alias) allowed to serve the entry.
+    pub parent_id: SpiffeId,
+    /// Selectors the workload must all present.
+    pub selectors: Vec<Selector>,
+    /// X.509-SVID lifetime, whole seconds; `None`: the server default.
+    pub x509_svid_ttl: Option<Duration>,
+    /// DNS names for the X.509-SVID.
+    pub dns_names: Vec<String>,
+    /// Hint for workloads holding several identities; may be empty.
+    pub hint: String,
+}
+
+/// A join token to store.
+#[derive(Clone, PartialEq, Eq)]
+pub struct NewJoinToken {
+    /// The public part of `<id>.<secret>`; appears in the agent ID and in logs.
+    pub id: String,
+    /// SHA-256 of the secret part.
+    pub secret_hash: [u8; 32],
+    /// SPIFFE ID that becomes an alias of the agent using the token.
+    pub alias: Option<SpiffeId>,
+    /// The token is refused from this instant on.
+    pub expires_at: SystemTime,
+}
+
+impl std::fmt::Debug for NewJoinToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewJoinToken")
+            .field("id", &self.id)
+            .field("secret_hash", &"<redacted>")
+            .field("alias", &self.alias)
+            .field("expires_at", &self.expires_at)
+            .finish()
+    }
+}
+
+/// What [`Datastore::consume_join_token`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenOutcome {
+    /// The token was valid and is now used; it carried this alias.
+    Consumed {
+        /// The alias given to the agent, if the token had one.
+        alias: Option<SpiffeId>,
+    },
+    /// Unknown id, wrong secret or already used: deliberately not told apart.
+    Invalid,
+    /// The token had expired; it has been deleted.
+    Expired,
+}
+
+/// An agent that passed node attestation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttestedAgent {
+    /// The agent ID, `spiffe://<td>/tessera/agent/<method>/<id>`.
+    pub spiffe_id: SpiffeId,
+    /// The node attestor that admitted it, e.g. `join_token`.
+    pub attestation_type: String,
+    /// Serial number (hex) of the agent's current SVID.
+    pub serial: String,
+    /// Serial of the SVID before the last renewal; `Some` exactly while `serial` has not
+    /// been seen in use.
+    pub previous_serial: Option<String>,
+    /// Expiry of the current agent SVID.
+    pub expires_at: SystemTime,
+    /// Further IDs the agent acts as (entries with one of them as parent are its own).
+    pub aliases: Vec<SpiffeId>,
+    /// First successful attestation.
+    pub first_attested_at: SystemTime,
+    /// Last attestation, renewal or sync seen.
+    pub last_seen_at: SystemTime,
+}
+
+/// The trust bundle of one trust domain as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredBundle {
+    /// Trust domain name, e.g. `example.org`.
+    pub trust_domain: String,
+    /// The X.509 authorities, DER certificates.
+    pub x509_authorities: Vec<Vec<u8>>,
+    /// SPIFFE bundle sequence number (at most `i64::MAX`).
+    pub sequence_number: u64,
+}
+
+/// What a [`Change`] touched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ChangeKind {
+    /// An entry was created or updated; object id: the entry id.
+    EntryUpserted,
+    /// An entry was deleted; object id: the entry id.
+    EntryDeleted,
+    /// A bundle was stored; object id: the trust domain name.
+    BundleUpdated,
+    /// An agent was attested, renewed or confirmed; object id: the agent ID.
+    AgentUpdated,
+}
+
+impl ChangeKind {
+    /// The name stored in the `changes` table.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::EntryUpserted => "entry_upserted",
+            Self::EntryDeleted => "entry_deleted",
+            Self::BundleUpdated => "bundle_updated",
+            Self::AgentUpdated => "agent_updated",
+        }
+    }
+
+    /// Inverse of [`ChangeKind::as_str`].
+    pub(crate) fn from_stored(s: &str) -> Option<Self> {
+        Some(match s {
+            "entry_upserted" => Self::EntryUpserted,
+            "entry_deleted" => Self::EntryDeleted,
+            "bundle_updated" => Self::BundleUpdated,
+            "agent_updated" => Self::AgentUpdated,
+            _ => return None,
+        })
+    }
+}
+
+/// One entry of the change feed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// The revision the write produced.
+    pub revision: u64,
+    /// What changed.
+    pub kind: ChangeKind,
+    /// Which object: see [`ChangeKind`].
+    pub object_id: String,
+}
+
+/// Answer of [`Datastore::changes_since`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChangeSet {
+    /// Every change after the asked revision, ordered by revision (maybe none).
+    Complete(Vec<Change>),
+    /// Some changes after the asked revision are no longer recorded (or the revision is
+    /// ahead of the datastore): take a snapshot instead.
+    TooOld,
+}
+
+/// Errors of a [`Datastore`].
+#[non_exhaustive]
+#[derive(thiserror::Error, Debug)]
+pub enum DatastoreError {
+    /// The database cannot be reached, is locked beyond the busy timeout, or its pool
+    /// is exhausted or closed: retryable (gRPC `Unavailable`).
+    #[error("datastore unavailable")]
+    Unavailable(#[source] BoxError),
+    /// The write collides with an existing object (gRPC `AlreadyExists`).
+    #[error("datastore conflict: {0}")]
+    Conflict(String),
+    /// Stored data cannot be read back into domain types (gRPC `Internal`).
+    #[error("corrupt datastore content: {0}")]
+    Corrupt(String),
+    /// The value cannot be stored faithfully (gRPC `InvalidArgument`).
+    #[error("value cannot be stored: {0}")]
+    InvalidArgument(String),
+    /// Opening the database or migrating its schema failed.
+    #[error("datastore schema migration failed")]
+    Migration(#[source] BoxError),
+    /// Anything else (a bug, or the random generator failing).
+    #[error("internal datastore error")]
+    Internal(#[source] BoxError),
+}
+
+/// Opens (creating it with mode 0600 if needed) the SQLite database at `path`, in WAL
+/// mode with foreign keys on and a 5 s busy timeout, and applies pending migrations.
+pub async fn open_sqlite(path: &Path) -> Result<Arc<dyn Datastore>, DatastoreError> {
+    Ok(Arc::new(sqlite::SqliteDatastore::open(path).await?))
+}
+
+// Conversions shared by every implementation.
+
+/// A fresh entry id: 16 random bytes as 32 lowercase hex characters.
+pub(crate) fn new_entry_id() -> Result<String, DatastoreError> {
+    let mut bytes = [0_u8; 16];
+    aws_lc_rs::rand::fill(&mut bytes).map_err(|e| DatastoreError::Internal(Box::new(e)))?;
+    Ok(hex::encode(bytes))
+}
+
+/// The key that makes two entries "the same" (SPIRE's similarity rule): spiffe_id,
+/// parent_id and the selector set, independent of order and duplicates.
+pub(crate) fn similarity_key(
+    spiffe_id: &SpiffeId,
+    parent_id: &SpiffeId,
+    selectors: &[Selector],
+) -> Result<String, DatastoreError> {
+    let mut sorted: Vec<String> = selectors.iter().map(ToString::to_string).collect();
+    sorted.sort_unstable();
+    sorted.dedup();
+    serde_json::to_string(&(spiffe_id.as_str(), parent_id.as_str(), sorted))
+        .map_err(|e| DatastoreError::Internal(Box::new(e)))
+}
+
+/// Unix seconds of `t`, for storage.
+pub(crate) fn to_unix_secs(t: SystemTime, what: &str) -> Result<i64, DatastoreError> {
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map_err(|_| DatastoreError::InvalidArgument(format!("{what} is before 1970")))?
+        .as_secs();
+    i64::try_from(secs)
+        .map_err(|_| DatastoreError::InvalidArgument(format!("{what} is too far in the future")))
+}
+
+/// The current time in unix seconds (0 if the clock is before 1970).
+pub(crate) fn now_unix_secs() -> i64 {
+    to_unix_secs(SystemTime::now(), "now").unwrap_or(0)
+}
+
+/// Inverse of [`to_unix_secs`]; `what` names the column for the error.
+pub(crate) fn from_unix_secs(secs: i64, what: &str) -> Result<SystemTime, DatastoreError> {
+    u64::try_from(secs)
+        .ok()
+        .and_then(|s| UNIX_EPOCH.checked_add(Duration::from_secs(s)))
+        .ok_or_else(|| DatastoreError::Corrupt(format!("{what}: timestamp out of range")))
+}
+
+/// A TTL as whole seconds, for storage.
+pub(crate) fn ttl_to_secs(ttl: Duration) -> Result<i64, DatastoreError> {
+    if ttl.subsec_nanos() != 0 {
+        return Err(DatastoreError::InvalidArgument(
+            "x509_svid_ttl must be a whole number of seconds".to_owned(),
+        ));
+    }
+    i64::try_from(ttl.as_secs())
+        .map_err(|_| DatastoreError::InvalidArgument("x509_svid_ttl is too large".to_owned()))
+}
+
+/// A stored non-negative integer (revision, sequence number, TTL) as `u64`.
+pub(crate) fn stored_u64(v: i64, what: &str) -> Result<u64, DatastoreError> {
+    u64::try_from(v).map_err(|_| DatastoreError::Corrupt(format!("{what}: negative value")))
+}
+
+/// A stored SPIFFE ID; `what` names the row and column for the error (never the value).
+pub(crate) fn stored_spiffe_id(s: &str, what: &str) -> Result<SpiffeId, DatastoreError> {
+    SpiffeId::parse(s)
+        .map_err(|e| DatastoreError::Corrupt(format!("{what}: invalid SPIFFE ID: {e}")))
+}
+
+/// A stored JSON array of strings, each parsed by `parse`.
+pub(crate) fn stored_json_list<T, E: std::fmt::Display>(
+    json: &str,
+    what: &str,
+    parse: impl Fn(&str) -> Result<T, E>,
+) -> Result<Vec<T>, DatastoreError> {
+    let raw: Vec<String> = serde_json::from_str(json)
+        .map_err(|e| DatastoreError::Corrupt(format!("{what}: not a JSON list of strings: {e}")))?;
+    raw.iter()
+        .map(|s| {
+            parse(s).map_err(|e| DatastoreError::Corrupt(format!("{what}: invalid element: {e}")))
+        })
+        .collect()
+}
+
+/// A JSON array of the `Display` forms of `items`, for storage.
+pub(crate) fn json_list<T: std::fmt::Display>(items: &[T]) -> Result<String, DatastoreError> {
+    let raw: Vec<String> = items.iter().map(ToString::to_string).collect();
+    serde_json::to_string(&raw).map_err(|e| DatastoreError::Internal(Box::new(e)))
+}

@@ -1,0 +1,1511 @@
+//! The embedded SQLite implementation of [`Datastore`], the default store of a
+//! single server.
+//!
+//! sqlx runs each SQLite connection on its own worker thread, so no query blocks the
+//! runtime. SQLite allows one writer at a time; to never hit `SQLITE_BUSY_SNAPSHOT`
+//! (a read transaction that later tries to write after another writer committed):
+//!
+//! - concurrency-critical writes are single statements (join token consumption);
+//! - multi-statement writes (the write plus its change-feed row) start with
+//!   `BEGIN IMMEDIATE`, which takes the write lock up front, waiting up to the busy
+//!   timeout for it;
+//! - multi-statement reads use a plain (deferred) transaction, which never writes.
+//!
+//! Because writers are serialised, revisions are handed out in commit order: a reader
+//! that sees revision N also sees every revision below it, so the change feed has no
+//! gaps. (A PostgreSQL implementation must get the same property another way, e.g. by
+//! taking a lock on the feed in each writing transaction.)
+//!
+//! Migrations live in `server/migrations/sqlite/` and are embedded with `include_str!`
+//! (sqlx's `migrate!` macro needs the `macros` feature, which the workspace does not
+//! enable); a test checks the embedded list matches the directory.
+
+use std::borrow::Cow;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use sqlx::error::DatabaseError as _;
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteError, SqliteJournalMode, SqlitePool,
+    SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
+use sqlx::{Row, SqlSafeStr, Sqlite, Transaction};
+use tessera_plugin_sdk::{RegistrationEntry, Selector, SpiffeId};
+
+use super::{
+    AttestedAgent, Change, ChangeKind, ChangeSet, Datastore, DatastoreError, NewEntry,
+    NewJoinToken, StoredBundle, TokenOutcome, from_unix_secs, json_list, new_entry_id,
+    now_unix_secs, similarity_key, stored_json_list, stored_spiffe_id, stored_u64, to_unix_secs,
+    ttl_to_secs,
+};
+
+/// The migrations, in version order: (version, description, SQL). Every file of
+/// `server/migrations/sqlite/` must be listed here (checked by a test).
+const MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "initial",
+    include_str!("../../migrations/sqlite/0001_initial.sql"),
+)];
+
+/// How long a statement waits for SQLite's write lock before failing `Unavailable`.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a caller waits for a pooled connection before failing `Unavailable`.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Pool size: SQLite serialises writers anyway; this bounds concurrent readers.
+const MAX_CONNECTIONS: u32 = 8;
+
+/// The columns of `entries` read back into a [`RegistrationEntry`], in a `SELECT`.
+macro_rules! select_entries {
+    ($tail:literal) => {
+        concat!(
+            "SELECT id, spiffe_id, parent_id, selectors, x509_svid_ttl_secs, dns_names, hint, ",
+            "created_revision, revision FROM entries ",
+            $tail
+        )
+    };
+}
+
+/// The columns of `agents` read back into an [`AttestedAgent`], in a `SELECT`.
+macro_rules! select_agents {
+    ($tail:literal) => {
+        concat!(
+            "SELECT spiffe_id, attestation_type, serial, previous_serial, expires_at, aliases, ",
+            "first_attested_at, last_seen_at FROM agents ",
+            $tail
+        )
+    };
+}
+
+/// `MAX(latest recorded revision, pruned_through)`: the current revision even when
+/// every change has been pruned.
+const CURRENT_REVISION: &str = "SELECT MAX(COALESCE((SELECT MAX(revision) FROM changes), 0), \
+     (SELECT pruned_through FROM change_feed WHERE id = 1))";
+
+/// The SQLite datastore. Cheap to clone (a pool handle).
+#[derive(Debug, Clone)]
+pub(crate) struct SqliteDatastore {
+    pool: SqlitePool,
+}
+
+impl SqliteDatastore {
+    /// See [`super::open_sqlite`].
+    pub(crate) async fn open(path: &Path) -> Result<Self, DatastoreError> {
+        create_private_file(path).await?;
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // FULL: a consumed join token or a rotated serial survives a power loss.
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(BUSY_TIMEOUT);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(options)
+            .await
+            .map_err(DatastoreError::from)?;
+        migrator()
+            .run(&pool)
+            .await
+            .map_err(|e| DatastoreError::Migration(Box::new(e)))?;
+        Ok(Self { pool })
+    }
+
+    /// Starts a transaction holding the write lock (`BEGIN IMMEDIATE`).
+    async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>, DatastoreError> {
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
+}
+
+/// Creates the database file with mode 0600 when it does not exist yet (SQLite would
+/// create it with the umask's mode; its `-wal` and `-shm` files copy the mode of the
+/// database file). An existing file is left alone.
+async fn create_private_file(path: &Path) -> Result<(), DatastoreError> {
+    tokio::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .await
+        .map(drop)
+        .map_err(|e| DatastoreError::Unavailable(Box::new(e)))
+}
+
+/// The embedded migrations as a sqlx [`Migrator`].
+fn migrator() -> Migrator {
+    Migrator::with_migrations(
+        MIGRATIONS
+            .iter()
+            .map(|&(version, description, sql)| {
+                Migration::new(
+                    version,
+                    Cow::Borrowed(description),
+                    MigrationType::Simple,
+                    sql.into_sql_str(),
+                    false,
+                )
+            })
+            .collect(),
+    )
+}
+
+impl From<sqlx::Error> for DatastoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match e {
+            sqlx::Error::Database(db) => {
+                if db.kind() == sqlx::error::ErrorKind::UniqueViolation {
+                    return Self::Conflict("unique constraint violated".to_owned());
+                }
+                // Primary result codes (https://www.sqlite.org/rescode.html).
+                let primary = db
+                    .try_downcast_ref::<SqliteError>()
+                    .and_then(|s| s.code())
+                    .and_then(|c| c.parse::<i32>().ok())
+                    .map(|c| c & 0xff);
+                match primary {
+                    // BUSY, LOCKED, NOMEM, READONLY, IOERR, FULL, CANTOPEN, PROTOCOL
+                    Some(5 | 6 | 7 | 8 | 10 | 13 | 14 | 15) => Self::Unavailable(db.into()),
+                    // CORRUPT, NOTADB
+                    Some(11 | 26) => Self::Corrupt(format!("database file: {}", db.message())),
+                    _ => Self::Internal(db.into()),
+                }
+            }
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_) => Self::Unavailable(Box::new(e)),
+            sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => {
+                Self::Corrupt(format!("undecodable column: {e}"))
+            }
+            sqlx::Error::Migrate(m) => Self::Migration(m),
+            other => Self::Internal(Box::new(other)),
+        }
+    }
+}
+
+/// Records one change in the feed (inside the caller's write transaction) and returns
+/// its revision.
+async fn record_change(
+    conn: &mut SqliteConnection,
+    kind: ChangeKind,
+    object_id: &str,
+) -> Result<u64, DatastoreError> {
+    let revision: i64 = sqlx::query_scalar(
+        "INSERT INTO changes (kind, object_id, recorded_at) VALUES (?, ?, ?) RETURNING revision",
+    )
+    .bind(kind.as_str())
+    .bind(object_id)
+    .bind(now_unix_secs())
+    .fetch_one(conn)
+    .await?;
+    stored_u64(revision, "changes.revision")
+}
+
+fn entry_from_row(row: &SqliteRow) -> Result<RegistrationEntry, DatastoreError> {
+    let id: String = row.try_get("id")?;
+    let what = |col: &str| format!("entries[{id}].{col}");
+    let spiffe_id = stored_spiffe_id(&row.try_get::<String, _>("spiffe_id")?, &what("spiffe_id"))?;
+    let parent_id = stored_spiffe_id(&row.try_get::<String, _>("parent_id")?, &what("parent_id"))?;
+    let selectors = stored_json_list(
+        &row.try_get::<String, _>("selectors")?,
+        &what("selectors"),
+        Selector::parse,
+    )?;
+    let x509_svid_ttl = row
+        .try_get::<Option<i64>, _>("x509_svid_ttl_secs")?
+        .map(|s| stored_u64(s, &what("x509_svid_ttl_secs")).map(Duration::from_secs))
+        .transpose()?;
+    let dns_names = stored_json_list(
+        &row.try_get::<String, _>("dns_names")?,
+        &what("dns_names"),
+        |s| Ok::<_, std::convert::Infallible>(s.to_owned()),
+    )?;
+    let hint: String = row.try_get("hint")?;
+    let created_revision = stored_u64(row.try_get("created_revision")?, &what("created_revision"))?;
+    let revision = stored_u64(row.try_get("revision")?, &what("revision"))?;
+    Ok(RegistrationEntry {
+        id,
+        spiffe_id,
+        parent_id,
+        selectors,
+        x509_svid_ttl,
+        dns_names,
+        hint,
+        created_revision,
+        revision,
+    })
+}
+
+fn agent_from_row(row: &SqliteRow) -> Result<AttestedAgent, DatastoreError> {
+    let raw_id: String = row.try_get("spiffe_id")?;
+    // An unparseable key cannot name its row; the message names the column only.
+    let spiffe_id = stored_spiffe_id(&raw_id, "agents.spiffe_id")?;
+    let what = |col: &str| format!("agents[{spiffe_id}].{col}");
+    Ok(AttestedAgent {
+        attestation_type: row.try_get("attestation_type")?,
+        serial: row.try_get("serial")?,
+        previous_serial: row.try_get("previous_serial")?,
+        expires_at: from_unix_secs(row.try_get("expires_at")?, &what("expires_at"))?,
+        aliases: stored_json_list(
+            &row.try_get::<String, _>("aliases")?,
+            &what("aliases"),
+            SpiffeId::parse,
+        )?,
+        first_attested_at: from_unix_secs(
+            row.try_get("first_attested_at")?,
+            &what("first_attested_at"),
+        )?,
+        last_seen_at: from_unix_secs(row.try_get("last_seen_at")?, &what("last_seen_at"))?,
+        spiffe_id,
+    })
+}
+
+fn bundle_from_row(row: &SqliteRow) -> Result<StoredBundle, DatastoreError> {
+    let trust_domain: String = row.try_get("trust_domain")?;
+    let what = |col: &str| format!("bundles[{trust_domain}].{col}");
+    let x509_authorities = stored_json_list(
+        &row.try_get::<String, _>("x509_authorities")?,
+        &what("x509_authorities"),
+        |s| hex::decode(s),
+    )?;
+    let sequence_number = stored_u64(row.try_get("sequence_number")?, &what("sequence_number"))?;
+    Ok(StoredBundle {
+        trust_domain,
+        x509_authorities,
+        sequence_number,
+    })
+}
+
+fn change_from_row(row: &SqliteRow) -> Result<Change, DatastoreError> {
+    let revision = stored_u64(row.try_get("revision")?, "changes.revision")?;
+    let kind: String = row.try_get("kind")?;
+    let kind = ChangeKind::from_stored(&kind).ok_or_else(|| {
+        DatastoreError::Corrupt(format!("changes[{revision}].kind: unknown kind"))
+    })?;
+    Ok(Change {
+        revision,
+        kind,
+        object_id: row.try_get("object_id")?,
+    })
+}
+
+/// Reads the current revision inside `conn`'s transaction (or as its own statement).
+async fn current_revision_in(conn: &mut SqliteConnection) -> Result<u64, DatastoreError> {
+    let revision: i64 = sqlx::query_scalar(CURRENT_REVISION).fetch_one(conn).await?;
+    stored_u64(revision, "current revision")
+}
+
+#[async_trait::async_trait]
+impl Datastore for SqliteDatastore {
+    async fn create_entry(&self, entry: NewEntry) -> Result<RegistrationEntry, DatastoreError> {
+        let id = new_entry_id()?;
+        let ttl_secs = entry.x509_svid_ttl.map(ttl_to_secs).transpose()?;
+        let key = similarity_key(&entry.spiffe_id, &entry.parent_id, &entry.selectors)?;
+        let selectors = json_list(&entry.selectors)?;
+        let dns_names = json_list(&entry.dns_names)?;
+
+        let mut tx = self.begin_write().await?;
+        let revision = record_change(&mut tx, ChangeKind::EntryUpserted, &id).await?;
+        let revision_i64 = i64::try_from(revision)
+            .map_err(|_| DatastoreError::Corrupt("changes.revision: out of range".to_owned()))?;
+        let inserted = sqlx::query(
+            "INSERT INTO entries (id, spiffe_id, parent_id, selectors, similarity_key, \
+             x509_svid_ttl_secs, dns_names, hint, created_revision, revision) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&id)
+        .bind(entry.spiffe_id.as_str())
+        .bind(entry.parent_id.as_str())
+        .bind(&selectors)
+        .bind(&key)
+        .bind(ttl_secs)
+        .bind(&dns_names)
+        .bind(&entry.hint)
+        .bind(revision_i64)
+        .bind(revision_i64)
+        .execute(&mut *tx)
+        .await;
+        match inserted.map_err(DatastoreError::from) {
+            Ok(_) => {}
+            Err(DatastoreError::Conflict(_)) => {
+                return Err(DatastoreError::Conflict(
+                    "an entry with the same spiffe_id, parent_id and selectors exists".to_owned(),
+                ));
+            }
+            Err(e) => return Err(e),
+        }
+        tx.commit().await?;
+
+        Ok(RegistrationEntry {
+            id,
+            spiffe_id: entry.spiffe_id,
+            parent_id: entry.parent_id,
+            selectors: entry.selectors,
+            x509_svid_ttl: entry.x509_svid_ttl,
+            dns_names: entry.dns_names,
+            hint: entry.hint,
+            created_revision: revision,
+            revision,
+        })
+    }
+
+    async fn get_entry(&self, id: &str) -> Result<Option<RegistrationEntry>, DatastoreError> {
+        sqlx::query(select_entries!("WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(entry_from_row)
+            .transpose()
+    }
+
+    async fn list_entries(&self) -> Result<Vec<RegistrationEntry>, DatastoreError> {
+        sqlx::query(select_entries!("ORDER BY id"))
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(entry_from_row)
+            .collect()
+    }
+
+    async fn list_entries_by_parent(
+        &self,
+        parent_ids: &[SpiffeId],
+    ) -> Result<Vec<RegistrationEntry>, DatastoreError> {
+        if parent_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        // One static statement for any number of parents: the IDs travel as a JSON
+        // array and are compared as exact strings.
+        let parents = json_list(parent_ids)?;
+        sqlx::query(select_entries!(
+            "WHERE parent_id IN (SELECT value FROM json_each(?)) ORDER BY id"
+        ))
+        .bind(parents)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(entry_from_row)
+        .collect()
+    }
+
+    async fn delete_entry(&self, id: &str) -> Result<bool, DatastoreError> {
+        let mut tx = self.begin_write().await?;
+        let deleted = sqlx::query("DELETE FROM entries WHERE id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if deleted == 0 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        record_change(&mut tx, ChangeKind::EntryDeleted, id).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn create_join_token(&self, token: NewJoinToken) -> Result<(), DatastoreError> {
+        let expires_at = to_unix_secs(token.expires_at, "join token expires_at")?;
+        let result = sqlx::query(
+            "INSERT INTO join_tokens (id, secret_hash, alias, expires_at, used_at) \
+             VALUES (?, ?, ?, ?, NULL)",
+        )
+        .bind(&token.id)
+        .bind(&token.secret_hash[..])
+        .bind(token.alias.as_ref().map(SpiffeId::as_str))
+        .bind(expires_at)
+        .execute(&self.pool)
+        .await;
+        match result.map_err(DatastoreError::from) {
+            Ok(_) => Ok(()),
+            Err(DatastoreError::Conflict(_)) => Err(DatastoreError::Conflict(
+                "a join token with this id exists".to_owned(),
+            )),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn consume_join_token(
+        &self,
+        id: &str,
+        secret_hash: &[u8; 32],
+        now: SystemTime,
+    ) -> Result<TokenOutcome, DatastoreError> {
+        let now = to_unix_secs(now, "now")?;
+        // The one statement that decides: SQLite runs it under the write lock, so of N
+        // concurrent callers exactly one sees `used_at IS NULL`.
+        let consumed: Option<Option<String>> = sqlx::query_scalar(
+            "UPDATE join_tokens SET used_at = ? \
+             WHERE id = ? AND secret_hash = ? AND used_at IS NULL AND expires_at > ? \
+             RETURNING alias",
+        )
+        .bind(now)
+        .bind(id)
+        .bind(&secret_hash[..])
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some(alias) = consumed {
+            let alias = alias
+                .map(|a| stored_spiffe_id(&a, &format!("join_tokens[{id}].alias")))
+                .transpose()?;
+            return Ok(TokenOutcome::Consumed { alias });
+        }
+
+        // Not consumable. An expired, unused token is useless to anyone: delete it, and
+        // say "expired" only to a caller who holds its secret.
+        let expired_hash: Option<Vec<u8>> = sqlx::query_scalar(
+            "DELETE FROM join_tokens WHERE id = ? AND used_at IS NULL AND expires_at <= ? \
+             RETURNING secret_hash",
+        )
+        .bind(id)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match expired_hash {
+            Some(hash) if hash.as_slice() == secret_hash.as_slice() => TokenOutcome::Expired,
+            _ => TokenOutcome::Invalid,
+        })
+    }
+
+    async fn upsert_agent(&self, agent: AttestedAgent) -> Result<(), DatastoreError> {
+        let expires_at = to_unix_secs(agent.expires_at, "agent expires_at")?;
+        let first_attested_at = to_unix_secs(agent.first_attested_at, "agent first_attested_at")?;
+        let last_seen_at = to_unix_secs(agent.last_seen_at, "agent last_seen_at")?;
+        let aliases = json_list(&agent.aliases)?;
+
+        let mut tx = self.begin_write().await?;
+        sqlx::query(
+            "INSERT INTO agents (spiffe_id, attestation_type, serial, previous_serial, \
+             expires_at, aliases, first_attested_at, last_seen_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (spiffe_id) DO UPDATE SET \
+               attestation_type = excluded.attestation_type, \
+               serial = excluded.serial, \
+               previous_serial = excluded.previous_serial, \
+               expires_at = excluded.expires_at, \
+               aliases = excluded.aliases, \
+               first_attested_at = MIN(agents.first_attested_at, excluded.first_attested_at), \
+               last_seen_at = excluded.last_seen_at",
+        )
+        .bind(agent.spiffe_id.as_str())
+        .bind(&agent.attestation_type)
+        .bind(&agent.serial)
+        .bind(agent.previous_serial.as_deref())
+        .bind(expires_at)
+        .bind(&aliases)
+        .bind(first_attested_at)
+        .bind(last_seen_at)
+        .execute(&mut *tx)
+        .await?;
+        record_change(&mut tx, ChangeKind::AgentUpdated, agent.spiffe_id.as_str()).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn get_agent(
+        &self,
+        spiffe_id: &SpiffeId,
+    ) -> Result<Option<AttestedAgent>, DatastoreError> {
+        sqlx::query(select_agents!("WHERE spiffe_id = ?"))
+            .bind(spiffe_id.as_str())
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(agent_from_row)
+            .transpose()
+    }
+
+    async fn list_agents(&self) -> Result<Vec<AttestedAgent>, DatastoreError> {
+        sqlx::query(select_agents!("ORDER BY spiffe_id"))
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(agent_from_row)
+            .collect()
+    }
+
+    async fn rotate_agent_serial(
+        &self,
+        spiffe_id: &SpiffeId,
+        current_serial: &str,
+        new_serial: &str,
+        new_expires_at: SystemTime,
+    ) -> Result<bool, DatastoreError> {
+        if new_serial == current_serial {
+            return Err(DatastoreError::InvalidArgument(
+                "the new agent serial equals the current one".to_owned(),
+            ));
+        }
+        let expires_at = to_unix_secs(new_expires_at, "agent expires_at")?;
+        let mut tx = self.begin_write().await?;
+        let rotated = sqlx::query(
+            "UPDATE agents SET previous_serial = ?, serial = ?, expires_at = ? \
+             WHERE spiffe_id = ? \
+               AND (serial = ? OR (previous_serial IS NOT NULL AND previous_serial = ?))",
+        )
+        .bind(current_serial)
+        .bind(new_serial)
+        .bind(expires_at)
+        .bind(spiffe_id.as_str())
+        .bind(current_serial)
+        .bind(current_serial)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if rotated == 0 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        record_change(&mut tx, ChangeKind::AgentUpdated, spiffe_id.as_str()).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn confirm_agent_serial(
+        &self,
+        spiffe_id: &SpiffeId,
+        serial: &str,
+    ) -> Result<(), DatastoreError> {
+        // Hot path (every call from an agent): a read, and the write lock only when a
+        // previous serial is still remembered.
+        let pending: Option<i64> = sqlx::query_scalar(
+            "SELECT 1 FROM agents WHERE spiffe_id = ? AND serial = ? AND previous_serial IS NOT NULL",
+        )
+        .bind(spiffe_id.as_str())
+        .bind(serial)
+        .fetch_optional(&self.pool)
+        .await?;
+        if pending.is_none() {
+            return Ok(());
+        }
+        let mut tx = self.begin_write().await?;
+        let confirmed = sqlx::query(
+            "UPDATE agents SET previous_serial = NULL \
+             WHERE spiffe_id = ? AND serial = ? AND previous_serial IS NOT NULL",
+        )
+        .bind(spiffe_id.as_str())
+        .bind(serial)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if confirmed == 0 {
+            tx.rollback().await?;
+            return Ok(());
+        }
+        record_change(&mut tx, ChangeKind::AgentUpdated, spiffe_id.as_str()).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn get_bundle(&self, trust_domain: &str) -> Result<Option<StoredBundle>, DatastoreError> {
+        sqlx::query(
+            "SELECT trust_domain, x509_authorities, sequence_number FROM bundles \
+             WHERE trust_domain = ?",
+        )
+        .bind(trust_domain)
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(bundle_from_row)
+        .transpose()
+    }
+
+    async fn set_bundle(&self, bundle: StoredBundle) -> Result<(), DatastoreError> {
+        let sequence_number = i64::try_from(bundle.sequence_number).map_err(|_| {
+            DatastoreError::InvalidArgument("bundle sequence number above i64::MAX".to_owned())
+        })?;
+        let authorities: Vec<String> = bundle.x509_authorities.iter().map(hex::encode).collect();
+        let authorities = json_list(&authorities)?;
+
+        let mut tx = self.begin_write().await?;
+        let revision =
+            record_change(&mut tx, ChangeKind::BundleUpdated, &bundle.trust_domain).await?;
+        let revision = i64::try_from(revision)
+            .map_err(|_| DatastoreError::Corrupt("changes.revision: out of range".to_owned()))?;
+        sqlx::query(
+            "INSERT INTO bundles (trust_domain, x509_authorities, sequence_number, revision) \
+             VALUES (?, ?, ?, ?) \
+             ON CONFLICT (trust_domain) DO UPDATE SET \
+               x509_authorities = excluded.x509_authorities, \
+               sequence_number = excluded.sequence_number, \
+               revision = excluded.revision",
+        )
+        .bind(&bundle.trust_domain)
+        .bind(&authorities)
+        .bind(sequence_number)
+        .bind(revision)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn current_revision(&self) -> Result<u64, DatastoreError> {
+        let mut conn = self.pool.acquire().await?;
+        current_revision_in(&mut conn).await
+    }
+
+    async fn changes_since(&self, revision: u64) -> Result<ChangeSet, DatastoreError> {
+        // A revision beyond i64 is beyond anything this datastore handed out.
+        let Ok(since) = i64::try_from(revision) else {
+            return Ok(ChangeSet::TooOld);
+        };
+        // One read transaction: the feed bounds and the rows come from one snapshot.
+        let mut tx = self.pool.begin().await?;
+        let current = current_revision_in(&mut tx).await?;
+        let pruned_through: i64 =
+            sqlx::query_scalar("SELECT pruned_through FROM change_feed WHERE id = 1")
+                .fetch_one(&mut *tx)
+                .await?;
+        let pruned_through = stored_u64(pruned_through, "change_feed.pruned_through")?;
+        if revision > current || revision < pruned_through {
+            tx.rollback().await?;
+            return Ok(ChangeSet::TooOld);
+        }
+        let rows = sqlx::query(
+            "SELECT revision, kind, object_id FROM changes WHERE revision > ? ORDER BY revision",
+        )
+        .bind(since)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.rollback().await?;
+        rows.iter()
+            .map(change_from_row)
+            .collect::<Result<Vec<_>, _>>()
+            .map(ChangeSet::Complete)
+    }
+
+    async fn prune_changes(&self, keep: u64) -> Result<u64, DatastoreError> {
+        let mut tx = self.begin_write().await?;
+        let current = current_revision_in(&mut tx).await?;
+        let cutoff = current.saturating_sub(keep);
+        let pruned_through: i64 =
+            sqlx::query_scalar("SELECT pruned_through FROM change_feed WHERE id = 1")
+                .fetch_one(&mut *tx)
+                .await?;
+        let pruned_through = stored_u64(pruned_through, "change_feed.pruned_through")?;
+        if cutoff <= pruned_through {
+            tx.rollback().await?;
+            return Ok(0);
+        }
+        let cutoff = i64::try_from(cutoff)
+            .map_err(|_| DatastoreError::Corrupt("changes.revision: out of range".to_owned()))?;
+        let removed = sqlx::query("DELETE FROM changes WHERE revision <= ?")
+            .bind(cutoff)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        sqlx::query("UPDATE change_feed SET pruned_through = ? WHERE id = 1")
+            .bind(cutoff)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(removed)
+    }
+
+    async fn ping(&self) -> Result<(), DatastoreError> {
+        let _: i64 = sqlx::query_scalar("SELECT 1").fetch_one(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::UNIX_EPOCH;
+
+    use super::super::open_sqlite;
+    use super::*;
+
+    const AGENT_A: &str = "spiffe://example.org/tessera/agent/join_token/a";
+    const AGENT_B: &str = "spiffe://example.org/tessera/agent/join_token/b";
+    const ALIAS: &str = "spiffe://example.org/node/rack-1";
+
+    fn id(s: &str) -> SpiffeId {
+        SpiffeId::parse(s).unwrap()
+    }
+
+    fn at(secs: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    fn new_entry(path: &str, parent: &str, selectors: &[&str]) -> NewEntry {
+        NewEntry {
+            spiffe_id: id(&format!("spiffe://example.org/{path}")),
+            parent_id: id(parent),
+            selectors: selectors
+                .iter()
+                .map(|s| Selector::parse(s).unwrap())
+                .collect(),
+            x509_svid_ttl: Some(Duration::from_secs(300)),
+            dns_names: vec!["bot.example.org".to_owned()],
+            hint: "internal".to_owned(),
+        }
+    }
+
+    fn token(token_id: &str, secret: u8, expires_at: SystemTime) -> NewJoinToken {
+        NewJoinToken {
+            id: token_id.to_owned(),
+            secret_hash: [secret; 32],
+            alias: Some(id(ALIAS)),
+            expires_at,
+        }
+    }
+
+    fn agent(agent_id: &str, serial: &str) -> AttestedAgent {
+        AttestedAgent {
+            spiffe_id: id(agent_id),
+            attestation_type: "join_token".to_owned(),
+            serial: serial.to_owned(),
+            previous_serial: None,
+            expires_at: at(2_000_000_000),
+            aliases: vec![id(ALIAS)],
+            first_attested_at: at(1_700_000_000),
+            last_seen_at: at(1_700_000_100),
+        }
+    }
+
+    fn bundle(td: &str, seq: u64) -> StoredBundle {
+        StoredBundle {
+            trust_domain: td.to_owned(),
+            x509_authorities: vec![vec![0x30, 0x82, 0x01, seq as u8], vec![0x30, 0x03]],
+            sequence_number: seq,
+        }
+    }
+
+    /// A datastore on a fresh file in a temp dir (the concrete type, so tests can also
+    /// reach the pool for raw SQL).
+    async fn open_temp() -> (tempfile::TempDir, SqliteDatastore) {
+        let dir = tempfile::tempdir().unwrap();
+        let ds = SqliteDatastore::open(&dir.path().join("datastore.sqlite3"))
+            .await
+            .unwrap();
+        (dir, ds)
+    }
+
+    fn complete(set: ChangeSet) -> Vec<(u64, ChangeKind, String)> {
+        match set {
+            ChangeSet::Complete(changes) => changes
+                .into_iter()
+                .map(|c| (c.revision, c.kind, c.object_id))
+                .collect(),
+            ChangeSet::TooOld => panic!("expected a complete change set"),
+        }
+    }
+
+    #[test]
+    fn embedded_migrations_match_the_directory() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/sqlite");
+        let mut files: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.ends_with(".sql"))
+            .collect();
+        files.sort();
+        assert_eq!(
+            files.len(),
+            MIGRATIONS.len(),
+            "list every migration file in MIGRATIONS"
+        );
+        for (file, &(version, description, sql)) in files.iter().zip(MIGRATIONS) {
+            assert_eq!(file, &format!("{version:04}_{description}.sql"));
+            assert_eq!(std::fs::read_to_string(dir.join(file)).unwrap(), sql);
+        }
+    }
+
+    #[tokio::test]
+    async fn open_sets_wal_private_mode_and_is_idempotent() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ds.sqlite3");
+        let ds = open_sqlite(&path).await.unwrap();
+        ds.ping().await.unwrap();
+        assert_eq!(ds.current_revision().await.unwrap(), 0);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        ds.close().await;
+        assert!(matches!(
+            ds.ping().await,
+            Err(DatastoreError::Unavailable(_))
+        ));
+
+        // Migrations already applied: opening again is fine.
+        let ds = SqliteDatastore::open(&path).await.unwrap();
+        let journal: String = sqlx::query_scalar("PRAGMA journal_mode")
+            .fetch_one(&ds.pool)
+            .await
+            .unwrap();
+        assert_eq!(journal, "wal");
+        let fk: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
+            .fetch_one(&ds.pool)
+            .await
+            .unwrap();
+        assert_eq!(fk, 1);
+        let busy: i64 = sqlx::query_scalar("PRAGMA busy_timeout")
+            .fetch_one(&ds.pool)
+            .await
+            .unwrap();
+        assert_eq!(busy, 5000);
+    }
+
+    #[tokio::test]
+    async fn entry_crud_bumps_revisions() {
+        let (_dir, ds) = open_temp().await;
+        let a = ds
+            .create_entry(new_entry("ai/research-bot", AGENT_A, &["unix:uid:1000"]))
+            .await
+            .unwrap();
+        assert_eq!(a.id.len(), 32);
+        assert!(
+            a.id.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        );
+        assert_eq!((a.created_revision, a.revision), (1, 1));
+        assert_eq!(ds.current_revision().await.unwrap(), 1);
+
+        let b = ds
+            .create_entry(new_entry(
+                "ai/writer",
+                AGENT_A,
+                &["unix:uid:1001", "unix:gid:50"],
+            ))
+            .await
+            .unwrap();
+        assert_eq!((b.created_revision, b.revision), (2, 2));
+        assert_ne!(a.id, b.id);
+
+        // Round trip keeps every field.
+        assert_eq!(ds.get_entry(&a.id).await.unwrap(), Some(a.clone()));
+        assert_eq!(ds.get_entry(&b.id).await.unwrap(), Some(b.clone()));
+        assert_eq!(
+            ds.get_entry("0123456789abcdef0123456789abcdef")
+                .await
+                .unwrap(),
+            None
+        );
+
+        let mut sorted = vec![a.clone(), b.clone()];
+        sorted.sort_by(|x, y| x.id.cmp(&y.id));
+        assert_eq!(ds.list_entries().await.unwrap(), sorted);
+
+        // A default TTL and empty lists round-trip too.
+        let mut bare = new_entry("ai/bare", AGENT_B, &["unix:uid:7"]);
+        bare.x509_svid_ttl = None;
+        bare.dns_names.clear();
+        bare.hint.clear();
+        let c = ds.create_entry(bare).await.unwrap();
+        assert_eq!(ds.get_entry(&c.id).await.unwrap(), Some(c.clone()));
+
+        assert!(ds.delete_entry(&a.id).await.unwrap());
+        assert_eq!(ds.current_revision().await.unwrap(), 4);
+        assert_eq!(ds.get_entry(&a.id).await.unwrap(), None);
+        // Deleting an absent entry records nothing.
+        assert!(!ds.delete_entry(&a.id).await.unwrap());
+        assert_eq!(ds.current_revision().await.unwrap(), 4);
+        assert_eq!(ds.list_entries().await.unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn similar_entry_is_a_conflict_and_bumps_nothing() {
+        let (_dir, ds) = open_temp().await;
+        ds.create_entry(new_entry(
+            "ai/bot",
+            AGENT_A,
+            &["unix:uid:1000", "unix:gid:5"],
+        ))
+        .await
+        .unwrap();
+        // Same ID, parent and selector set (other order, a duplicate): refused.
+        let err = ds
+            .create_entry(new_entry(
+                "ai/bot",
+                AGENT_A,
+                &["unix:gid:5", "unix:uid:1000", "unix:gid:5"],
+            ))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, DatastoreError::Conflict(_)), "{err:?}");
+        assert_eq!(ds.current_revision().await.unwrap(), 1);
+        // Another parent or selector set is a different entry.
+        ds.create_entry(new_entry(
+            "ai/bot",
+            AGENT_B,
+            &["unix:uid:1000", "unix:gid:5"],
+        ))
+        .await
+        .unwrap();
+        ds.create_entry(new_entry("ai/bot", AGENT_A, &["unix:uid:1000"]))
+            .await
+            .unwrap();
+        assert_eq!(ds.current_revision().await.unwrap(), 3);
+    }
+
+    #[tokio::test]
+    async fn sub_second_ttl_is_refused() {
+        let (_dir, ds) = open_temp().await;
+        let mut e = new_entry("ai/bot", AGENT_A, &["unix:uid:1"]);
+        e.x509_svid_ttl = Some(Duration::from_millis(1500));
+        assert!(matches!(
+            ds.create_entry(e).await,
+            Err(DatastoreError::InvalidArgument(_))
+        ));
+        assert_eq!(ds.current_revision().await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn list_entries_by_parent_matches_exact_ids() {
+        let (_dir, ds) = open_temp().await;
+        let a1 = ds
+            .create_entry(new_entry("w/1", AGENT_A, &["unix:uid:1"]))
+            .await
+            .unwrap();
+        let a2 = ds
+            .create_entry(new_entry("w/2", AGENT_A, &["unix:uid:2"]))
+            .await
+            .unwrap();
+        let b1 = ds
+            .create_entry(new_entry("w/3", AGENT_B, &["unix:uid:3"]))
+            .await
+            .unwrap();
+        let n1 = ds
+            .create_entry(new_entry("w/4", ALIAS, &["unix:uid:4"]))
+            .await
+            .unwrap();
+        // A parent that only shares a prefix with an agent ID.
+        ds.create_entry(new_entry("w/5", &format!("{AGENT_A}x"), &["unix:uid:5"]))
+            .await
+            .unwrap();
+
+        let sorted = |mut v: Vec<RegistrationEntry>| {
+            v.sort_by(|x, y| x.id.cmp(&y.id));
+            v
+        };
+        assert_eq!(
+            ds.list_entries_by_parent(&[id(AGENT_A)]).await.unwrap(),
+            sorted(vec![a1.clone(), a2.clone()])
+        );
+        assert_eq!(
+            ds.list_entries_by_parent(&[id(AGENT_A), id(ALIAS)])
+                .await
+                .unwrap(),
+            sorted(vec![a1, a2, n1])
+        );
+        assert_eq!(
+            ds.list_entries_by_parent(&[id(AGENT_B)]).await.unwrap(),
+            vec![b1]
+        );
+        assert!(ds.list_entries_by_parent(&[]).await.unwrap().is_empty());
+        assert!(
+            ds.list_entries_by_parent(&[id("spiffe://example.org/nobody")])
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[tokio::test]
+    async fn changes_since_reports_every_kind_of_write() {
+        let (_dir, ds) = open_temp().await;
+        let e1 = ds
+            .create_entry(new_entry("w/1", AGENT_A, &["unix:uid:1"]))
+            .await
+            .unwrap();
+        let e2 = ds
+            .create_entry(new_entry("w/2", AGENT_A, &["unix:uid:2"]))
+            .await
+            .unwrap();
+        ds.set_bundle(bundle("example.org", 1)).await.unwrap();
+        ds.upsert_agent(agent(AGENT_A, "01")).await.unwrap();
+        assert!(ds.delete_entry(&e1.id).await.unwrap());
+        assert_eq!(ds.current_revision().await.unwrap(), 5);
+
+        let all = complete(ds.changes_since(0).await.unwrap());
+        assert_eq!(
+            all,
+            vec![
+                (1, ChangeKind::EntryUpserted, e1.id.clone()),
+                (2, ChangeKind::EntryUpserted, e2.id.clone()),
+                (3, ChangeKind::BundleUpdated, "example.org".to_owned()),
+                (4, ChangeKind::AgentUpdated, AGENT_A.to_owned()),
+                (5, ChangeKind::EntryDeleted, e1.id.clone()),
+            ]
+        );
+        assert_eq!(
+            complete(ds.changes_since(3).await.unwrap()),
+            all[3..].to_vec()
+        );
+        assert_eq!(complete(ds.changes_since(5).await.unwrap()), vec![]);
+        // A revision the datastore never handed out (restored from a backup).
+        assert_eq!(ds.changes_since(6).await.unwrap(), ChangeSet::TooOld);
+        assert_eq!(ds.changes_since(u64::MAX).await.unwrap(), ChangeSet::TooOld);
+    }
+
+    #[tokio::test]
+    async fn reopen_keeps_entries_bundle_agents_and_revision() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ds.sqlite3");
+        let ds = open_sqlite(&path).await.unwrap();
+        let e = ds
+            .create_entry(new_entry("w/1", AGENT_A, &["unix:uid:1"]))
+            .await
+            .unwrap();
+        ds.set_bundle(bundle("example.org", 7)).await.unwrap();
+        ds.upsert_agent(agent(AGENT_A, "0a")).await.unwrap();
+        ds.close().await;
+        drop(ds);
+
+        let ds = open_sqlite(&path).await.unwrap();
+        assert_eq!(ds.list_entries().await.unwrap(), vec![e]);
+        assert_eq!(
+            ds.get_bundle("example.org").await.unwrap(),
+            Some(bundle("example.org", 7))
+        );
+        assert_eq!(
+            ds.get_agent(&id(AGENT_A)).await.unwrap(),
+            Some(agent(AGENT_A, "0a"))
+        );
+        assert_eq!(ds.current_revision().await.unwrap(), 3);
+        // The next write continues the sequence.
+        ds.set_bundle(bundle("example.org", 8)).await.unwrap();
+        assert_eq!(ds.current_revision().await.unwrap(), 4);
+    }
+
+    #[tokio::test]
+    async fn bundle_upsert() {
+        let (_dir, ds) = open_temp().await;
+        assert_eq!(ds.get_bundle("example.org").await.unwrap(), None);
+        ds.set_bundle(bundle("example.org", 1)).await.unwrap();
+        ds.set_bundle(bundle("partner.test", 3)).await.unwrap();
+        ds.set_bundle(bundle("example.org", 2)).await.unwrap();
+        assert_eq!(
+            ds.get_bundle("example.org").await.unwrap(),
+            Some(bundle("example.org", 2))
+        );
+        assert_eq!(
+            ds.get_bundle("partner.test").await.unwrap(),
+            Some(bundle("partner.test", 3))
+        );
+        assert_eq!(ds.current_revision().await.unwrap(), 3);
+        let mut too_big = bundle("example.org", 0);
+        too_big.sequence_number = u64::MAX;
+        assert!(matches!(
+            ds.set_bundle(too_big).await,
+            Err(DatastoreError::InvalidArgument(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn join_token_is_single_use() {
+        let (_dir, ds) = open_temp().await;
+        ds.create_join_token(token("tok1", 1, at(2_000)))
+            .await
+            .unwrap();
+        // Only the hash is stored, never anything else of the secret.
+        let stored: Vec<u8> =
+            sqlx::query_scalar("SELECT secret_hash FROM join_tokens WHERE id = 'tok1'")
+                .fetch_one(&ds.pool)
+                .await
+                .unwrap();
+        assert_eq!(stored, vec![1; 32]);
+
+        // Wrong secret: Invalid, and the token stays usable.
+        assert_eq!(
+            ds.consume_join_token("tok1", &[2; 32], at(1_000))
+                .await
+                .unwrap(),
+            TokenOutcome::Invalid
+        );
+        assert_eq!(
+            ds.consume_join_token("tok1", &[1; 32], at(1_000))
+                .await
+                .unwrap(),
+            TokenOutcome::Consumed {
+                alias: Some(id(ALIAS))
+            }
+        );
+        // Second use: Invalid, like an unknown id.
+        assert_eq!(
+            ds.consume_join_token("tok1", &[1; 32], at(1_001))
+                .await
+                .unwrap(),
+            TokenOutcome::Invalid
+        );
+        assert_eq!(
+            ds.consume_join_token("nope", &[1; 32], at(1_001))
+                .await
+                .unwrap(),
+            TokenOutcome::Invalid
+        );
+        // A used token that has expired since is still just Invalid.
+        assert_eq!(
+            ds.consume_join_token("tok1", &[1; 32], at(3_000))
+                .await
+                .unwrap(),
+            TokenOutcome::Invalid
+        );
+
+        // A token without alias.
+        let mut t2 = token("tok2", 3, at(2_000));
+        t2.alias = None;
+        ds.create_join_token(t2).await.unwrap();
+        assert_eq!(
+            ds.consume_join_token("tok2", &[3; 32], at(1_000))
+                .await
+                .unwrap(),
+            TokenOutcome::Consumed { alias: None }
+        );
+
+        // Duplicate id.
+        assert!(matches!(
+            ds.create_join_token(token("tok1", 9, at(2_000))).await,
+            Err(DatastoreError::Conflict(_))
+        ));
+        // Join tokens are not in the change feed.
+        assert_eq!(ds.current_revision().await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn expired_join_token_is_reported_and_deleted() {
+        let (_dir, ds) = open_temp().await;
+        ds.create_join_token(token("old", 1, at(1_000)))
+            .await
+            .unwrap();
+        // Exactly at expiry it is expired.
+        assert_eq!(
+            ds.consume_join_token("old", &[1; 32], at(1_000))
+                .await
+                .unwrap(),
+            TokenOutcome::Expired
+        );
+        let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM join_tokens")
+            .fetch_one(&ds.pool)
+            .await
+            .unwrap();
+        assert_eq!(left, 0);
+        assert_eq!(
+            ds.consume_join_token("old", &[1; 32], at(1_000))
+                .await
+                .unwrap(),
+            TokenOutcome::Invalid
+        );
+
+        // Without the secret the caller learns nothing, but the useless token goes.
+        ds.create_join_token(token("old2", 1, at(1_000)))
+            .await
+            .unwrap();
+        assert_eq!(
+            ds.consume_join_token("old2", &[7; 32], at(5_000))
+                .await
+                .unwrap(),
+            TokenOutcome::Invalid
+        );
+        let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM join_tokens")
+            .fetch_one(&ds.pool)
+            .await
+            .unwrap();
+        assert_eq!(left, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_consumes_of_one_token_succeed_once() {
+        let (_dir, ds) = open_temp().await;
+        let ds: Arc<dyn Datastore> = Arc::new(ds);
+        for round in 0..5 {
+            let token_id = format!("race{round}");
+            ds.create_join_token(token(&token_id, 4, at(2_000)))
+                .await
+                .unwrap();
+            let barrier = Arc::new(tokio::sync::Barrier::new(8));
+            let tasks: Vec<_> = (0..8)
+                .map(|_| {
+                    let ds = Arc::clone(&ds);
+                    let barrier = Arc::clone(&barrier);
+                    let token_id = token_id.clone();
+                    tokio::spawn(async move {
+                        barrier.wait().await;
+                        ds.consume_join_token(&token_id, &[4; 32], at(1_000)).await
+                    })
+                })
+                .collect();
+            let mut consumed = 0;
+            for task in tasks {
+                match task.await.unwrap().unwrap() {
+                    TokenOutcome::Consumed { .. } => consumed += 1,
+                    TokenOutcome::Invalid => {}
+                    TokenOutcome::Expired => panic!("not expired"),
+                }
+            }
+            assert_eq!(consumed, 1, "round {round}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_writers_get_gapless_revisions() {
+        let (_dir, ds) = open_temp().await;
+        let ds: Arc<dyn Datastore> = Arc::new(ds);
+        let tasks: Vec<_> = (0..16)
+            .map(|i| {
+                let ds = Arc::clone(&ds);
+                tokio::spawn(async move {
+                    let e = ds
+                        .create_entry(new_entry(&format!("w/{i}"), AGENT_A, &["unix:uid:1"]))
+                        .await?;
+                    ds.upsert_agent(agent(&format!("{AGENT_A}{i}"), "01"))
+                        .await?;
+                    ds.delete_entry(&e.id).await.map(drop)
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap().unwrap();
+        }
+        let revs: Vec<u64> = complete(ds.changes_since(0).await.unwrap())
+            .iter()
+            .map(|c| c.0)
+            .collect();
+        assert_eq!(revs, (1..=48).collect::<Vec<_>>());
+        assert_eq!(ds.current_revision().await.unwrap(), 48);
+    }
+
+    #[tokio::test]
+    async fn agent_upsert_get_list() {
+        let (_dir, ds) = open_temp().await;
+        assert_eq!(ds.get_agent(&id(AGENT_A)).await.unwrap(), None);
+        ds.upsert_agent(agent(AGENT_B, "0b")).await.unwrap();
+        ds.upsert_agent(agent(AGENT_A, "0a")).await.unwrap();
+        assert_eq!(
+            ds.list_agents().await.unwrap(),
+            vec![agent(AGENT_A, "0a"), agent(AGENT_B, "0b")]
+        );
+
+        // Re-attestation replaces the row but keeps the first attestation time.
+        let mut again = agent(AGENT_A, "1a");
+        again.first_attested_at = at(1_800_000_000);
+        again.last_seen_at = at(1_800_000_000);
+        again.aliases.clear();
+        ds.upsert_agent(again.clone()).await.unwrap();
+        let stored = ds.get_agent(&id(AGENT_A)).await.unwrap().unwrap();
+        assert_eq!(stored.serial, "1a");
+        assert_eq!(stored.aliases, vec![]);
+        assert_eq!(stored.last_seen_at, at(1_800_000_000));
+        assert_eq!(stored.first_attested_at, at(1_700_000_000));
+        assert_eq!(ds.list_agents().await.unwrap().len(), 2);
+        assert_eq!(ds.current_revision().await.unwrap(), 3);
+    }
+
+    #[tokio::test]
+    async fn rotate_and_confirm_agent_serial() {
+        let (_dir, ds) = open_temp().await;
+        let a = id(AGENT_A);
+        ds.upsert_agent(agent(AGENT_A, "s1")).await.unwrap();
+        let rev = ds.current_revision().await.unwrap();
+
+        // Wrong serial, unknown agent: refused, nothing recorded.
+        assert!(
+            !ds.rotate_agent_serial(&a, "bogus", "s2", at(3_000_000_000))
+                .await
+                .unwrap()
+        );
+        assert!(
+            !ds.rotate_agent_serial(&id(AGENT_B), "s1", "s2", at(3_000_000_000))
+                .await
+                .unwrap()
+        );
+        assert_eq!(ds.current_revision().await.unwrap(), rev);
+
+        // Right serial.
+        assert!(
+            ds.rotate_agent_serial(&a, "s1", "s2", at(3_000_000_000))
+                .await
+                .unwrap()
+        );
+        let got = ds.get_agent(&a).await.unwrap().unwrap();
+        assert_eq!(
+            (got.serial.as_str(), got.previous_serial.as_deref()),
+            ("s2", Some("s1"))
+        );
+        assert_eq!(got.expires_at, at(3_000_000_000));
+        assert_eq!(ds.current_revision().await.unwrap(), rev + 1);
+
+        // The agent crashed before using s2: renewing with s1 still works, and s1
+        // (the serial it holds) stays the previous one.
+        assert!(
+            ds.rotate_agent_serial(&a, "s1", "s3", at(3_000_000_100))
+                .await
+                .unwrap()
+        );
+        let got = ds.get_agent(&a).await.unwrap().unwrap();
+        assert_eq!(
+            (got.serial.as_str(), got.previous_serial.as_deref()),
+            ("s3", Some("s1"))
+        );
+        // s2 was never confirmed and is neither current nor previous any more.
+        assert!(
+            !ds.rotate_agent_serial(&a, "s2", "s9", at(3_000_000_100))
+                .await
+                .unwrap()
+        );
+
+        // Confirming a serial that is not current changes nothing.
+        ds.confirm_agent_serial(&a, "s1").await.unwrap();
+        assert_eq!(
+            ds.get_agent(&a)
+                .await
+                .unwrap()
+                .unwrap()
+                .previous_serial
+                .as_deref(),
+            Some("s1")
+        );
+        let rev = ds.current_revision().await.unwrap();
+
+        // s3 seen in use: s1 is forgotten and refused from now on.
+        ds.confirm_agent_serial(&a, "s3").await.unwrap();
+        let got = ds.get_agent(&a).await.unwrap().unwrap();
+        assert_eq!((got.serial.as_str(), got.previous_serial), ("s3", None));
+        assert_eq!(ds.current_revision().await.unwrap(), rev + 1);
+        assert!(
+            !ds.rotate_agent_serial(&a, "s1", "s4", at(3_000_000_200))
+                .await
+                .unwrap()
+        );
+        // Confirming again is a no-op.
+        ds.confirm_agent_serial(&a, "s3").await.unwrap();
+        assert_eq!(ds.current_revision().await.unwrap(), rev + 1);
+
+        // Renewing with the current serial (unconfirmed or not) works.
+        assert!(
+            ds.rotate_agent_serial(&a, "s3", "s4", at(3_000_000_300))
+                .await
+                .unwrap()
+        );
+        let got = ds.get_agent(&a).await.unwrap().unwrap();
+        assert_eq!(
+            (got.serial.as_str(), got.previous_serial.as_deref()),
+            ("s4", Some("s3"))
+        );
+        assert!(matches!(
+            ds.rotate_agent_serial(&a, "s4", "s4", at(3_000_000_300))
+                .await,
+            Err(DatastoreError::InvalidArgument(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn prune_changes_makes_old_revisions_too_old() {
+        let (_dir, ds) = open_temp().await;
+        for seq in 1..=10 {
+            ds.set_bundle(bundle("example.org", seq)).await.unwrap();
+        }
+        assert_eq!(ds.prune_changes(4).await.unwrap(), 6);
+        assert_eq!(ds.current_revision().await.unwrap(), 10);
+        // Revisions 1..=6 are gone: a caller at 5 missed 6.
+        assert_eq!(ds.changes_since(0).await.unwrap(), ChangeSet::TooOld);
+        assert_eq!(ds.changes_since(5).await.unwrap(), ChangeSet::TooOld);
+        let revs: Vec<u64> = complete(ds.changes_since(6).await.unwrap())
+            .iter()
+            .map(|c| c.0)
+            .collect();
+        assert_eq!(revs, vec![7, 8, 9, 10]);
+        // Pruning again with the same bound does nothing.
+        assert_eq!(ds.prune_changes(4).await.unwrap(), 0);
+
+        // Prune everything: the revision does not go back, and is not reused.
+        assert_eq!(ds.prune_changes(0).await.unwrap(), 4);
+        assert_eq!(ds.current_revision().await.unwrap(), 10);
+        assert_eq!(complete(ds.changes_since(10).await.unwrap()), vec![]);
+        assert_eq!(ds.changes_since(9).await.unwrap(), ChangeSet::TooOld);
+        ds.set_bundle(bundle("example.org", 11)).await.unwrap();
+        assert_eq!(ds.current_revision().await.unwrap(), 11);
+        assert_eq!(
+            complete(ds.changes_since(10).await.unwrap()),
+            vec![(11, ChangeKind::BundleUpdated, "example.org".to_owned())]
+        );
+    }
+
+    #[tokio::test]
+    async fn corrupt_rows_are_errors_not_panics() {
+        let (_dir, ds) = open_temp().await;
+        let e = ds
+            .create_entry(new_entry("w/1", AGENT_A, &["unix:uid:1"]))
+            .await
+            .unwrap();
+        sqlx::query("UPDATE entries SET spiffe_id = 'spiffe://Example.org/../x' WHERE id = ?")
+            .bind(&e.id)
+            .execute(&ds.pool)
+            .await
+            .unwrap();
+        assert!(matches!(
+            ds.get_entry(&e.id).await,
+            Err(DatastoreError::Corrupt(_))
+        ));
+        assert!(matches!(
+            ds.list_entries().await,
+            Err(DatastoreError::Corrupt(_))
+        ));
+
+        sqlx::query("UPDATE entries SET spiffe_id = 'spiffe://example.org/w/1', selectors = '[\"nocolon\"]'")
+            .execute(&ds.pool)
+            .await
+            .unwrap();
+        let err = ds.get_entry(&e.id).await.unwrap_err();
+        assert!(matches!(err, DatastoreError::Corrupt(_)));
+        assert!(
+            !err.to_string().contains("nocolon"),
+            "raw selector value leaked: {err}"
+        );
+
+        ds.upsert_agent(agent(AGENT_A, "01")).await.unwrap();
+        sqlx::query("UPDATE agents SET aliases = 'not json'")
+            .execute(&ds.pool)
+            .await
+            .unwrap();
+        assert!(matches!(
+            ds.get_agent(&id(AGENT_A)).await,
+            Err(DatastoreError::Corrupt(_))
+        ));
+        sqlx::query("UPDATE agents SET aliases = '[]', spiffe_id = 'http://x'")
+            .execute(&ds.pool)
+            .await
+            .unwrap();
+        assert!(matches!(
+            ds.list_agents().await,
+            Err(DatastoreError::Corrupt(_))
+        ));
+
+        ds.create_join_token(token("tok", 1, at(2_000)))
+            .await
+            .unwrap();
+        sqlx::query("UPDATE join_tokens SET alias = 'nope'")
+            .execute(&ds.pool)
+            .await
+            .unwrap();
+        assert!(matches!(
+            ds.consume_join_token("tok", &[1; 32], at(1_000)).await,
+            Err(DatastoreError::Corrupt(_))
+        ));
+
+        sqlx::query("UPDATE changes SET kind = 'mystery' WHERE revision = 1")
+            .execute(&ds.pool)
+            .await
+            .unwrap();
+        assert!(matches!(
+            ds.changes_since(0).await,
+            Err(DatastoreError::Corrupt(_))
+        ));
+    }
+}

@@ -1,0 +1,369 @@
+//! The node API (`tessera.node.v1.Node`): agent attestation with join tokens, agent SVID
+//! renewal bound to the current serial, the `Sync` push stream, and X.509-SVID signing
+//! for the entries an agent is authorized for.
+
+use std::collections::BTreeSet;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use futures::Stream;
+use tessera_plugin_join_token::{JoinToken, agent_path_segments};
+use tessera_plugin_sdk::{RegistrationEntry, SpiffeId};
+use tessera_proto::convert::entry_to_proto;
+use tessera_proto::node::node_server::Node;
+use tessera_proto::node::{
+    AgentSvid, AttestAgentRequest, AttestAgentResponse, BatchNewX509svidRequest,
+    BatchNewX509svidResponse, ItemError, RenewAgentRequest, RenewAgentResponse, SyncRequest,
+    SyncResponse, X509Svid, X509svidResult, attest_agent_request, attest_agent_response,
+    x509svid_result,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::ca::{self, CaError};
+use crate::datastore::{AttestedAgent, ChangeKind, ChangeSet, TokenOutcome};
+use crate::error::ApiError;
+use crate::state::ServerState;
+use crate::tls::NodePeer;
+
+/// Most SVIDs one `BatchNewX509SVID` call may ask for.
+pub const MAX_BATCH: usize = 1000;
+
+/// The node API service.
+#[derive(Debug, Clone)]
+pub struct NodeService {
+    state: Arc<ServerState>,
+}
+
+/// An authenticated agent: its ID, the aliases it serves, the serial it presented.
+#[derive(Debug, Clone)]
+struct AgentContext {
+    id: SpiffeId,
+    aliases: Vec<SpiffeId>,
+}
+
+impl AgentContext {
+    /// An agent may serve entries whose parent is its ID or one of its aliases (exact
+    /// comparison of canonical IDs).
+    fn may_serve(&self, entry: &RegistrationEntry) -> bool {
+        entry.parent_id == self.id || self.aliases.contains(&entry.parent_id)
+    }
+
+    fn parent_ids(&self) -> Vec<SpiffeId> {
+        std::iter::once(self.id.clone()).chain(self.aliases.iter().cloned()).collect()
+    }
+}
+
+fn unix_seconds(time: SystemTime) -> i64 {
+    time.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+impl NodeService {
+    /// A service over `state`.
+    pub fn new(state: Arc<ServerState>) -> Self {
+        Self { state }
+    }
+
+    /// Identifies the agent behind a request from the client certificate verified during
+    /// the TLS handshake, and checks that the certificate's serial is the one bound to
+    /// the agent (SECURITY.md §2 rule 4).
+    async fn authenticate(&self, peer: Option<&NodePeer>) -> Result<AgentContext, ApiError> {
+        let leaf = peer
+            .and_then(|peer| peer.certificates.first())
+            .ok_or_else(|| ApiError::Unauthenticated("an agent SVID is required".into()))?;
+        let id = ca::spiffe_id_of_certificate(leaf)
+            .map_err(|err| ApiError::Unauthenticated(format!("client certificate: {err}")))?;
+        let serial = ca::serial_of_certificate(leaf)
+            .map_err(|err| ApiError::Unauthenticated(format!("client certificate: {err}")))?;
+        if !id.is_member_of(self.state.trust_domain()) || !id.has_path_prefix("/tessera/agent") {
+            return Err(ApiError::PermissionDenied(format!(
+                "{id} is not an agent identity; workload SVIDs cannot use the node API"
+            )));
+        }
+        let agent = self
+            .state
+            .datastore
+            .get_agent(&id)
+            .await?
+            .ok_or_else(|| ApiError::PermissionDenied("agent is not attested".into()))?;
+        if serial == agent.serial {
+            if agent.previous_serial.is_some() {
+                self.state.datastore.confirm_agent_serial(&id, &serial).await?;
+            }
+        } else if agent.previous_serial.as_deref() != Some(serial.as_str()) {
+            tracing::warn!(
+                agent_id = %id,
+                presented_serial = %serial,
+                "agent presented a superseded SVID serial: possible stolen credentials"
+            );
+            return Err(ApiError::PermissionDenied("agent SVID is no longer active".into()));
+        }
+        Ok(AgentContext { id, aliases: agent.aliases })
+    }
+
+    async fn attest_join_token(
+        &self,
+        payload: &[u8],
+        csr: &[u8],
+    ) -> Result<AttestAgentResponse, ApiError> {
+        let text = std::str::from_utf8(payload)
+            .map_err(|_| ApiError::InvalidArgument("join token is not UTF-8".into()))?;
+        let token = JoinToken::parse(text)
+            .map_err(|err| ApiError::InvalidArgument(format!("invalid join token: {err}")))?;
+        let public_key = ca::public_key_from_csr(csr)?;
+        let agent_id = SpiffeId::from_segments(self.state.trust_domain(), &agent_path_segments(token.id()))
+            .map_err(|err| ApiError::InvalidArgument(format!("invalid join token id: {err}")))?;
+        let now = SystemTime::now();
+        let alias = match self
+            .state
+            .datastore
+            .consume_join_token(token.id(), &token.secret_hash(), now)
+            .await?
+        {
+            TokenOutcome::Consumed { alias } => alias,
+            TokenOutcome::Expired => {
+                tracing::info!(token_id = token.id(), "refused an expired join token");
+                return Err(ApiError::InvalidArgument("join token has expired".into()));
+            }
+            TokenOutcome::Invalid => {
+                tracing::info!(token_id = token.id(), "refused an unknown or used join token");
+                return Err(ApiError::InvalidArgument(
+                    "join token does not exist or has already been used".into(),
+                ));
+            }
+        };
+        let svid = self.sign_agent_svid(&public_key, &agent_id)?;
+        self.state
+            .datastore
+            .upsert_agent(AttestedAgent {
+                spiffe_id: agent_id.clone(),
+                attestation_type: "join_token".into(),
+                serial: svid.serial_hex.clone(),
+                previous_serial: None,
+                expires_at: svid.not_after,
+                aliases: alias.into_iter().collect(),
+                first_attested_at: now,
+                last_seen_at: now,
+            })
+            .await?;
+        self.state.publish_revision().await;
+        tracing::info!(agent_id = %agent_id, serial = %svid.serial_hex, "agent attested with a join token");
+        Ok(AttestAgentResponse {
+            step: Some(attest_agent_response::Step::Result(
+                self.agent_svid_message(&agent_id, svid.der).await?,
+            )),
+        })
+    }
+
+    fn sign_agent_svid(&self, public_key: &[u8], agent_id: &SpiffeId) -> Result<ca::IssuedCertificate, ApiError> {
+        Ok(self
+            .state
+            .ca
+            .sign_x509_svid(public_key, agent_id, &[], self.state.config.agent_svid_ttl)?)
+    }
+
+    async fn agent_svid_message(&self, agent_id: &SpiffeId, der: Vec<u8>) -> Result<AgentSvid, ApiError> {
+        Ok(AgentSvid {
+            spiffe_id: agent_id.to_string(),
+            cert_chain: vec![der],
+            bundle: Some(self.state.bundle().await?),
+            revision: self.state.datastore.current_revision().await?,
+        })
+    }
+
+    /// One `Sync` message: a snapshot when asked for (or when the feed no longer reaches
+    /// back to `since`), else the changes after `since`. `None` when nothing changed.
+    async fn sync_message(
+        &self,
+        agent: &AgentContext,
+        since: u64,
+        first: bool,
+    ) -> Result<Option<SyncResponse>, ApiError> {
+        let datastore = &self.state.datastore;
+        let changes = if since == 0 { ChangeSet::TooOld } else { datastore.changes_since(since).await? };
+        let changes = match changes {
+            ChangeSet::Complete(changes) => changes,
+            ChangeSet::TooOld => {
+                // Read the revision before the entries: a write racing with this
+                // snapshot is then replayed by the next delta (upserts are idempotent).
+                let revision = datastore.current_revision().await?;
+                let entries = datastore.list_entries_by_parent(&agent.parent_ids()).await?;
+                return Ok(Some(SyncResponse {
+                    revision,
+                    snapshot: true,
+                    entries: entries.iter().map(entry_to_proto).collect(),
+                    deleted_entry_ids: Vec::new(),
+                    bundle: Some(self.state.bundle().await?),
+                }));
+            }
+        };
+        if changes.is_empty() && !first {
+            return Ok(None);
+        }
+        let mut revision = since;
+        let mut entry_ids = BTreeSet::new();
+        let mut bundle_changed = first;
+        for change in &changes {
+            revision = revision.max(change.revision);
+            match change.kind {
+                ChangeKind::EntryUpserted | ChangeKind::EntryDeleted => {
+                    entry_ids.insert(change.object_id.clone());
+                }
+                ChangeKind::BundleUpdated => bundle_changed = true,
+                ChangeKind::AgentUpdated => {}
+            }
+        }
+        let mut message = SyncResponse { revision, ..SyncResponse::default() };
+        for id in entry_ids {
+            match datastore.get_entry(&id).await? {
+                Some(entry) if agent.may_serve(&entry) => message.entries.push(entry_to_proto(&entry)),
+                _ => message.deleted_entry_ids.push(id),
+            }
+        }
+        if bundle_changed {
+            message.bundle = Some(self.state.bundle().await?);
+        }
+        Ok(Some(message))
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Node for NodeService {
+    type AttestAgentStream = BoxStream<AttestAgentResponse>;
+    type SyncStream = ReceiverStream<Result<SyncResponse, Status>>;
+
+    async fn attest_agent(
+        &self,
+        request: Request<Streaming<AttestAgentRequest>>,
+    ) -> Result<Response<Self::AttestAgentStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty attestation stream"))?;
+        let Some(attest_agent_request::Step::Params(params)) = first.step else {
+            return Err(Status::invalid_argument("the first message must carry attestation parameters"));
+        };
+        let response = match params.r#type.as_str() {
+            "join_token" => self.attest_join_token(&params.payload, &params.csr).await?,
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "unsupported node attestation type `{}`",
+                    other.escape_debug()
+                )));
+            }
+        };
+        Ok(Response::new(Box::pin(futures::stream::once(async move { Ok(response) }))))
+    }
+
+    async fn renew_agent(
+        &self,
+        request: Request<RenewAgentRequest>,
+    ) -> Result<Response<RenewAgentResponse>, Status> {
+        let peer = request.extensions().get::<NodePeer>().cloned();
+        let agent = self.authenticate(peer.as_ref()).await?;
+        let presented = peer
+            .as_ref()
+            .and_then(|peer| peer.certificates.first())
+            .map(|leaf| ca::serial_of_certificate(leaf))
+            .transpose()
+            .map_err(|err: CaError| Status::unauthenticated(err.to_string()))?
+            .unwrap_or_default();
+        let public_key = ca::public_key_from_csr(&request.get_ref().csr).map_err(ApiError::from)?;
+        let svid = self.sign_agent_svid(&public_key, &agent.id)?;
+        let rotated = self
+            .state
+            .datastore
+            .rotate_agent_serial(&agent.id, &presented, &svid.serial_hex, svid.not_after)
+            .await
+            .map_err(ApiError::from)?;
+        if !rotated {
+            tracing::warn!(agent_id = %agent.id, "renewal with a serial that is no longer current");
+            return Err(ApiError::PermissionDenied("agent SVID is no longer active".into()).into());
+        }
+        self.state.publish_revision().await;
+        tracing::info!(agent_id = %agent.id, serial = %svid.serial_hex, "agent SVID renewed");
+        Ok(Response::new(RenewAgentResponse {
+            svid: Some(self.agent_svid_message(&agent.id, svid.der).await?),
+        }))
+    }
+
+    async fn sync(
+        &self,
+        request: Request<SyncRequest>,
+    ) -> Result<Response<Self::SyncStream>, Status> {
+        let agent = self.authenticate(request.extensions().get::<NodePeer>()).await?;
+        let mut since = request.get_ref().since_revision;
+        let (tx, rx) = mpsc::channel(16);
+        let service = self.clone();
+        let mut revisions = self.state.revisions.subscribe();
+        tokio::spawn(async move {
+            let mut first = true;
+            loop {
+                match service.sync_message(&agent, since, first).await {
+                    Ok(Some(message)) => {
+                        since = message.revision;
+                        if tx.send(Ok(message)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(err) => {
+                        let _ = tx.send(Err(err.into())).await;
+                        return;
+                    }
+                }
+                first = false;
+                tokio::select! {
+                    () = service.state.shutdown.cancelled() => return,
+                    () = tx.closed() => return,
+                    changed = revisions.changed() => if changed.is_err() { return },
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn batch_new_x509svid(
+        &self,
+        request: Request<BatchNewX509svidRequest>,
+    ) -> Result<Response<BatchNewX509svidResponse>, Status> {
+        let agent = self.authenticate(request.extensions().get::<NodePeer>()).await?;
+        let params = request.into_inner().params;
+        if params.len() > MAX_BATCH {
+            return Err(Status::invalid_argument(format!("at most {MAX_BATCH} SVIDs per call")));
+        }
+        let mut results = Vec::with_capacity(params.len());
+        for param in params {
+            let result = match self.state.datastore.get_entry(&param.entry_id).await {
+                Ok(Some(entry)) if agent.may_serve(&entry) => {
+                    let ttl = entry.x509_svid_ttl.unwrap_or(self.state.config.default_x509_svid_ttl);
+                    match self.state.ca.sign_x509_svid(&param.public_key, &entry.spiffe_id, &entry.dns_names, ttl) {
+                        Ok(cert) => {
+                            tracing::debug!(agent_id = %agent.id, spiffe_id = %entry.spiffe_id, serial = %cert.serial_hex, "signed X.509-SVID");
+                            x509svid_result::Result::Svid(X509Svid {
+                                spiffe_id: entry.spiffe_id.to_string(),
+                                cert_chain: vec![cert.der],
+                                expires_at: unix_seconds(cert.not_after),
+                            })
+                        }
+                        Err(err) => item_error(ApiError::from(err).into()),
+                    }
+                }
+                Ok(_) => item_error(Status::not_found("entry not found or not authorized")),
+                Err(err) => item_error(ApiError::from(err).into()),
+            };
+            results.push(X509svidResult { entry_id: param.entry_id, result: Some(result) });
+        }
+        Ok(Response::new(BatchNewX509svidResponse { results }))
+    }
+}
+
+fn item_error(status: Status) -> x509svid_result::Result {
+    x509svid_result::Result::Error(ItemError { code: status.code() as i32, message: status.message().to_owned() })
+}
