@@ -17,6 +17,9 @@ pub enum ApiError {
     /// indistinguishable on purpose).
     #[error("{0}")]
     NotFound(String),
+    /// The object already exists.
+    #[error("{0}")]
+    AlreadyExists(String),
     /// The caller is known but not allowed.
     #[error("{0}")]
     PermissionDenied(String),
@@ -35,6 +38,8 @@ impl From<DatastoreError> for ApiError {
     fn from(err: DatastoreError) -> Self {
         match err {
             DatastoreError::Unavailable(_) => Self::Unavailable(format!("datastore unavailable: {err}")),
+            DatastoreError::Conflict(message) => Self::AlreadyExists(message),
+            DatastoreError::InvalidArgument(message) => Self::InvalidArgument(message),
             other => Self::Internal(format!("datastore: {other}")),
         }
     }
@@ -47,6 +52,8 @@ impl From<CaError> for ApiError {
             CaError::KeyPolicy(message) => {
                 Self::InvalidArgument(format!("public key refused by policy: {message}"))
             }
+            CaError::InvalidRequest(message) => Self::InvalidArgument(message),
+            CaError::Expired => Self::Unavailable("the CA has expired".into()),
             other => Self::Internal(format!("CA: {other}")),
         }
     }
@@ -57,6 +64,7 @@ impl From<ApiError> for Status {
         match err {
             ApiError::InvalidArgument(m) => Status::invalid_argument(m),
             ApiError::NotFound(m) => Status::not_found(m),
+            ApiError::AlreadyExists(m) => Status::already_exists(m),
             ApiError::PermissionDenied(m) => Status::permission_denied(m),
             ApiError::Unauthenticated(m) => Status::unauthenticated(m),
             ApiError::Unavailable(m) => Status::unavailable(m),
