@@ -40,7 +40,10 @@ impl Attestors {
     }
 
     /// The union of every attestor's selectors, sorted and deduplicated.
-    pub async fn attest(&self, workload: Arc<Workload>) -> Result<Vec<Selector>, AttestationFailure> {
+    pub async fn attest(
+        &self,
+        workload: Arc<Workload>,
+    ) -> Result<Vec<Selector>, AttestationFailure> {
         let mut tasks = JoinSet::new();
         for plugin in &self.plugins {
             let plugin = Arc::clone(plugin);
@@ -60,7 +63,10 @@ impl Attestors {
                 match result {
                     Ok(found) => selectors.extend(found),
                     Err(err) => {
-                        return Err(AttestationFailure::Attestor { attestor, reason: err.to_string() });
+                        return Err(AttestationFailure::Attestor {
+                            attestor,
+                            reason: err.to_string(),
+                        });
                     }
                 }
             }

@@ -91,9 +91,16 @@ impl CacheSnapshot {
     /// The SVIDs for a caller presenting `selectors`. Entries are taken in creation
     /// order; an entry whose non-empty hint repeats an earlier one is skipped, so a
     /// caller never receives two SVIDs with the same hint. Expired SVIDs never count.
-    pub fn entitlement(&self, selectors: &[tessera_plugin_sdk::Selector], now: SystemTime) -> Entitlement {
-        let mut matching: Vec<&Arc<RegistrationEntry>> =
-            self.entries.values().filter(|entry| entry.matches(selectors)).collect();
+    pub fn entitlement(
+        &self,
+        selectors: &[tessera_plugin_sdk::Selector],
+        now: SystemTime,
+    ) -> Entitlement {
+        let mut matching: Vec<&Arc<RegistrationEntry>> = self
+            .entries
+            .values()
+            .filter(|entry| entry.matches(selectors))
+            .collect();
         if matching.is_empty() {
             return Entitlement::None;
         }

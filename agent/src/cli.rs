@@ -104,53 +104,78 @@ pub struct CommandError {
 }
 
 fn failure(message: impl Into<String>) -> CommandError {
-    CommandError { code: 1, message: message.into() }
+    CommandError {
+        code: 1,
+        message: message.into(),
+    }
 }
 
 /// Resolves the socket: the flag, else `SPIFFE_ENDPOINT_SOCKET`, else the default.
 /// Accepts a bare path, `unix:///path` or `unix:/path`.
 pub fn socket_path(flag: Option<&str>) -> Result<PathBuf, CommandError> {
     let from_env = std::env::var("SPIFFE_ENDPOINT_SOCKET").ok();
-    let text = flag.map(str::to_owned).or(from_env).unwrap_or_else(|| DEFAULT_SOCKET.to_owned());
+    let text = flag
+        .map(str::to_owned)
+        .or(from_env)
+        .unwrap_or_else(|| DEFAULT_SOCKET.to_owned());
     let path = if let Some(rest) = text.strip_prefix("unix://") {
         rest
     } else if let Some(rest) = text.strip_prefix("unix:") {
         rest
     } else if text.contains("://") {
-        return Err(CommandError { code: 64, message: format!("unsupported endpoint `{text}`: only unix sockets") });
+        return Err(CommandError {
+            code: 64,
+            message: format!("unsupported endpoint `{text}`: only unix sockets"),
+        });
     } else {
         text.as_str()
     };
     if !path.starts_with('/') {
-        return Err(CommandError { code: 64, message: format!("endpoint `{text}` must be an absolute socket path") });
+        return Err(CommandError {
+            code: 64,
+            message: format!("endpoint `{text}` must be an absolute socket path"),
+        });
     }
     Ok(PathBuf::from(path))
 }
 
 async fn client(endpoint: &Endpoint) -> Result<SpiffeWorkloadApiClient<Channel>, CommandError> {
     let path = socket_path(endpoint.socket.as_deref())?;
-    let channel = tessera_proto::uds::connect(&path)
-        .await
-        .map_err(|err| failure(format!("cannot connect to the Workload API at {}: {err}", path.display())))?;
+    let channel = tessera_proto::uds::connect(&path).await.map_err(|err| {
+        failure(format!(
+            "cannot connect to the Workload API at {}: {err}",
+            path.display()
+        ))
+    })?;
     Ok(SpiffeWorkloadApiClient::new(channel))
 }
 
 /// Adds the Workload API security header.
 pub fn with_header<T>(message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert(SECURITY_HEADER, tonic::metadata::MetadataValue::from_static("true"));
+    request.metadata_mut().insert(
+        SECURITY_HEADER,
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
     request
 }
 
 async fn first_x509(endpoint: &Endpoint) -> Result<X509svidResponse, CommandError> {
     let mut client = client(endpoint).await?;
     let call = async {
-        let mut stream = client.fetch_x509svid(with_header(X509svidRequest {})).await?.into_inner();
+        let mut stream = client
+            .fetch_x509svid(with_header(X509svidRequest {}))
+            .await?
+            .into_inner();
         stream.message().await
     };
     match tokio::time::timeout(endpoint.timeout, call).await {
         Err(_) => Err(failure("timed out waiting for an X.509-SVID")),
-        Ok(Err(status)) => Err(failure(format!("{:?}: {}", status.code(), status.message()))),
+        Ok(Err(status)) => Err(failure(format!(
+            "{:?}: {}",
+            status.code(),
+            status.message()
+        ))),
         Ok(Ok(None)) => Err(failure("the agent closed the stream without an answer")),
         Ok(Ok(Some(response))) => Ok(response),
     }
@@ -159,17 +184,31 @@ async fn first_x509(endpoint: &Endpoint) -> Result<X509svidResponse, CommandErro
 fn write_svids(dir: &Path, response: &X509svidResponse) -> Result<(), CommandError> {
     std::fs::create_dir_all(dir).map_err(|err| failure(format!("{}: {err}", dir.display())))?;
     for (index, svid) in response.svids.iter().enumerate() {
-        let suffix = if index == 0 { String::new() } else { format!(".{index}") };
+        let suffix = if index == 0 {
+            String::new()
+        } else {
+            format!(".{index}")
+        };
         let certs = split_der_certificates(&svid.x509_svid).map_err(failure)?;
         let bundle = split_der_certificates(&svid.bundle).map_err(failure)?;
-        write_file(dir, &format!("svid{suffix}.pem"), pem_blocks("CERTIFICATE", &certs).as_bytes(), 0o644)?;
+        write_file(
+            dir,
+            &format!("svid{suffix}.pem"),
+            pem_blocks("CERTIFICATE", &certs).as_bytes(),
+            0o644,
+        )?;
         write_file(
             dir,
             &format!("svid{suffix}.key"),
             pem_blocks("PRIVATE KEY", std::slice::from_ref(&svid.x509_svid_key)).as_bytes(),
             0o600,
         )?;
-        write_file(dir, &format!("bundle{suffix}.pem"), pem_blocks("CERTIFICATE", &bundle).as_bytes(), 0o644)?;
+        write_file(
+            dir,
+            &format!("bundle{suffix}.pem"),
+            pem_blocks("CERTIFICATE", &bundle).as_bytes(),
+            0o644,
+        )?;
     }
     Ok(())
 }
@@ -197,7 +236,9 @@ fn write_file(dir: &Path, name: &str, contents: &[u8], mode: u32) -> Result<(), 
 }
 
 fn pem_blocks(tag: &str, ders: &[Vec<u8>]) -> String {
-    ders.iter().map(|der| pem::encode(&pem::Pem::new(tag, der.clone()))).collect()
+    ders.iter()
+        .map(|der| pem::encode(&pem::Pem::new(tag, der.clone())))
+        .collect()
 }
 
 /// Splits concatenated DER certificates (the Workload API's encoding) apart.
@@ -220,14 +261,18 @@ fn rfc3339(time: SystemTime) -> String {
 /// Runs a client command; returns what to print.
 pub async fn run_client(command: Command) -> Result<String, CommandError> {
     match command {
-        Command::Run { .. } => Err(CommandError { code: 64, message: "`run` is not a client command".into() }),
+        Command::Run { .. } => Err(CommandError {
+            code: 64,
+            message: "`run` is not a client command".into(),
+        }),
         Command::Api(ApiCommand::Fetch(FetchCommand::X509 { write, endpoint })) => {
             let response = first_x509(&endpoint).await?;
             let mut described = Vec::new();
             for svid in &response.svids {
                 let certs = split_der_certificates(&svid.x509_svid).map_err(failure)?;
                 let leaf = certs.first().ok_or_else(|| failure("empty X.509-SVID"))?;
-                let info = tessera_plugin_sdk::x509::leaf_info(leaf).map_err(|err| failure(err.to_string()))?;
+                let info = tessera_plugin_sdk::x509::leaf_info(leaf)
+                    .map_err(|err| failure(err.to_string()))?;
                 described.push((svid, info, certs.len()));
             }
             if let Some(dir) = &write {
@@ -249,7 +294,10 @@ pub async fn run_client(command: Command) -> Result<String, CommandError> {
                         }
                     }
                     if let Some(dir) = &write {
-                        out.push_str(&format!("\nWrote svid.pem, svid.key and bundle.pem to {}\n", dir.display()));
+                        out.push_str(&format!(
+                            "\nWrote svid.pem, svid.key and bundle.pem to {}\n",
+                            dir.display()
+                        ));
                     }
                     out
                 }
@@ -272,7 +320,10 @@ pub async fn run_client(command: Command) -> Result<String, CommandError> {
         Command::Healthcheck(endpoint) => {
             let mut client = client(&endpoint).await?;
             let call = async {
-                let mut stream = client.fetch_x509_bundles(with_header(X509BundlesRequest {})).await?.into_inner();
+                let mut stream = client
+                    .fetch_x509_bundles(with_header(X509BundlesRequest {}))
+                    .await?
+                    .into_inner();
                 stream.message().await
             };
             let (healthy, detail) = match tokio::time::timeout(endpoint.timeout, call).await {
@@ -288,7 +339,11 @@ pub async fn run_client(command: Command) -> Result<String, CommandError> {
                 Output::Text => String::new(),
                 Output::Json => format!("{}\n", json!({ "healthy": healthy, "detail": detail })),
             };
-            if healthy { Ok(text) } else { Err(failure(format!("agent is unhealthy: {detail}"))) }
+            if healthy {
+                Ok(text)
+            } else {
+                Err(failure(format!("agent is unhealthy: {detail}")))
+            }
         }
     }
 }
@@ -299,9 +354,18 @@ mod tests {
 
     #[test]
     fn socket_forms() {
-        assert_eq!(socket_path(Some("/a/b.sock")).unwrap(), PathBuf::from("/a/b.sock"));
-        assert_eq!(socket_path(Some("unix:///a/b.sock")).unwrap(), PathBuf::from("/a/b.sock"));
-        assert_eq!(socket_path(Some("unix:/a/b.sock")).unwrap(), PathBuf::from("/a/b.sock"));
+        assert_eq!(
+            socket_path(Some("/a/b.sock")).unwrap(),
+            PathBuf::from("/a/b.sock")
+        );
+        assert_eq!(
+            socket_path(Some("unix:///a/b.sock")).unwrap(),
+            PathBuf::from("/a/b.sock")
+        );
+        assert_eq!(
+            socket_path(Some("unix:/a/b.sock")).unwrap(),
+            PathBuf::from("/a/b.sock")
+        );
         assert_eq!(socket_path(Some("tcp://127.0.0.1:1")).unwrap_err().code, 64);
         assert_eq!(socket_path(Some("relative.sock")).unwrap_err().code, 64);
     }

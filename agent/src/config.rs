@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use tessera_plugin_sdk::TrustDomain;
-use tessera_plugin_sdk::config::{ConfigDuration, ConfigError, LogFormat, LogLevel, load_toml, parse_toml};
+use tessera_plugin_sdk::config::{
+    ConfigDuration, ConfigError, LogFormat, LogLevel, load_toml, parse_toml,
+};
 use tessera_plugin_unix::UnixAttestorConfig;
 
 #[derive(Debug, Deserialize)]
@@ -119,7 +121,11 @@ impl AgentConfig {
         let trust_domain = TrustDomain::new(&raw.trust_domain)
             .map_err(|err| ConfigError::invalid(path, "agent.trust_domain", err))?;
         if raw.server_address.trim().is_empty() {
-            return Err(ConfigError::invalid(path, "agent.server_address", "must be host:port"));
+            return Err(ConfigError::invalid(
+                path,
+                "agent.server_address",
+                "must be host:port",
+            ));
         }
         let mut workload_attestors = Vec::new();
         for (index, plugin) in file.plugins.workload_attestor.into_iter().enumerate() {
@@ -127,11 +133,16 @@ impl AgentConfig {
             match plugin.name.as_str() {
                 "unix" => {
                     let data = plugin.data.unwrap_or_default();
-                    let config: UnixAttestorConfig = toml::Value::Table(data)
-                        .try_into()
-                        .map_err(|err: toml::de::Error| {
-                            ConfigError::invalid(path, &format!("{key}.data"), err.message().replace('\n', " "))
-                        })?;
+                    let config: UnixAttestorConfig =
+                        toml::Value::Table(data)
+                            .try_into()
+                            .map_err(|err: toml::de::Error| {
+                                ConfigError::invalid(
+                                    path,
+                                    &format!("{key}.data"),
+                                    err.message().replace('\n', " "),
+                                )
+                            })?;
                     workload_attestors.push(WorkloadAttestorConfig::Unix(config));
                 }
                 other => {
@@ -154,7 +165,9 @@ impl AgentConfig {
             trust_bundle_path: raw.trust_bundle_path,
             join_token: raw.join_token,
             proc_root: raw.proc_root,
-            attestation_timeout: raw.attestation_timeout.map_or(DEFAULT_ATTESTATION_TIMEOUT, |d| d.0),
+            attestation_timeout: raw
+                .attestation_timeout
+                .map_or(DEFAULT_ATTESTATION_TIMEOUT, |d| d.0),
             log_level: raw.log_level,
             log_format: raw.log_format,
             workload_attestors,
@@ -183,7 +196,9 @@ mod tests {
             .to_string();
         assert!(err.contains("insecure") && err.contains("line 5"), "{err}");
         let text = format!("{MINIMAL}[[plugins.workload_attestor]]\nname = \"k8s\"\n");
-        let err = AgentConfig::parse(&text, Path::new("a.toml")).unwrap_err().to_string();
+        let err = AgentConfig::parse(&text, Path::new("a.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("plugins.workload_attestor[0].name"), "{err}");
     }
 }

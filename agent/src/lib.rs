@@ -91,7 +91,9 @@ impl RunningAgent {
     pub async fn wait(&mut self) -> Result<(), AgentError> {
         let mut result = Ok(());
         while let Some(joined) = self.tasks.join_next().await {
-            let outcome = joined.map_err(|err| AgentError::Task(err.to_string())).and_then(|r| r);
+            let outcome = joined
+                .map_err(|err| AgentError::Task(err.to_string()))
+                .and_then(|r| r);
             if let Err(err) = outcome {
                 tracing::error!(error = %err, "agent task failed; stopping");
                 self.shutdown.cancel();
@@ -112,7 +114,8 @@ fn attestors(config: &AgentConfig) -> attest::Attestors {
         .iter()
         .map(|plugin| match plugin {
             WorkloadAttestorConfig::Unix(unix) => {
-                Arc::new(tessera_plugin_unix::UnixAttestor::new(unix.clone())) as Arc<dyn WorkloadAttestor>
+                Arc::new(tessera_plugin_unix::UnixAttestor::new(unix.clone()))
+                    as Arc<dyn WorkloadAttestor>
             }
         })
         .collect();
@@ -122,12 +125,17 @@ fn attestors(config: &AgentConfig) -> attest::Attestors {
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, AgentError> + Send + 'static,
 ) -> Result<T, AgentError> {
-    tokio::task::spawn_blocking(work).await.map_err(|err| AgentError::Task(err.to_string()))?
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|err| AgentError::Task(err.to_string()))?
 }
 
 /// Starts the agent: loads or obtains its SVID (`join_token` overrides the config's),
 /// connects to the server, binds the Workload API socket.
-pub async fn start(config: AgentConfig, join_token: Option<String>) -> Result<RunningAgent, AgentError> {
+pub async fn start(
+    config: AgentConfig,
+    join_token: Option<String>,
+) -> Result<RunningAgent, AgentError> {
     let data_dir = config.data_dir.clone();
     let store = blocking(move || Store::open(&data_dir)).await?;
     let bootstrap = config.trust_bundle_path.clone();
@@ -140,9 +148,13 @@ pub async fn start(config: AgentConfig, join_token: Option<String>) -> Result<Ru
         (None, Some(path)) => {
             let text = tokio::fs::read(&path)
                 .await
-                .map_err(AgentError::io(format!("trust_bundle_path {}", path.display())))?;
-            parse_pem_certificates(&text)
-                .map_err(|err| AgentError::Config(format!("trust_bundle_path {}: {err}", path.display())))?
+                .map_err(AgentError::io(format!(
+                    "trust_bundle_path {}",
+                    path.display()
+                )))?;
+            parse_pem_certificates(&text).map_err(|err| {
+                AgentError::Config(format!("trust_bundle_path {}: {err}", path.display()))
+            })?
         }
         (None, None) => {
             return Err(AgentError::Config(
@@ -156,7 +168,11 @@ pub async fn start(config: AgentConfig, join_token: Option<String>) -> Result<Ru
     let server_id = SpiffeId::from_segments(&config.trust_domain, &["tessera", "server"])
         .map_err(|err| AgentError::Config(format!("server id: {err}")))?;
     let provider = tls::provider();
-    let verifier = Arc::new(ServerVerifier::new(Arc::clone(&trust), server_id, Arc::clone(&provider)));
+    let verifier = Arc::new(ServerVerifier::new(
+        Arc::clone(&trust),
+        server_id,
+        Arc::clone(&provider),
+    ));
 
     let stored = {
         let store = store.clone();
@@ -165,7 +181,8 @@ pub async fn start(config: AgentConfig, join_token: Option<String>) -> Result<Ru
     let now = SystemTime::now();
     let own = match stored {
         Some(svid)
-            if svid.not_after > now + MIN_REMAINING_AT_START && svid.spiffe_id.is_member_of(&config.trust_domain) =>
+            if svid.not_after > now + MIN_REMAINING_AT_START
+                && svid.spiffe_id.is_member_of(&config.trust_domain) =>
         {
             tracing::info!(agent_id = %svid.spiffe_id, "using the stored agent SVID");
             svid
@@ -179,7 +196,15 @@ pub async fn start(config: AgentConfig, join_token: Option<String>) -> Result<Ru
                     "the agent has no valid SVID; attestation needs a join token (--join-token or join_token)".into(),
                 )
             })?;
-            attest_agent(&config, &store, &trust, Arc::clone(&verifier), Arc::clone(&provider), &token).await?
+            attest_agent(
+                &config,
+                &store,
+                &trust,
+                Arc::clone(&verifier),
+                Arc::clone(&provider),
+                &token,
+            )
+            .await?
         }
     };
 
@@ -189,7 +214,10 @@ pub async fn start(config: AgentConfig, join_token: Option<String>) -> Result<Ru
         .map_err(|err| AgentError::Crypto(format!("agent key: {err}")))?;
     let tls_config = tls::client_config(verifier, Some(Arc::clone(&credentials)), provider)
         .map_err(|err| AgentError::Crypto(err.to_string()))?;
-    let connection = Arc::new(ServerConnection::new(&config.server_address, Arc::new(tls_config))?);
+    let connection = Arc::new(ServerConnection::new(
+        &config.server_address,
+        Arc::new(tls_config),
+    )?);
 
     let initial = CacheSnapshot {
         synced: false,
@@ -220,10 +248,21 @@ pub async fn start(config: AgentConfig, join_token: Option<String>) -> Result<Ru
         manager.run(sync_rx, manager_shutdown).await;
         Ok(())
     });
-    tasks.spawn(sync_loop(Arc::clone(&connection), sync_tx, shutdown.clone()));
-    tasks.spawn(renew_loop(connection, store, credentials, own.clone(), shutdown.clone()));
+    tasks.spawn(sync_loop(
+        Arc::clone(&connection),
+        sync_tx,
+        shutdown.clone(),
+    ));
+    tasks.spawn(renew_loop(
+        connection,
+        store,
+        credentials,
+        own.clone(),
+        shutdown.clone(),
+    ));
 
-    let api = workload_api::WorkloadApi::new(cache_rx.clone(), attestors(&config), shutdown.clone());
+    let api =
+        workload_api::WorkloadApi::new(cache_rx.clone(), attestors(&config), shutdown.clone());
     let (conn_tx, conn_rx) = mpsc::channel(128);
     let accept_shutdown = shutdown.clone();
     let proc_root = config.proc_root.clone();
@@ -234,8 +273,15 @@ pub async fn start(config: AgentConfig, join_token: Option<String>) -> Result<Ru
     let serve_shutdown = shutdown.clone();
     tasks.spawn(async move {
         tonic::transport::Server::builder()
-            .add_service(tessera_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer::new(api))
-            .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), serve_shutdown.cancelled_owned())
+            .add_service(
+                tessera_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer::new(
+                    api,
+                ),
+            )
+            .serve_with_incoming_shutdown(
+                ReceiverStream::new(conn_rx),
+                serve_shutdown.cancelled_owned(),
+            )
             .await
             .map_err(|err| AgentError::Task(format!("Workload API: {err}")))
     });
@@ -264,8 +310,10 @@ async fn attest_agent(
     token: &str,
 ) -> Result<AgentSvidFiles, AgentError> {
     let (key, csr) = blocking(store::new_key_and_csr).await?;
-    let tls = tls::client_config(verifier, None, provider).map_err(|err| AgentError::Crypto(err.to_string()))?;
-    let svid = node::attest_with_join_token(&config.server_address, Arc::new(tls), token, csr).await?;
+    let tls = tls::client_config(verifier, None, provider)
+        .map_err(|err| AgentError::Crypto(err.to_string()))?;
+    let svid =
+        node::attest_with_join_token(&config.server_address, Arc::new(tls), token, csr).await?;
     let leaf = svid
         .cert_chain
         .first()
@@ -273,7 +321,10 @@ async fn attest_agent(
     let info = tessera_plugin_sdk::x509::leaf_info(leaf)
         .map_err(|err| AgentError::Attestation(format!("agent SVID: {err}")))?;
     let chain = svid.cert_chain.clone();
-    let bundle = svid.bundle.map(|b| b.x509_authorities).filter(|a| !a.is_empty());
+    let bundle = svid
+        .bundle
+        .map(|b| b.x509_authorities)
+        .filter(|a| !a.is_empty());
     if let Some(authorities) = &bundle {
         trust.set(authorities);
     }
@@ -303,7 +354,10 @@ async fn attest_agent(
 /// Binds the Workload API socket: directory created 0755 (or checked), stale socket of
 /// ours removed, socket 0777 (attestation is the gate, as in SPIRE).
 fn bind_workload_socket(path: &Path) -> Result<UnixListener, AgentError> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let what = format!("socket_path {}", path.display());
     prepare_socket_dir(dir, 0o755).map_err(AgentError::io(what.clone()))?;
     remove_stale_socket(path).map_err(AgentError::io(what.clone()))?;
@@ -381,7 +435,7 @@ async fn renew_loop(
     mut current: AgentSvidFiles,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
-    let mut next = renewal_time(current.not_before, current.not_after);
+    let mut next = renewal_time(SystemTime::now(), current.not_after);
     let mut delay = Duration::ZERO;
     loop {
         let wait = next.duration_since(SystemTime::now()).unwrap_or_default();
@@ -417,7 +471,7 @@ async fn renew_loop(
                     not_after: info.not_after,
                     not_before: info.not_before,
                 };
-                next = renewal_time(current.not_before, current.not_after);
+                next = renewal_time(SystemTime::now(), current.not_after);
                 delay = Duration::ZERO;
             }
             Err(status) => {

@@ -10,7 +10,9 @@ use std::time::{Duration, SystemTime};
 
 use tessera_plugin_sdk::TrustDomain;
 use tessera_proto::convert::entry_from_proto;
-use tessera_proto::node::{BatchNewX509svidRequest, NewX509svidParams, SyncResponse, x509svid_result};
+use tessera_proto::node::{
+    BatchNewX509svidRequest, NewX509svidParams, SyncResponse, x509svid_result,
+};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -36,11 +38,16 @@ pub fn jitter_fraction() -> f64 {
     f64::from(u32::from_le_bytes(bytes)) / (f64::from(u32::MAX) + 1.0)
 }
 
-/// When to renew a certificate valid from `not_before` to `not_after`: at half its
-/// lifetime, minus up to a tenth of the lifetime of jitter.
-pub fn renewal_time(not_before: SystemTime, not_after: SystemTime) -> SystemTime {
-    let lifetime = not_after.duration_since(not_before).unwrap_or_default();
-    not_before + lifetime / 2 - lifetime.mul_f64(0.1 * jitter_fraction())
+/// When to renew a certificate that expires at `not_after`, received `now`: at half of
+/// its remaining lifetime, minus up to a tenth of it as jitter. The remaining lifetime,
+/// not `NotBefore`, is the base: the server back-dates `NotBefore` for clock skew, and a
+/// short-lived SVID measured from there would look due at once.
+pub fn renewal_time(now: SystemTime, not_after: SystemTime) -> SystemTime {
+    let remaining = not_after.duration_since(now).unwrap_or_default();
+    let at = now + remaining / 2 - remaining.mul_f64(0.1 * jitter_fraction());
+    // Never sooner than a second from now, so an SVID clamped by a nearly expired CA
+    // does not make the manager spin.
+    at.max(now + Duration::from_secs(1))
 }
 
 /// The manager's inputs and outputs.
@@ -83,7 +90,11 @@ impl SvidManager {
                     Some(svid) => svid.entry_revision != entry.revision || svid.renew_at <= now,
                     None => true,
                 })
-                .filter(|entry| retry_at.get(&entry.id).is_none_or(|(at, _)| *at <= instant_now))
+                .filter(|entry| {
+                    retry_at
+                        .get(&entry.id)
+                        .is_none_or(|(at, _)| *at <= instant_now)
+                })
                 .map(|entry| entry.id.clone())
                 .take(BATCH)
                 .collect();
@@ -121,7 +132,9 @@ impl SvidManager {
                 .chain(retry_at.values().map(|(at, _)| *at))
                 .min()
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
-            let more_due = entries.keys().any(|id| !svids.contains_key(id) && !retry_at.contains_key(id));
+            let more_due = entries
+                .keys()
+                .any(|id| !svids.contains_key(id) && !retry_at.contains_key(id));
             if more_due {
                 continue;
             }
@@ -158,7 +171,9 @@ impl SvidManager {
                 Ok(entry) => {
                     entries.insert(entry.id.clone(), Arc::new(entry));
                 }
-                Err(err) => tracing::warn!(entry_id = %wire.id, error = %err, "ignoring an invalid entry from the server"),
+                Err(err) => {
+                    tracing::warn!(entry_id = %wire.id, error = %err, "ignoring an invalid entry from the server")
+                }
             }
         }
         for id in &update.deleted_entry_ids {
@@ -185,12 +200,19 @@ impl SvidManager {
                     authorities: bundle.x509_authorities,
                     sequence_number: bundle.sequence_number,
                 });
-                tracing::info!(sequence_number = state.bundle.sequence_number, "trust bundle updated");
+                tracing::info!(
+                    sequence_number = state.bundle.sequence_number,
+                    "trust bundle updated"
+                );
             }
         }
         state.revision = update.revision;
         if !state.synced {
-            tracing::info!(revision = update.revision, entries = entries.len(), "first sync with the server complete");
+            tracing::info!(
+                revision = update.revision,
+                entries = entries.len(),
+                "first sync with the server complete"
+            );
         }
         state.synced = true;
     }
@@ -206,8 +228,12 @@ impl SvidManager {
         let keys = match tokio::task::spawn_blocking(move || {
             (0..count)
                 .map(|_| {
-                    rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-                        .map(|key| (key.serialize_der(), rcgen::PublicKeyData::subject_public_key_info(&key)))
+                    rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map(|key| {
+                        (
+                            key.serialize_der(),
+                            rcgen::PublicKeyData::subject_public_key_info(&key),
+                        )
+                    })
                 })
                 .collect::<Result<Vec<_>, _>>()
         })
@@ -220,7 +246,10 @@ impl SvidManager {
         let params = due
             .iter()
             .zip(&keys)
-            .map(|(id, (_, spki))| NewX509svidParams { entry_id: id.clone(), public_key: spki.clone() })
+            .map(|(id, (_, spki))| NewX509svidParams {
+                entry_id: id.clone(),
+                public_key: spki.clone(),
+            })
             .collect();
         let response = match self
             .connection
@@ -229,7 +258,9 @@ impl SvidManager {
             .await
         {
             Ok(response) => response.into_inner(),
-            Err(status) => return failed(due, format!("{:?}: {}", status.code(), status.message())),
+            Err(status) => {
+                return failed(due, format!("{:?}: {}", status.code(), status.message()));
+            }
         };
         let mut out = Vec::with_capacity(due.len());
         for ((entry_id, (pkcs8, _)), result) in due.iter().zip(keys).zip(response.results) {
@@ -238,20 +269,33 @@ impl SvidManager {
                 (Some(x509svid_result::Result::Svid(svid)), Some(entry)) => {
                     build_svid(entry, svid.cert_chain, pkcs8)
                 }
-                (Some(x509svid_result::Result::Error(err)), _) => Err(format!("code {}: {}", err.code, err.message)),
+                (Some(x509svid_result::Result::Error(err)), _) => {
+                    Err(format!("code {}: {}", err.code, err.message))
+                }
                 (None, _) => Err("empty result".to_owned()),
             };
-            out.push(Minted { entry_id: entry_id.clone(), svid });
+            out.push(Minted {
+                entry_id: entry_id.clone(),
+                svid,
+            });
         }
         if out.len() < due.len() {
-            out.extend(failed(&due[out.len()..], "server sent fewer results than asked".into()));
+            out.extend(failed(
+                &due[out.len()..],
+                "server sent fewer results than asked".into(),
+            ));
         }
         out
     }
 }
 
 fn failed(ids: &[String], reason: String) -> Vec<Minted> {
-    ids.iter().map(|id| Minted { entry_id: id.clone(), svid: Err(reason.clone()) }).collect()
+    ids.iter()
+        .map(|id| Minted {
+            entry_id: id.clone(),
+            svid: Err(reason.clone()),
+        })
+        .collect()
 }
 
 /// Checks what the server sent against the entry (the SVID must carry the entry's ID)
@@ -264,7 +308,10 @@ fn build_svid(
     let leaf = cert_chain.first().ok_or("empty certificate chain")?;
     let info = tessera_plugin_sdk::x509::leaf_info(leaf).map_err(|err| err.to_string())?;
     if info.spiffe_id != entry.spiffe_id {
-        return Err(format!("server signed {} for an entry of {}", info.spiffe_id, entry.spiffe_id));
+        return Err(format!(
+            "server signed {} for an entry of {}",
+            info.spiffe_id, entry.spiffe_id
+        ));
     }
     Ok(WorkloadSvid {
         entry_id: entry.id.clone(),
@@ -275,7 +322,7 @@ fn build_svid(
         serial_hex: info.serial_hex,
         not_before: info.not_before,
         not_after: info.not_after,
-        renew_at: renewal_time(info.not_before, info.not_after),
+        renew_at: renewal_time(SystemTime::now(), info.not_after),
     })
 }
 
@@ -290,6 +337,7 @@ mod tests {
         for _ in 0..100 {
             let at = renewal_time(start, end);
             let offset = at.duration_since(start).unwrap().as_secs();
+            assert!(at < end);
             assert!((1440..=1800).contains(&offset), "{offset}");
         }
     }

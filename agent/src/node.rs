@@ -29,19 +29,21 @@ pub fn channel(address: &str, tls: Arc<rustls::ClientConfig>) -> Result<Channel,
         .connect_timeout(CONNECT_TIMEOUT)
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_while_idle(true);
-    Ok(endpoint.connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
-        let target = target.clone();
-        let tls = Arc::clone(&tls);
-        async move {
-            let tcp = TcpStream::connect(&target).await?;
-            tcp.set_nodelay(true)?;
-            // The name only fills SNI: the verifier authenticates the server's SPIFFE ID.
-            let name = ServerName::try_from("tessera-server")
-                .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?;
-            let stream = TlsConnector::from(tls).connect(name, tcp).await?;
-            Ok::<_, io::Error>(TokioIo::new(stream))
-        }
-    })))
+    Ok(
+        endpoint.connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
+            let target = target.clone();
+            let tls = Arc::clone(&tls);
+            async move {
+                let tcp = TcpStream::connect(&target).await?;
+                tcp.set_nodelay(true)?;
+                // The name only fills SNI: the verifier authenticates the server's SPIFFE ID.
+                let name = ServerName::try_from("tessera-server")
+                    .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?;
+                let stream = TlsConnector::from(tls).connect(name, tcp).await?;
+                Ok::<_, io::Error>(TokioIo::new(stream))
+            }
+        })),
+    )
 }
 
 /// The channel to the server with the agent's current credentials; replaced after the
@@ -57,7 +59,11 @@ impl ServerConnection {
     /// A connection to `address`.
     pub fn new(address: &str, tls: Arc<rustls::ClientConfig>) -> Result<Self, AgentError> {
         let channel = channel(address, Arc::clone(&tls))?;
-        Ok(Self { address: address.to_owned(), tls, channel: RwLock::new(channel) })
+        Ok(Self {
+            address: address.to_owned(),
+            tls,
+            channel: RwLock::new(channel),
+        })
     }
 
     /// A client on the current channel.
@@ -106,11 +112,15 @@ pub async fn attest_with_join_token(
             .message()
             .await
             .map_err(|status| AgentError::Attestation(status.message().to_owned()))?
-            .ok_or_else(|| AgentError::Attestation("server ended attestation without a result".into()))?;
+            .ok_or_else(|| {
+                AgentError::Attestation("server ended attestation without a result".into())
+            })?;
         match message.step {
             Some(attest_agent_response::Step::Result(svid)) => return Ok(svid),
             Some(attest_agent_response::Step::Challenge(_)) => {
-                return Err(AgentError::Attestation("join_token attestation takes no challenge".into()));
+                return Err(AgentError::Attestation(
+                    "join_token attestation takes no challenge".into(),
+                ));
             }
             None => {}
         }
@@ -118,7 +128,10 @@ pub async fn attest_with_join_token(
 }
 
 /// Asks the server for a new agent SVID for the key behind `csr_der`.
-pub async fn renew(connection: &ServerConnection, csr_der: Vec<u8>) -> Result<AgentSvid, tonic::Status> {
+pub async fn renew(
+    connection: &ServerConnection,
+    csr_der: Vec<u8>,
+) -> Result<AgentSvid, tonic::Status> {
     connection
         .client()
         .renew_agent(RenewAgentRequest { csr: csr_der })

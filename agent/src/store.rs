@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use tessera_plugin_sdk::SpiffeId;
-use tessera_plugin_sdk::fs::{ensure_private_dir, read_private_file, write_private_file, write_public_file};
+use tessera_plugin_sdk::fs::{
+    ensure_private_dir, read_private_file, write_private_file, write_public_file,
+};
 
 use crate::error::AgentError;
 
@@ -45,7 +47,9 @@ pub struct Store {
 }
 
 fn pem_encode(tag: &str, ders: &[Vec<u8>]) -> String {
-    ders.iter().map(|der| pem::encode(&pem::Pem::new(tag, der.clone()))).collect()
+    ders.iter()
+        .map(|der| pem::encode(&pem::Pem::new(tag, der.clone())))
+        .collect()
 }
 
 /// Parses every `CERTIFICATE` block of a PEM text.
@@ -66,7 +70,9 @@ impl Store {
     /// Opens (creating 0700) the data directory.
     pub fn open(dir: &Path) -> Result<Self, AgentError> {
         ensure_private_dir(dir).map_err(AgentError::io(format!("data_dir {}", dir.display())))?;
-        Ok(Self { dir: dir.to_owned() })
+        Ok(Self {
+            dir: dir.to_owned(),
+        })
     }
 
     /// The stored agent SVID and key, if both are present and parse.
@@ -78,14 +84,21 @@ impl Store {
         let key_text = match read_private_file(&self.dir, KEY_FILE) {
             Ok(text) => text,
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(err) => return Err(AgentError::Io { what: format!("{}/{KEY_FILE}", self.dir.display()), source: err }),
+            Err(err) => {
+                return Err(AgentError::Io {
+                    what: format!("{}/{KEY_FILE}", self.dir.display()),
+                    source: err,
+                });
+            }
         };
         let chain = parse_pem_certificates(&cert_text)
             .map_err(|err| AgentError::Config(format!("{}: {err}", cert_path.display())))?;
         let key = pem::parse(&key_text)
             .map_err(|err| AgentError::Config(format!("{KEY_FILE}: {err}")))?
             .into_contents();
-        let leaf = chain.first().ok_or_else(|| AgentError::Config("empty agent SVID".into()))?;
+        let leaf = chain
+            .first()
+            .ok_or_else(|| AgentError::Config("empty agent SVID".into()))?;
         let info = tessera_plugin_sdk::x509::leaf_info(leaf)
             .map_err(|err| AgentError::Config(format!("{}: {err}", cert_path.display())))?;
         Ok(Some(AgentSvidFiles {
@@ -103,8 +116,12 @@ impl Store {
         let key_pem = pem::encode(&pem::Pem::new("PRIVATE KEY", key_pkcs8.to_vec()));
         write_private_file(&self.dir, KEY_FILE, key_pem.as_bytes())
             .map_err(AgentError::io(format!("write {KEY_FILE}")))?;
-        write_private_file(&self.dir, SVID_FILE, pem_encode("CERTIFICATE", chain).as_bytes())
-            .map_err(AgentError::io(format!("write {SVID_FILE}")))
+        write_private_file(
+            &self.dir,
+            SVID_FILE,
+            pem_encode("CERTIFICATE", chain).as_bytes(),
+        )
+        .map_err(AgentError::io(format!("write {SVID_FILE}")))
     }
 
     /// The last bundle received from the server, if any.
@@ -115,14 +132,21 @@ impl Store {
                 .map(Some)
                 .map_err(|err| AgentError::Config(format!("{}: {err}", path.display()))),
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(err) => Err(AgentError::Io { what: path.display().to_string(), source: err }),
+            Err(err) => Err(AgentError::Io {
+                what: path.display().to_string(),
+                source: err,
+            }),
         }
     }
 
     /// Keeps the bundle the server sent, for the next start.
     pub fn save_bundle(&self, authorities: &[Vec<u8>]) -> Result<(), AgentError> {
-        write_public_file(&self.dir, BUNDLE_FILE, pem_encode("CERTIFICATE", authorities).as_bytes())
-            .map_err(AgentError::io(format!("write {BUNDLE_FILE}")))
+        write_public_file(
+            &self.dir,
+            BUNDLE_FILE,
+            pem_encode("CERTIFICATE", authorities).as_bytes(),
+        )
+        .map_err(AgentError::io(format!("write {BUNDLE_FILE}")))
     }
 }
 

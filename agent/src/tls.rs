@@ -8,11 +8,11 @@ use std::sync::{Arc, RwLock};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{ResolvesClientCert, Resumption};
 use rustls::crypto::CryptoProvider;
+use rustls::pki_types::TrustAnchor;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use tessera_plugin_sdk::SpiffeId;
-use rustls::pki_types::TrustAnchor;
 
 /// The crypto provider of the whole project: aws-lc-rs.
 pub fn provider() -> Arc<CryptoProvider> {
@@ -48,7 +48,10 @@ impl ServerTrust {
     }
 
     fn current(&self) -> Arc<Vec<TrustAnchor<'static>>> {
-        self.anchors.read().map(|a| Arc::clone(&a)).unwrap_or_default()
+        self.anchors
+            .read()
+            .map(|a| Arc::clone(&a))
+            .unwrap_or_default()
     }
 }
 
@@ -64,8 +67,16 @@ pub struct ServerVerifier {
 
 impl ServerVerifier {
     /// A verifier expecting `server_id`.
-    pub fn new(trust: Arc<ServerTrust>, server_id: SpiffeId, provider: Arc<CryptoProvider>) -> Self {
-        Self { trust, server_id, provider }
+    pub fn new(
+        trust: Arc<ServerTrust>,
+        server_id: SpiffeId,
+        provider: Arc<CryptoProvider>,
+    ) -> Self {
+        Self {
+            trust,
+            server_id,
+            provider,
+        }
     }
 }
 
@@ -90,7 +101,11 @@ impl ServerCertVerifier for ServerVerifier {
             None,
             None,
         )
-        .map_err(|err| rustls::Error::General(format!("server certificate does not chain to the bundle: {err}")))?;
+        .map_err(|err| {
+            rustls::Error::General(format!(
+                "server certificate does not chain to the bundle: {err}"
+            ))
+        })?;
         let id = tessera_plugin_sdk::x509::spiffe_id_of_certificate(end_entity)
             .map_err(|err| rustls::Error::General(format!("server certificate: {err}")))?;
         if id != self.server_id {
@@ -108,7 +123,12 @@ impl ServerCertVerifier for ServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -117,11 +137,18 @@ impl ServerCertVerifier for ServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -136,7 +163,10 @@ impl AgentCredentials {
     pub fn set(&self, chain: Vec<Vec<u8>>, pkcs8: Vec<u8>) -> Result<(), rustls::Error> {
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pkcs8));
         let signing = rustls::crypto::aws_lc_rs::sign::any_supported_type(&key)?;
-        let certified = CertifiedKey::new(chain.into_iter().map(CertificateDer::from).collect(), signing);
+        let certified = CertifiedKey::new(
+            chain.into_iter().map(CertificateDer::from).collect(),
+            signing,
+        );
         if let Ok(mut slot) = self.current.write() {
             *slot = Some(Arc::new(certified));
         }
@@ -150,7 +180,10 @@ impl ResolvesClientCert for AgentCredentials {
     }
 
     fn has_certs(&self) -> bool {
-        self.current.read().map(|slot| slot.is_some()).unwrap_or(false)
+        self.current
+            .read()
+            .map(|slot| slot.is_some())
+            .unwrap_or(false)
     }
 }
 

@@ -16,8 +16,9 @@ use tessera_plugin_sdk::{Selector, Workload};
 use tessera_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
 use tessera_proto::workload::{
     JwtBundlesRequest, JwtBundlesResponse, JwtsvidRequest, JwtsvidResponse, ValidateJwtsvidRequest,
-    ValidateJwtsvidResponse, WitBundlesRequest, WitBundlesResponse, WitsvidRequest, WitsvidResponse,
-    X509BundlesRequest, X509BundlesResponse, X509svid, X509svidRequest, X509svidResponse,
+    ValidateJwtsvidResponse, WitBundlesRequest, WitBundlesResponse, WitsvidRequest,
+    WitsvidResponse, X509BundlesRequest, X509BundlesResponse, X509svid, X509svidRequest,
+    X509svidResponse,
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
@@ -55,13 +56,21 @@ impl tonic::transport::server::Connected for WorkloadConnection {
 }
 
 impl AsyncRead for WorkloadConnection {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for WorkloadConnection {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 
@@ -98,12 +107,17 @@ pub async fn accept_loop(
         };
         match crate::peer::identify_peer(&stream, &proc_root) {
             Ok(workload) => {
-                let connection = WorkloadConnection { stream, caller: Caller(Arc::new(workload)) };
+                let connection = WorkloadConnection {
+                    stream,
+                    caller: Caller(Arc::new(workload)),
+                };
                 if out.send(Ok(connection)).await.is_err() {
                     return;
                 }
             }
-            Err(err) => tracing::info!(error = %err, "Workload API connection refused: caller not identified"),
+            Err(err) => {
+                tracing::info!(error = %err, "Workload API connection refused: caller not identified")
+            }
         }
     }
 }
@@ -113,7 +127,9 @@ pub fn check_security_header(metadata: &MetadataMap) -> Result<(), Status> {
     let mut values = metadata.get_all(SECURITY_HEADER).iter();
     match (values.next(), values.next()) {
         (Some(value), None) if value.as_bytes() == b"true" => Ok(()),
-        _ => Err(Status::invalid_argument("security header missing from request")),
+        _ => Err(Status::invalid_argument(
+            "security header missing from request",
+        )),
     }
 }
 
@@ -133,15 +149,28 @@ enum Push<T> {
 
 impl WorkloadApi {
     /// A service answering from `cache`.
-    pub fn new(cache: watch::Receiver<Arc<CacheSnapshot>>, attestors: Attestors, shutdown: CancellationToken) -> Self {
-        Self { cache, attestors, shutdown }
+    pub fn new(
+        cache: watch::Receiver<Arc<CacheSnapshot>>,
+        attestors: Attestors,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            cache,
+            attestors,
+            shutdown,
+        }
     }
 
     /// Header check, sync check, attestation, liveness: what every call goes through.
-    async fn admit<T>(&self, request: &Request<T>) -> Result<(Arc<Workload>, Vec<Selector>), Status> {
+    async fn admit<T>(
+        &self,
+        request: &Request<T>,
+    ) -> Result<(Arc<Workload>, Vec<Selector>), Status> {
         check_security_header(request.metadata())?;
         if !self.cache.borrow().synced {
-            return Err(Status::unavailable("agent has not synchronised with the server yet; retry"));
+            return Err(Status::unavailable(
+                "agent has not synchronised with the server yet; retry",
+            ));
         }
         let caller = request
             .extensions()
@@ -154,7 +183,12 @@ impl WorkloadApi {
             Status::permission_denied("workload attestation failed")
         })?;
         ensure_alive(&caller)?;
-        tracing::debug!(pid = caller.pid(), uid = caller.uid(), selectors = selectors.len(), "workload attested");
+        tracing::debug!(
+            pid = caller.pid(),
+            uid = caller.uid(),
+            selectors = selectors.len(),
+            "workload attested"
+        );
         Ok((caller, selectors))
     }
 
@@ -180,7 +214,9 @@ impl WorkloadApi {
                 let snapshot = Arc::clone(&cache.borrow_and_update());
                 match build(&snapshot) {
                     Push::Deny => {
-                        let _ = tx.send(Err(Status::permission_denied("no identity issued"))).await;
+                        let _ = tx
+                            .send(Err(Status::permission_denied("no identity issued")))
+                            .await;
                         return;
                     }
                     Push::Wait => {}
@@ -224,14 +260,25 @@ fn ensure_alive(caller: &Workload) -> Result<(), Status> {
 #[derive(PartialEq)]
 struct SentX509(Vec<usize>, u64);
 
-fn svid_key(svids: &[(Arc<tessera_plugin_sdk::RegistrationEntry>, Arc<WorkloadSvid>)]) -> Vec<usize> {
+fn svid_key(
+    svids: &[(
+        Arc<tessera_plugin_sdk::RegistrationEntry>,
+        Arc<WorkloadSvid>,
+    )],
+) -> Vec<usize> {
     // Addresses of Arcs the stream holds no reference to could be reused; so the key
     // also includes each serial (see `x509_push`), and a reused address with the same
     // serial is the same SVID.
-    svids.iter().map(|(_, svid)| Arc::as_ptr(svid) as usize).collect()
+    svids
+        .iter()
+        .map(|(_, svid)| Arc::as_ptr(svid) as usize)
+        .collect()
 }
 
-fn x509_push(snapshot: &CacheSnapshot, selectors: &[Selector]) -> Push<(X509svidResponse, (SentX509, Vec<String>))> {
+fn x509_push(
+    snapshot: &CacheSnapshot,
+    selectors: &[Selector],
+) -> Push<(X509svidResponse, (SentX509, Vec<String>))> {
     if !snapshot.synced {
         return Push::Wait;
     }
@@ -254,24 +301,43 @@ fn x509_push(snapshot: &CacheSnapshot, selectors: &[Selector]) -> Push<(X509svid
                 crl: Vec::new(),
                 federated_bundles: Default::default(),
             };
-            let serials = svids.iter().map(|(_, svid)| svid.serial_hex.clone()).collect();
-            Push::Send((response, (SentX509(svid_key(&svids), snapshot.bundle.sequence_number), serials)))
+            let serials = svids
+                .iter()
+                .map(|(_, svid)| svid.serial_hex.clone())
+                .collect();
+            Push::Send((
+                response,
+                (
+                    SentX509(svid_key(&svids), snapshot.bundle.sequence_number),
+                    serials,
+                ),
+            ))
         }
     }
 }
 
-fn bundles_push(snapshot: &CacheSnapshot, selectors: &[Selector]) -> Push<(X509BundlesResponse, (u64, Vec<Vec<u8>>))> {
+fn bundles_push(
+    snapshot: &CacheSnapshot,
+    selectors: &[Selector],
+) -> Push<(X509BundlesResponse, (u64, Vec<Vec<u8>>))> {
     if !snapshot.synced {
         return Push::Wait;
     }
-    if !snapshot.entries.values().any(|entry| entry.matches(selectors)) {
+    if !snapshot
+        .entries
+        .values()
+        .any(|entry| entry.matches(selectors))
+    {
         return Push::Deny;
     }
     let bundle = &snapshot.bundle;
     let mut bundles = std::collections::HashMap::new();
     bundles.insert(bundle.trust_domain.id_string(), bundle.concatenated_der());
     Push::Send((
-        X509BundlesResponse { crl: Vec::new(), bundles },
+        X509BundlesResponse {
+            crl: Vec::new(),
+            bundles,
+        },
         (bundle.sequence_number, bundle.authorities.clone()),
     ))
 }
@@ -291,7 +357,9 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         let (caller, selectors) = self.admit(&request).await?;
-        Ok(Response::new(self.stream(caller, move |snapshot| x509_push(snapshot, &selectors))))
+        Ok(Response::new(self.stream(caller, move |snapshot| {
+            x509_push(snapshot, &selectors)
+        })))
     }
 
     async fn fetch_x509_bundles(
@@ -299,12 +367,19 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         let (caller, selectors) = self.admit(&request).await?;
-        Ok(Response::new(self.stream(caller, move |snapshot| bundles_push(snapshot, &selectors))))
+        Ok(Response::new(self.stream(caller, move |snapshot| {
+            bundles_push(snapshot, &selectors)
+        })))
     }
 
-    async fn fetch_jwtsvid(&self, request: Request<JwtsvidRequest>) -> Result<Response<JwtsvidResponse>, Status> {
+    async fn fetch_jwtsvid(
+        &self,
+        request: Request<JwtsvidRequest>,
+    ) -> Result<Response<JwtsvidResponse>, Status> {
         check_security_header(request.metadata())?;
-        Err(Status::unimplemented("JWT-SVIDs are not served by this agent yet"))
+        Err(Status::unimplemented(
+            "JWT-SVIDs are not served by this agent yet",
+        ))
     }
 
     async fn fetch_jwt_bundles(
@@ -312,7 +387,9 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         check_security_header(request.metadata())?;
-        Err(Status::unimplemented("JWT bundles are not served by this agent yet"))
+        Err(Status::unimplemented(
+            "JWT bundles are not served by this agent yet",
+        ))
     }
 
     async fn validate_jwtsvid(
@@ -320,7 +397,9 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<ValidateJwtsvidRequest>,
     ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
         check_security_header(request.metadata())?;
-        Err(Status::unimplemented("JWT-SVID validation is not served by this agent yet"))
+        Err(Status::unimplemented(
+            "JWT-SVID validation is not served by this agent yet",
+        ))
     }
 
     async fn fetch_witsvid(
@@ -328,7 +407,9 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<WitsvidRequest>,
     ) -> Result<Response<Self::FetchWITSVIDStream>, Status> {
         check_security_header(request.metadata())?;
-        Err(Status::unimplemented("WIT-SVIDs are not served by this agent"))
+        Err(Status::unimplemented(
+            "WIT-SVIDs are not served by this agent",
+        ))
     }
 
     async fn fetch_wit_bundles(
@@ -336,7 +417,9 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<WitBundlesRequest>,
     ) -> Result<Response<Self::FetchWITBundlesStream>, Status> {
         check_security_header(request.metadata())?;
-        Err(Status::unimplemented("WIT bundles are not served by this agent"))
+        Err(Status::unimplemented(
+            "WIT bundles are not served by this agent",
+        ))
     }
 }
 
@@ -354,11 +437,18 @@ mod tests {
         for bad in ["True", "1", "", "true "] {
             let mut map = MetadataMap::new();
             map.insert(SECURITY_HEADER, MetadataValue::try_from(bad).unwrap());
-            assert_eq!(check_security_header(&map).unwrap_err().code(), tonic::Code::InvalidArgument, "{bad:?}");
+            assert_eq!(
+                check_security_header(&map).unwrap_err().code(),
+                tonic::Code::InvalidArgument,
+                "{bad:?}"
+            );
         }
         let mut twice = MetadataMap::new();
         twice.append(SECURITY_HEADER, MetadataValue::from_static("true"));
         twice.append(SECURITY_HEADER, MetadataValue::from_static("true"));
-        assert_eq!(check_security_header(&twice).unwrap_err().code(), tonic::Code::InvalidArgument);
+        assert_eq!(
+            check_security_header(&twice).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
     }
 }

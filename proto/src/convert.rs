@@ -23,12 +23,18 @@ pub enum ConvertError {
 }
 
 fn invalid(field: &'static str, message: impl ToString) -> ConvertError {
-    ConvertError::Invalid { field, message: message.to_string() }
+    ConvertError::Invalid {
+        field,
+        message: message.to_string(),
+    }
 }
 
 /// Wire form of a selector.
 pub fn selector_to_proto(selector: &Selector) -> types::Selector {
-    types::Selector { r#type: selector.kind().to_owned(), value: selector.value().to_owned() }
+    types::Selector {
+        r#type: selector.kind().to_owned(),
+        value: selector.value().to_owned(),
+    }
 }
 
 /// Parses a wire selector.
@@ -64,9 +70,9 @@ pub fn entry_from_proto(entry: &types::Entry) -> Result<RegistrationEntry, Conve
         .collect::<Result<Vec<_>, _>>()?;
     let x509_svid_ttl = match entry.x509_svid_ttl_seconds {
         0 => None,
-        secs => Some(Duration::from_secs(
-            u64::try_from(secs).map_err(|_| invalid("x509_svid_ttl_seconds", "must not be negative"))?,
-        )),
+        secs => Some(Duration::from_secs(u64::try_from(secs).map_err(|_| {
+            invalid("x509_svid_ttl_seconds", "must not be negative")
+        })?)),
     };
     Ok(RegistrationEntry {
         id: entry.id.clone(),

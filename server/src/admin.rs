@@ -10,10 +10,9 @@ use tessera_plugin_join_token::{JoinToken, agent_path_segments};
 use tessera_plugin_sdk::SpiffeId;
 use tessera_proto::admin::admin_server::Admin;
 use tessera_proto::admin::{
-    Agent, CreateEntryRequest, CreateJoinTokenRequest, CreateJoinTokenResponse,
-    DeleteEntryRequest, DeleteEntryResponse, GetBundleRequest, GetEntryRequest, HealthRequest,
-    HealthResponse, ListAgentsRequest, ListAgentsResponse, ListEntriesRequest,
-    ListEntriesResponse,
+    Agent, CreateEntryRequest, CreateJoinTokenRequest, CreateJoinTokenResponse, DeleteEntryRequest,
+    DeleteEntryResponse, GetBundleRequest, GetEntryRequest, HealthRequest, HealthResponse,
+    ListAgentsRequest, ListAgentsResponse, ListEntriesRequest, ListEntriesResponse,
 };
 use tessera_proto::convert::{entry_to_proto, selector_from_proto};
 use tessera_proto::types::{Bundle, Entry};
@@ -47,7 +46,10 @@ impl AdminService {
     pub fn new(state: Arc<ServerState>) -> Self {
         let mut allowed_uids = vec![0, nix::unistd::geteuid().as_raw()];
         allowed_uids.extend(state.config.admin_uids.iter().copied());
-        Self { state, allowed_uids }
+        Self {
+            state,
+            allowed_uids,
+        }
     }
 
     fn authorize<T>(&self, request: &Request<T>, action: &str) -> Result<(), Status> {
@@ -60,15 +62,18 @@ impl AdminService {
             Some(uid) if self.allowed_uids.contains(&uid) => Ok(()),
             Some(uid) => {
                 tracing::warn!(uid, action, "admin API call refused: uid not authorized");
-                Err(Status::permission_denied(format!("uid {uid} may not use the admin API")))
+                Err(Status::permission_denied(format!(
+                    "uid {uid} may not use the admin API"
+                )))
             }
             None => Err(Status::permission_denied("caller credentials unavailable")),
         }
     }
 
     fn parse_id(&self, field: &str, text: &str) -> Result<SpiffeId, ApiError> {
-        let id = SpiffeId::parse(text)
-            .map_err(|err| ApiError::InvalidArgument(format!("{field} `{}`: {err}", text.escape_debug())))?;
+        let id = SpiffeId::parse(text).map_err(|err| {
+            ApiError::InvalidArgument(format!("{field} `{}`: {err}", text.escape_debug()))
+        })?;
         if !id.is_member_of(self.state.trust_domain()) {
             return Err(ApiError::InvalidArgument(format!(
                 "{field} {id} is not in trust domain {}",
@@ -92,24 +97,32 @@ impl AdminService {
         }
         let parent_id = self.parse_id("parent_id", &entry.parent_id)?;
         if entry.selectors.is_empty() {
-            return Err(ApiError::InvalidArgument("at least one selector is required".into()));
+            return Err(ApiError::InvalidArgument(
+                "at least one selector is required".into(),
+            ));
         }
         let mut selectors = entry
             .selectors
             .iter()
-            .map(|s| selector_from_proto(s).map_err(|err| ApiError::InvalidArgument(err.to_string())))
+            .map(|s| {
+                selector_from_proto(s).map_err(|err| ApiError::InvalidArgument(err.to_string()))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         selectors.sort();
         selectors.dedup();
         let x509_svid_ttl = match entry.x509_svid_ttl_seconds {
             0 => None,
             secs if secs < 0 => {
-                return Err(ApiError::InvalidArgument("x509_svid_ttl must not be negative".into()));
+                return Err(ApiError::InvalidArgument(
+                    "x509_svid_ttl must not be negative".into(),
+                ));
             }
             secs => {
                 let ttl = Duration::from_secs(secs.unsigned_abs());
                 if ttl >= self.state.config.ca_ttl {
-                    return Err(ApiError::InvalidArgument("x509_svid_ttl must be shorter than the CA lifetime".into()));
+                    return Err(ApiError::InvalidArgument(
+                        "x509_svid_ttl must be shorter than the CA lifetime".into(),
+                    ));
                 }
                 Some(ttl)
             }
@@ -153,7 +166,10 @@ pub fn validate_dns_name(name: &str) -> Result<(), String> {
         if label.is_empty() || label.len() > 63 {
             return bad("every label must be 1 to 63 bytes");
         }
-        if !label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
             return bad("labels may contain only letters, digits and `-`");
         }
         if label.starts_with('-') || label.ends_with('-') {
@@ -192,8 +208,9 @@ impl Admin for AdminService {
             }
         };
         let token = JoinToken::generate();
-        let agent_id = SpiffeId::from_segments(self.state.trust_domain(), &agent_path_segments(token.id()))
-            .map_err(|err| ApiError::Internal(format!("agent id: {err}")))?;
+        let agent_id =
+            SpiffeId::from_segments(self.state.trust_domain(), &agent_path_segments(token.id()))
+                .map_err(|err| ApiError::Internal(format!("agent id: {err}")))?;
         let expires_at = SystemTime::now() + ttl;
         self.state
             .datastore
@@ -214,20 +231,31 @@ impl Admin for AdminService {
         }))
     }
 
-    async fn create_entry(&self, request: Request<CreateEntryRequest>) -> Result<Response<Entry>, Status> {
+    async fn create_entry(
+        &self,
+        request: Request<CreateEntryRequest>,
+    ) -> Result<Response<Entry>, Status> {
         self.authorize(&request, "entry create")?;
         let entry = request
             .into_inner()
             .entry
             .ok_or_else(|| Status::invalid_argument("entry is required"))?;
         let new = self.validate_entry(&entry)?;
-        let created = self.state.datastore.create_entry(new).await.map_err(ApiError::from)?;
+        let created = self
+            .state
+            .datastore
+            .create_entry(new)
+            .await
+            .map_err(ApiError::from)?;
         self.state.publish_revision().await;
         tracing::info!(entry_id = %created.id, spiffe_id = %created.spiffe_id, "entry created");
         Ok(Response::new(entry_to_proto(&created)))
     }
 
-    async fn get_entry(&self, request: Request<GetEntryRequest>) -> Result<Response<Entry>, Status> {
+    async fn get_entry(
+        &self,
+        request: Request<GetEntryRequest>,
+    ) -> Result<Response<Entry>, Status> {
         self.authorize(&request, "entry show")?;
         let entry = self
             .state
@@ -244,8 +272,15 @@ impl Admin for AdminService {
         request: Request<ListEntriesRequest>,
     ) -> Result<Response<ListEntriesResponse>, Status> {
         self.authorize(&request, "entry list")?;
-        let entries = self.state.datastore.list_entries().await.map_err(ApiError::from)?;
-        Ok(Response::new(ListEntriesResponse { entries: entries.iter().map(entry_to_proto).collect() }))
+        let entries = self
+            .state
+            .datastore
+            .list_entries()
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(ListEntriesResponse {
+            entries: entries.iter().map(entry_to_proto).collect(),
+        }))
     }
 
     async fn delete_entry(
@@ -254,7 +289,13 @@ impl Admin for AdminService {
     ) -> Result<Response<DeleteEntryResponse>, Status> {
         self.authorize(&request, "entry delete")?;
         let id = &request.get_ref().id;
-        if !self.state.datastore.delete_entry(id).await.map_err(ApiError::from)? {
+        if !self
+            .state
+            .datastore
+            .delete_entry(id)
+            .await
+            .map_err(ApiError::from)?
+        {
             return Err(Status::not_found("entry not found"));
         }
         self.state.publish_revision().await;
@@ -267,7 +308,12 @@ impl Admin for AdminService {
         request: Request<ListAgentsRequest>,
     ) -> Result<Response<ListAgentsResponse>, Status> {
         self.authorize(&request, "agent list")?;
-        let agents = self.state.datastore.list_agents().await.map_err(ApiError::from)?;
+        let agents = self
+            .state
+            .datastore
+            .list_agents()
+            .await
+            .map_err(ApiError::from)?;
         Ok(Response::new(ListAgentsResponse {
             agents: agents
                 .into_iter()
@@ -284,17 +330,28 @@ impl Admin for AdminService {
         }))
     }
 
-    async fn get_bundle(&self, request: Request<GetBundleRequest>) -> Result<Response<Bundle>, Status> {
+    async fn get_bundle(
+        &self,
+        request: Request<GetBundleRequest>,
+    ) -> Result<Response<Bundle>, Status> {
         self.authorize(&request, "bundle show")?;
         Ok(Response::new(self.state.bundle().await?))
     }
 
-    async fn health(&self, request: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
+    async fn health(
+        &self,
+        request: Request<HealthRequest>,
+    ) -> Result<Response<HealthResponse>, Status> {
         self.authorize(&request, "healthcheck")?;
         self.state.datastore.ping().await.map_err(ApiError::from)?;
         Ok(Response::new(HealthResponse {
             trust_domain: self.state.trust_domain().to_string(),
-            revision: self.state.datastore.current_revision().await.map_err(ApiError::from)?,
+            revision: self
+                .state
+                .datastore
+                .current_revision()
+                .await
+                .map_err(ApiError::from)?,
             ca_not_after: unix_seconds(self.state.ca.not_after()),
         }))
     }
@@ -306,10 +363,25 @@ mod tests {
 
     #[test]
     fn dns_names() {
-        for good in ["example.org", "a-b.example.org", "*.svc.example.org", "localhost"] {
+        for good in [
+            "example.org",
+            "a-b.example.org",
+            "*.svc.example.org",
+            "localhost",
+        ] {
             assert!(validate_dns_name(good).is_ok(), "{good}");
         }
-        for bad in ["", "-a.org", "a-.org", "a..org", "*.org", "a_b.org", "a.org.", "é.org", "*.*.a.org"] {
+        for bad in [
+            "",
+            "-a.org",
+            "a-.org",
+            "a..org",
+            "*.org",
+            "a_b.org",
+            "a.org.",
+            "é.org",
+            "*.*.a.org",
+        ] {
             assert!(validate_dns_name(bad).is_err(), "{bad}");
         }
     }

@@ -180,16 +180,28 @@ pub struct CommandError {
 
 impl From<tonic::Status> for CommandError {
     fn from(status: tonic::Status) -> Self {
-        let code = if status.code() == tonic::Code::InvalidArgument { 64 } else { 1 };
-        Self { code, message: format!("{:?}: {}", status.code(), status.message()) }
+        let code = if status.code() == tonic::Code::InvalidArgument {
+            64
+        } else {
+            1
+        };
+        Self {
+            code,
+            message: format!("{:?}: {}", status.code(), status.message()),
+        }
     }
 }
 
 async fn client(common: &Common) -> Result<AdminClient<Channel>, CommandError> {
-    let channel = tessera_proto::uds::connect(&common.socket).await.map_err(|err| CommandError {
-        code: 1,
-        message: format!("cannot connect to the admin socket {}: {err}", common.socket.display()),
-    })?;
+    let channel = tessera_proto::uds::connect(&common.socket)
+        .await
+        .map_err(|err| CommandError {
+            code: 1,
+            message: format!(
+                "cannot connect to the admin socket {}: {err}",
+                common.socket.display()
+            ),
+        })?;
     Ok(AdminClient::new(channel))
 }
 
@@ -223,7 +235,10 @@ fn entry_text(entry: &Entry) -> String {
     let ttl = if entry.x509_svid_ttl_seconds == 0 {
         "default".to_owned()
     } else {
-        humantime::format_duration(Duration::from_secs(entry.x509_svid_ttl_seconds.unsigned_abs())).to_string()
+        humantime::format_duration(Duration::from_secs(
+            entry.x509_svid_ttl_seconds.unsigned_abs(),
+        ))
+        .to_string()
     };
     out.push_str(&format!("X509-SVID TTL    : {ttl}\n"));
     for name in &entry.dns_names {
@@ -243,8 +258,15 @@ fn pem(der: &[u8]) -> String {
 /// Runs an admin command; returns what to print on stdout.
 pub async fn run_admin(command: Command) -> Result<String, CommandError> {
     match command {
-        Command::Run { .. } => Err(CommandError { code: 64, message: "`run` is not an admin command".into() }),
-        Command::Token(TokenCommand::Generate { spiffe_id, ttl, common }) => {
+        Command::Run { .. } => Err(CommandError {
+            code: 64,
+            message: "`run` is not an admin command".into(),
+        }),
+        Command::Token(TokenCommand::Generate {
+            spiffe_id,
+            ttl,
+            common,
+        }) => {
             let response = client(&common)
                 .await?
                 .create_join_token(CreateJoinTokenRequest {
@@ -266,12 +288,21 @@ pub async fn run_admin(command: Command) -> Result<String, CommandError> {
                 ),
             })
         }
-        Command::Entry(EntryCommand::Create { parent_id, spiffe_id, selectors, x509_ttl, dns_names, hint, common }) => {
+        Command::Entry(EntryCommand::Create {
+            parent_id,
+            spiffe_id,
+            selectors,
+            x509_ttl,
+            dns_names,
+            hint,
+            common,
+        }) => {
             let entry = Entry {
                 spiffe_id,
                 parent_id,
                 selectors: selectors.iter().map(selector_to_proto).collect(),
-                x509_svid_ttl_seconds: x509_ttl.map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
+                x509_svid_ttl_seconds: x509_ttl
+                    .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
                 dns_names,
                 hint,
                 ..Entry::default()
@@ -287,14 +318,23 @@ pub async fn run_admin(command: Command) -> Result<String, CommandError> {
             })
         }
         Command::Entry(EntryCommand::Show { id, common }) => {
-            let entry = client(&common).await?.get_entry(GetEntryRequest { id }).await?.into_inner();
+            let entry = client(&common)
+                .await?
+                .get_entry(GetEntryRequest { id })
+                .await?
+                .into_inner();
             Ok(match common.output {
                 Output::Text => entry_text(&entry),
                 Output::Json => format!("{}\n", entry_json(&entry)),
             })
         }
         Command::Entry(EntryCommand::List { common }) => {
-            let entries = client(&common).await?.list_entries(ListEntriesRequest {}).await?.into_inner().entries;
+            let entries = client(&common)
+                .await?
+                .list_entries(ListEntriesRequest {})
+                .await?
+                .into_inner()
+                .entries;
             Ok(match common.output {
                 Output::Text => {
                     let mut out = format!("Found {} entries\n", entries.len());
@@ -304,18 +344,29 @@ pub async fn run_admin(command: Command) -> Result<String, CommandError> {
                     }
                     out
                 }
-                Output::Json => format!("{}\n", serde_json::Value::Array(entries.iter().map(entry_json).collect())),
+                Output::Json => format!(
+                    "{}\n",
+                    serde_json::Value::Array(entries.iter().map(entry_json).collect())
+                ),
             })
         }
         Command::Entry(EntryCommand::Delete { id, common }) => {
-            client(&common).await?.delete_entry(DeleteEntryRequest { id: id.clone() }).await?;
+            client(&common)
+                .await?
+                .delete_entry(DeleteEntryRequest { id: id.clone() })
+                .await?;
             Ok(match common.output {
                 Output::Text => format!("Deleted entry {id}\n"),
                 Output::Json => format!("{}\n", json!({ "deleted": id })),
             })
         }
         Command::Agent(AgentCommand::List { common }) => {
-            let agents = client(&common).await?.list_agents(ListAgentsRequest {}).await?.into_inner().agents;
+            let agents = client(&common)
+                .await?
+                .list_agents(ListAgentsRequest {})
+                .await?
+                .into_inner()
+                .agents;
             Ok(match common.output {
                 Output::Text => {
                     let mut out = format!("Found {} attested agents\n", agents.len());
@@ -353,7 +404,11 @@ pub async fn run_admin(command: Command) -> Result<String, CommandError> {
             })
         }
         Command::Bundle(BundleCommand::Show { common }) => {
-            let bundle = client(&common).await?.get_bundle(GetBundleRequest {}).await?.into_inner();
+            let bundle = client(&common)
+                .await?
+                .get_bundle(GetBundleRequest {})
+                .await?
+                .into_inner();
             Ok(match common.output {
                 Output::Text => bundle.x509_authorities.iter().map(|der| pem(der)).collect(),
                 Output::Json => format!(
@@ -368,9 +423,16 @@ pub async fn run_admin(command: Command) -> Result<String, CommandError> {
             })
         }
         Command::Healthcheck(common) => {
-            let health = client(&common).await?.health(HealthRequest {}).await?.into_inner();
+            let health = client(&common)
+                .await?
+                .health(HealthRequest {})
+                .await?
+                .into_inner();
             Ok(match common.output {
-                Output::Text => format!("Server is healthy (trust domain {}, revision {})\n", health.trust_domain, health.revision),
+                Output::Text => format!(
+                    "Server is healthy (trust domain {}, revision {})\n",
+                    health.trust_domain, health.revision
+                ),
                 Output::Json => format!(
                     "{}\n",
                     json!({

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-use tessera_plugin_sdk::config::{ConfigDuration, ConfigError, LogFormat, LogLevel, load_toml};
 use tessera_plugin_sdk::TrustDomain;
+use tessera_plugin_sdk::config::{ConfigDuration, ConfigError, LogFormat, LogLevel, load_toml};
 
 /// The whole file.
 #[derive(Debug, Deserialize)]
@@ -122,10 +122,18 @@ impl ServerConfig {
         let trust_domain = TrustDomain::new(&raw.trust_domain)
             .map_err(|err| ConfigError::invalid(path, "server.trust_domain", err))?;
         let bind_address = raw.bind_address.parse().map_err(|err| {
-            ConfigError::invalid(path, "server.bind_address", format!("`{}`: {err}", raw.bind_address))
+            ConfigError::invalid(
+                path,
+                "server.bind_address",
+                format!("`{}`: {err}", raw.bind_address),
+            )
         })?;
         if !raw.admin_socket_path.is_absolute() && raw.admin_socket_path.parent().is_none() {
-            return Err(ConfigError::invalid(path, "server.admin_socket_path", "must name a file"));
+            return Err(ConfigError::invalid(
+                path,
+                "server.admin_socket_path",
+                "must name a file",
+            ));
         }
         let config = Self {
             trust_domain,
@@ -134,7 +142,9 @@ impl ServerConfig {
             admin_socket_path: raw.admin_socket_path,
             admin_uids: raw.admin_uids,
             ca_ttl: raw.ca_ttl.map_or(DEFAULT_CA_TTL, |d| d.0),
-            default_x509_svid_ttl: raw.default_x509_svid_ttl.map_or(DEFAULT_X509_SVID_TTL, |d| d.0),
+            default_x509_svid_ttl: raw
+                .default_x509_svid_ttl
+                .map_or(DEFAULT_X509_SVID_TTL, |d| d.0),
             agent_svid_ttl: raw.agent_svid_ttl.map_or(DEFAULT_AGENT_SVID_TTL, |d| d.0),
             join_token_ttl: raw.join_token_ttl.map_or(DEFAULT_JOIN_TOKEN_TTL, |d| d.0),
             log_level: raw.log_level,
@@ -149,7 +159,11 @@ impl ServerConfig {
             ));
         }
         if config.agent_svid_ttl >= config.ca_ttl {
-            return Err(ConfigError::invalid(path, "server.agent_svid_ttl", "must be shorter than ca_ttl"));
+            return Err(ConfigError::invalid(
+                path,
+                "server.agent_svid_ttl",
+                "must be shorter than ca_ttl",
+            ));
         }
         Ok(config)
     }
@@ -180,7 +194,9 @@ mod tests {
     #[test]
     fn bad_trust_domain_names_the_key() {
         let text = MINIMAL.replace("example.org", "Example.org");
-        let err = ServerConfig::parse(&text, Path::new("s.toml")).unwrap_err().to_string();
+        let err = ServerConfig::parse(&text, Path::new("s.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("server.trust_domain"), "{err}");
     }
 

@@ -37,7 +37,9 @@ pub enum ApiError {
 impl From<DatastoreError> for ApiError {
     fn from(err: DatastoreError) -> Self {
         match err {
-            DatastoreError::Unavailable(_) => Self::Unavailable(format!("datastore unavailable: {err}")),
+            DatastoreError::Unavailable(_) => {
+                Self::Unavailable(format!("datastore unavailable: {err}"))
+            }
             DatastoreError::Conflict(message) => Self::AlreadyExists(message),
             DatastoreError::InvalidArgument(message) => Self::InvalidArgument(message),
             other => Self::Internal(format!("datastore: {other}")),
@@ -48,7 +50,9 @@ impl From<DatastoreError> for ApiError {
 impl From<CaError> for ApiError {
     fn from(err: CaError) -> Self {
         match err {
-            CaError::InvalidCsr(message) => Self::InvalidArgument(format!("invalid CSR: {message}")),
+            CaError::InvalidCsr(message) => {
+                Self::InvalidArgument(format!("invalid CSR: {message}"))
+            }
             CaError::KeyPolicy(message) => {
                 Self::InvalidArgument(format!("public key refused by policy: {message}"))
             }

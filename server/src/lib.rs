@@ -105,7 +105,9 @@ impl RunningServer {
     pub async fn wait(&mut self) -> Result<(), ServerError> {
         let mut result = Ok(());
         while let Some(joined) = self.tasks.join_next().await {
-            let outcome = joined.map_err(|err| ServerError::Task(err.to_string())).and_then(|r| r);
+            let outcome = joined
+                .map_err(|err| ServerError::Task(err.to_string()))
+                .and_then(|r| r);
             if let Err(err) = outcome {
                 self.state.shutdown.cancel();
                 if result.is_ok() {
@@ -127,7 +129,11 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let ca = tokio::task::spawn_blocking(move || -> Result<CertificateAuthority, ServerError> {
         tessera_plugin_sdk::fs::ensure_private_dir(&data_dir)
             .map_err(io_error(format!("data_dir {}", data_dir.display())))?;
-        Ok(CertificateAuthority::load_or_create(&data_dir.join("ca"), &td, ca_ttl)?)
+        Ok(CertificateAuthority::load_or_create(
+            &data_dir.join("ca"),
+            &td,
+            ca_ttl,
+        )?)
     })
     .await
     .map_err(|err| ServerError::Task(err.to_string()))??;
@@ -143,10 +149,18 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let revision = datastore.current_revision().await?;
     let (revisions, _) = watch::channel(revision);
     let shutdown = CancellationToken::new();
-    let state = Arc::new(ServerState { config, datastore, ca, revisions, shutdown });
+    let state = Arc::new(ServerState {
+        config,
+        datastore,
+        ca,
+        revisions,
+        shutdown,
+    });
 
     let provider = tls::provider();
-    let server_id = state.server_id().map_err(|err| ServerError::Task(err.to_string()))?;
+    let server_id = state
+        .server_id()
+        .map_err(|err| ServerError::Task(err.to_string()))?;
     let (server_key, renew_in) = issue_server_svid(&state, &server_id)?;
     let cert_slot = Arc::new(ServerCertSlot::new(server_key));
     let verifier = Arc::new(BundleClientVerifier::new(
@@ -157,36 +171,60 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
 
     let listener = TcpListener::bind(state.config.bind_address)
         .await
-        .map_err(io_error(format!("bind node API on {}", state.config.bind_address)))?;
-    let node_address = listener.local_addr().map_err(io_error("node API address"))?;
+        .map_err(io_error(format!(
+            "bind node API on {}",
+            state.config.bind_address
+        )))?;
+    let node_address = listener
+        .local_addr()
+        .map_err(io_error("node API address"))?;
 
     let admin_socket = state.config.admin_socket_path.clone();
     let admin_listener = bind_admin_socket(&admin_socket, !state.config.admin_uids.is_empty())?;
 
     let mut tasks = JoinSet::new();
     let (conn_tx, conn_rx) = mpsc::channel(64);
-    tasks.spawn(tls_accept(listener, tls_config, conn_tx, state.shutdown.clone()));
-    let node_service = tessera_proto::node::node_server::NodeServer::new(node::NodeService::new(Arc::clone(&state)));
+    tasks.spawn(tls_accept(
+        listener,
+        tls_config,
+        conn_tx,
+        state.shutdown.clone(),
+    ));
+    let node_service = tessera_proto::node::node_server::NodeServer::new(node::NodeService::new(
+        Arc::clone(&state),
+    ));
     let node_shutdown = state.shutdown.clone();
     tasks.spawn(async move {
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .add_service(node_service)
-            .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), node_shutdown.cancelled_owned())
+            .serve_with_incoming_shutdown(
+                ReceiverStream::new(conn_rx),
+                node_shutdown.cancelled_owned(),
+            )
             .await
             .map_err(|err| ServerError::Task(format!("node API: {err}")))
     });
-    let admin_service =
-        tessera_proto::admin::admin_server::AdminServer::new(admin::AdminService::new(Arc::clone(&state)));
+    let admin_service = tessera_proto::admin::admin_server::AdminServer::new(
+        admin::AdminService::new(Arc::clone(&state)),
+    );
     let admin_shutdown = state.shutdown.clone();
     tasks.spawn(async move {
         tonic::transport::Server::builder()
             .add_service(admin_service)
-            .serve_with_incoming_shutdown(UnixListenerStream::new(admin_listener), admin_shutdown.cancelled_owned())
+            .serve_with_incoming_shutdown(
+                UnixListenerStream::new(admin_listener),
+                admin_shutdown.cancelled_owned(),
+            )
             .await
             .map_err(|err| ServerError::Task(format!("admin API: {err}")))
     });
-    tasks.spawn(renew_server_svid(Arc::clone(&state), server_id, cert_slot, renew_in));
+    tasks.spawn(renew_server_svid(
+        Arc::clone(&state),
+        server_id,
+        cert_slot,
+        renew_in,
+    ));
 
     tracing::info!(
         trust_domain = %state.config.trust_domain,
@@ -194,7 +232,12 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         admin_socket = %admin_socket.display(),
         "server started"
     );
-    Ok(RunningServer { node_address, admin_socket, state, tasks })
+    Ok(RunningServer {
+        node_address,
+        admin_socket,
+        state,
+        tasks,
+    })
 }
 
 async fn tls_accept(
@@ -203,7 +246,13 @@ async fn tls_accept(
     out: mpsc::Sender<std::io::Result<tls::NodeConnection>>,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
-    tls::accept_loop(listener, tokio_rustls::TlsAcceptor::from(Arc::new(config)), out, shutdown).await;
+    tls::accept_loop(
+        listener,
+        tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+        out,
+        shutdown,
+    )
+    .await;
     Ok(())
 }
 
@@ -217,12 +266,19 @@ async fn publish_own_bundle(
     let td = config.trust_domain.name();
     let authorities = vec![ca.certificate_der().to_vec()];
     let stored = datastore.get_bundle(td).await?;
-    if stored.as_ref().is_some_and(|b| b.x509_authorities == authorities) {
+    if stored
+        .as_ref()
+        .is_some_and(|b| b.x509_authorities == authorities)
+    {
         return Ok(());
     }
     let sequence_number = stored.map_or(1, |b| b.sequence_number + 1);
     datastore
-        .set_bundle(StoredBundle { trust_domain: td.to_owned(), x509_authorities: authorities, sequence_number })
+        .set_bundle(StoredBundle {
+            trust_domain: td.to_owned(),
+            x509_authorities: authorities,
+            sequence_number,
+        })
         .await?;
     Ok(())
 }
@@ -237,8 +293,16 @@ fn issue_server_svid(
 ) -> Result<(rustls::sign::CertifiedKey, Duration), ServerError> {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
         .map_err(|err| ServerError::Task(format!("server key: {err}")))?;
-    let issued = state.ca.sign_x509_svid(&rcgen::PublicKeyData::subject_public_key_info(&key), server_id, &[], SERVER_SVID_TTL)?;
-    let lifetime = issued.not_after.duration_since(SystemTime::now()).unwrap_or_default();
+    let issued = state.ca.sign_x509_svid(
+        &rcgen::PublicKeyData::subject_public_key_info(&key),
+        server_id,
+        &[],
+        SERVER_SVID_TTL,
+    )?;
+    let lifetime = issued
+        .not_after
+        .duration_since(SystemTime::now())
+        .unwrap_or_default();
     let certified = tls::certified_key(vec![issued.der], key.serialize_der())?;
     Ok((certified, lifetime / 2))
 }
@@ -271,7 +335,10 @@ async fn renew_server_svid(
 /// Binds the admin socket in its own directory: 0700 (0711 when other admin uids are
 /// configured, with the socket 0666, since the uid check is then the gate).
 fn bind_admin_socket(path: &Path, shared: bool) -> Result<UnixListener, ServerError> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let what = format!("admin socket {}", path.display());
     prepare_socket_dir(dir, if shared { 0o711 } else { 0o700 }).map_err(io_error(what.clone()))?;
     remove_stale_socket(path).map_err(io_error(what.clone()))?;

@@ -52,7 +52,9 @@ impl AgentContext {
     }
 
     fn parent_ids(&self) -> Vec<SpiffeId> {
-        std::iter::once(self.id.clone()).chain(self.aliases.iter().cloned()).collect()
+        std::iter::once(self.id.clone())
+            .chain(self.aliases.iter().cloned())
+            .collect()
     }
 }
 
@@ -91,7 +93,10 @@ impl NodeService {
             .ok_or_else(|| ApiError::PermissionDenied("agent is not attested".into()))?;
         if serial == agent.serial {
             if agent.previous_serial.is_some() {
-                self.state.datastore.confirm_agent_serial(&id, &serial).await?;
+                self.state
+                    .datastore
+                    .confirm_agent_serial(&id, &serial)
+                    .await?;
             }
         } else if agent.previous_serial.as_deref() != Some(serial.as_str()) {
             tracing::warn!(
@@ -99,9 +104,14 @@ impl NodeService {
                 presented_serial = %serial,
                 "agent presented a superseded SVID serial: possible stolen credentials"
             );
-            return Err(ApiError::PermissionDenied("agent SVID is no longer active".into()));
+            return Err(ApiError::PermissionDenied(
+                "agent SVID is no longer active".into(),
+            ));
         }
-        Ok(AgentContext { id, aliases: agent.aliases })
+        Ok(AgentContext {
+            id,
+            aliases: agent.aliases,
+        })
     }
 
     async fn attest_join_token(
@@ -114,8 +124,11 @@ impl NodeService {
         let token = JoinToken::parse(text)
             .map_err(|err| ApiError::InvalidArgument(format!("invalid join token: {err}")))?;
         let public_key = ca::public_key_from_csr(csr)?;
-        let agent_id = SpiffeId::from_segments(self.state.trust_domain(), &agent_path_segments(token.id()))
-            .map_err(|err| ApiError::InvalidArgument(format!("invalid join token id: {err}")))?;
+        let agent_id =
+            SpiffeId::from_segments(self.state.trust_domain(), &agent_path_segments(token.id()))
+                .map_err(|err| {
+                    ApiError::InvalidArgument(format!("invalid join token id: {err}"))
+                })?;
         let now = SystemTime::now();
         let alias = match self
             .state
@@ -129,7 +142,10 @@ impl NodeService {
                 return Err(ApiError::InvalidArgument("join token has expired".into()));
             }
             TokenOutcome::Invalid => {
-                tracing::info!(token_id = token.id(), "refused an unknown or used join token");
+                tracing::info!(
+                    token_id = token.id(),
+                    "refused an unknown or used join token"
+                );
                 return Err(ApiError::InvalidArgument(
                     "join token does not exist or has already been used".into(),
                 ));
@@ -158,14 +174,24 @@ impl NodeService {
         })
     }
 
-    fn sign_agent_svid(&self, public_key: &[u8], agent_id: &SpiffeId) -> Result<ca::IssuedCertificate, ApiError> {
-        Ok(self
-            .state
-            .ca
-            .sign_x509_svid(public_key, agent_id, &[], self.state.config.agent_svid_ttl)?)
+    fn sign_agent_svid(
+        &self,
+        public_key: &[u8],
+        agent_id: &SpiffeId,
+    ) -> Result<ca::IssuedCertificate, ApiError> {
+        Ok(self.state.ca.sign_x509_svid(
+            public_key,
+            agent_id,
+            &[],
+            self.state.config.agent_svid_ttl,
+        )?)
     }
 
-    async fn agent_svid_message(&self, agent_id: &SpiffeId, der: Vec<u8>) -> Result<AgentSvid, ApiError> {
+    async fn agent_svid_message(
+        &self,
+        agent_id: &SpiffeId,
+        der: Vec<u8>,
+    ) -> Result<AgentSvid, ApiError> {
         Ok(AgentSvid {
             spiffe_id: agent_id.to_string(),
             cert_chain: vec![der],
@@ -183,14 +209,20 @@ impl NodeService {
         first: bool,
     ) -> Result<Option<SyncResponse>, ApiError> {
         let datastore = &self.state.datastore;
-        let changes = if since == 0 { ChangeSet::TooOld } else { datastore.changes_since(since).await? };
+        let changes = if since == 0 {
+            ChangeSet::TooOld
+        } else {
+            datastore.changes_since(since).await?
+        };
         let changes = match changes {
             ChangeSet::Complete(changes) => changes,
             ChangeSet::TooOld => {
                 // Read the revision before the entries: a write racing with this
                 // snapshot is then replayed by the next delta (upserts are idempotent).
                 let revision = datastore.current_revision().await?;
-                let entries = datastore.list_entries_by_parent(&agent.parent_ids()).await?;
+                let entries = datastore
+                    .list_entries_by_parent(&agent.parent_ids())
+                    .await?;
                 return Ok(Some(SyncResponse {
                     revision,
                     snapshot: true,
@@ -216,10 +248,15 @@ impl NodeService {
                 ChangeKind::AgentUpdated => {}
             }
         }
-        let mut message = SyncResponse { revision, ..SyncResponse::default() };
+        let mut message = SyncResponse {
+            revision,
+            ..SyncResponse::default()
+        };
         for id in entry_ids {
             match datastore.get_entry(&id).await? {
-                Some(entry) if agent.may_serve(&entry) => message.entries.push(entry_to_proto(&entry)),
+                Some(entry) if agent.may_serve(&entry) => {
+                    message.entries.push(entry_to_proto(&entry))
+                }
                 _ => message.deleted_entry_ids.push(id),
             }
         }
@@ -247,7 +284,9 @@ impl Node for NodeService {
             .await?
             .ok_or_else(|| Status::invalid_argument("empty attestation stream"))?;
         let Some(attest_agent_request::Step::Params(params)) = first.step else {
-            return Err(Status::invalid_argument("the first message must carry attestation parameters"));
+            return Err(Status::invalid_argument(
+                "the first message must carry attestation parameters",
+            ));
         };
         let response = match params.r#type.as_str() {
             "join_token" => self.attest_join_token(&params.payload, &params.csr).await?,
@@ -258,7 +297,9 @@ impl Node for NodeService {
                 )));
             }
         };
-        Ok(Response::new(Box::pin(futures::stream::once(async move { Ok(response) }))))
+        Ok(Response::new(Box::pin(futures::stream::once(async move {
+            Ok(response)
+        }))))
     }
 
     async fn renew_agent(
@@ -297,7 +338,9 @@ impl Node for NodeService {
         &self,
         request: Request<SyncRequest>,
     ) -> Result<Response<Self::SyncStream>, Status> {
-        let agent = self.authenticate(request.extensions().get::<NodePeer>()).await?;
+        let agent = self
+            .authenticate(request.extensions().get::<NodePeer>())
+            .await?;
         let mut since = request.get_ref().since_revision;
         let (tx, rx) = mpsc::channel(16);
         let service = self.clone();
@@ -333,17 +376,28 @@ impl Node for NodeService {
         &self,
         request: Request<BatchNewX509svidRequest>,
     ) -> Result<Response<BatchNewX509svidResponse>, Status> {
-        let agent = self.authenticate(request.extensions().get::<NodePeer>()).await?;
+        let agent = self
+            .authenticate(request.extensions().get::<NodePeer>())
+            .await?;
         let params = request.into_inner().params;
         if params.len() > MAX_BATCH {
-            return Err(Status::invalid_argument(format!("at most {MAX_BATCH} SVIDs per call")));
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_BATCH} SVIDs per call"
+            )));
         }
         let mut results = Vec::with_capacity(params.len());
         for param in params {
             let result = match self.state.datastore.get_entry(&param.entry_id).await {
                 Ok(Some(entry)) if agent.may_serve(&entry) => {
-                    let ttl = entry.x509_svid_ttl.unwrap_or(self.state.config.default_x509_svid_ttl);
-                    match self.state.ca.sign_x509_svid(&param.public_key, &entry.spiffe_id, &entry.dns_names, ttl) {
+                    let ttl = entry
+                        .x509_svid_ttl
+                        .unwrap_or(self.state.config.default_x509_svid_ttl);
+                    match self.state.ca.sign_x509_svid(
+                        &param.public_key,
+                        &entry.spiffe_id,
+                        &entry.dns_names,
+                        ttl,
+                    ) {
                         Ok(cert) => {
                             tracing::debug!(agent_id = %agent.id, spiffe_id = %entry.spiffe_id, serial = %cert.serial_hex, "signed X.509-SVID");
                             x509svid_result::Result::Svid(X509Svid {
@@ -358,12 +412,18 @@ impl Node for NodeService {
                 Ok(_) => item_error(Status::not_found("entry not found or not authorized")),
                 Err(err) => item_error(ApiError::from(err).into()),
             };
-            results.push(X509svidResult { entry_id: param.entry_id, result: Some(result) });
+            results.push(X509svidResult {
+                entry_id: param.entry_id,
+                result: Some(result),
+            });
         }
         Ok(Response::new(BatchNewX509svidResponse { results }))
     }
 }
 
 fn item_error(status: Status) -> x509svid_result::Result {
-    x509svid_result::Result::Error(ItemError { code: status.code() as i32, message: status.message().to_owned() })
+    x509svid_result::Result::Error(ItemError {
+        code: status.code() as i32,
+        message: status.message().to_owned(),
+    })
 }

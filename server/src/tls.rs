@@ -15,7 +15,9 @@ use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::{ClientHello, NoServerSessionStorage, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::server::{
+    ClientHello, NoServerSessionStorage, ResolvesServerCert, WebPkiClientVerifier,
+};
 use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -59,7 +61,9 @@ pub struct ServerCertSlot {
 impl ServerCertSlot {
     /// A slot holding `key`.
     pub fn new(key: CertifiedKey) -> Self {
-        Self { current: RwLock::new(Arc::new(key)) }
+        Self {
+            current: RwLock::new(Arc::new(key)),
+        }
     }
 
     /// Replaces the served certificate (new handshakes use it at once).
@@ -89,7 +93,10 @@ impl BundleClientVerifier {
     /// A verifier trusting `authorities` (DER CA certificates).
     pub fn new(authorities: &[Vec<u8>], provider: Arc<CryptoProvider>) -> Result<Self, TlsError> {
         let inner = Self::build(authorities, &provider)?;
-        Ok(Self { inner: RwLock::new(inner), provider })
+        Ok(Self {
+            inner: RwLock::new(inner),
+            provider,
+        })
     }
 
     /// Trust `authorities` from now on (called when the bundle changes).
@@ -300,7 +307,10 @@ pub async fn accept_loop(
                         .peer_certificates()
                         .map(|certs| certs.iter().map(|c| c.clone().into_owned()).collect())
                         .unwrap_or_default();
-                    let peer = NodePeer { remote_addr, certificates: Arc::new(certificates) };
+                    let peer = NodePeer {
+                        remote_addr,
+                        certificates: Arc::new(certificates),
+                    };
                     let _ = out.send(Ok(NodeConnection { stream, peer })).await;
                 }
                 Ok(Err(err)) => {

@@ -84,7 +84,10 @@ pub fn expand_env(text: &str, path: &Path) -> Result<String, ConfigError> {
             });
         };
         let name = &after[..end];
-        let valid = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        let valid = name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
             && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !valid {
             return Err(ConfigError::Expand {
@@ -121,7 +124,12 @@ pub fn parse_toml<T: DeserializeOwned>(text: &str, path: &Path) -> Result<T, Con
     toml::from_str(&expanded).map_err(|err| {
         let line = err
             .span()
-            .map(|span| expanded[..span.start.min(expanded.len())].matches('\n').count() + 1)
+            .map(|span| {
+                expanded[..span.start.min(expanded.len())]
+                    .matches('\n')
+                    .count()
+                    + 1
+            })
             .unwrap_or(0);
         ConfigError::Parse {
             path: path.display().to_string(),
@@ -176,14 +184,17 @@ pub struct ConfigDuration(pub std::time::Duration);
 impl<'de> Deserialize<'de> for ConfigDuration {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = String::deserialize(deserializer)?;
-        parse_duration(&text).map(Self).map_err(serde::de::Error::custom)
+        parse_duration(&text)
+            .map(Self)
+            .map_err(serde::de::Error::custom)
     }
 }
 
 /// Parses a duration like `"1h"`, `"90s"`, `"1h30m"`; zero is refused.
 pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
-    let value = humantime::parse_duration(text.trim())
-        .map_err(|err| format!("`{text}` is not a duration like \"90s\", \"5m\" or \"1h\": {err}"))?;
+    let value = humantime::parse_duration(text.trim()).map_err(|err| {
+        format!("`{text}` is not a duration like \"90s\", \"5m\" or \"1h\": {err}")
+    })?;
     if value.is_zero() {
         return Err(format!("`{text}` must be longer than zero"));
     }

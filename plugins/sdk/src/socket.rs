@@ -11,7 +11,10 @@ use nix::fcntl::{AtFlags, OFlag, open};
 use nix::sys::stat::{FchmodatFlags, Mode, SFlag, fchmodat, fstatat};
 
 fn refuse(path: &Path, why: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::PermissionDenied, format!("{}: {why}", path.display()))
+    io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        format!("{}: {why}", path.display()),
+    )
 }
 
 /// Creates `dir` with `mode` when missing (its parent must exist), then checks it: a
@@ -21,18 +24,32 @@ pub fn prepare_socket_dir(dir: &Path, mode: u32) -> io::Result<()> {
     match std::fs::DirBuilder::new().mode(mode).create(dir) {
         Ok(()) => {}
         Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(err) => return Err(io::Error::new(err.kind(), format!("{}: {err}", dir.display()))),
+        Err(err) => {
+            return Err(io::Error::new(
+                err.kind(),
+                format!("{}: {err}", dir.display()),
+            ));
+        }
     }
     let meta = std::fs::symlink_metadata(dir)?;
     if !meta.file_type().is_dir() {
-        return Err(refuse(dir, "socket directory is not a directory (or is a symlink)"));
+        return Err(refuse(
+            dir,
+            "socket directory is not a directory (or is a symlink)",
+        ));
     }
     let euid = nix::unistd::geteuid().as_raw();
     if meta.uid() != 0 && meta.uid() != euid {
-        return Err(refuse(dir, &format!("socket directory is owned by uid {}, not by us", meta.uid())));
+        return Err(refuse(
+            dir,
+            &format!("socket directory is owned by uid {}, not by us", meta.uid()),
+        ));
     }
     if meta.mode() & 0o022 != 0 {
-        return Err(refuse(dir, "socket directory is writable by group or others"));
+        return Err(refuse(
+            dir,
+            "socket directory is writable by group or others",
+        ));
     }
     Ok(())
 }
@@ -47,12 +64,18 @@ pub fn remove_stale_socket(path: &Path) -> io::Result<()> {
     };
     use std::os::unix::fs::FileTypeExt;
     if !meta.file_type().is_socket() {
-        return Err(refuse(path, "exists and is not a socket; refusing to replace it"));
+        return Err(refuse(
+            path,
+            "exists and is not a socket; refusing to replace it",
+        ));
     }
     if meta.uid() != nix::unistd::geteuid().as_raw() {
         return Err(refuse(
             path,
-            &format!("a socket owned by uid {} is already there; refusing to replace it", meta.uid()),
+            &format!(
+                "a socket owned by uid {} is already there; refusing to replace it",
+                meta.uid()
+            ),
         ));
     }
     std::fs::remove_file(path)
@@ -63,12 +86,19 @@ pub fn remove_stale_socket(path: &Path) -> io::Result<()> {
 /// since [`prepare_socket_dir`] made sure nobody else can write the directory, the
 /// entry cannot be swapped between the check and the `fchmodat`.
 pub fn set_socket_mode(path: &Path, mode: u32) -> io::Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let name = path
         .file_name()
         .ok_or_else(|| refuse(path, "socket path has no file name"))?;
-    let dirfd = open(dir, OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_PATH, Mode::empty())
-        .map_err(io::Error::from)?;
+    let dirfd = open(
+        dir,
+        OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_PATH,
+        Mode::empty(),
+    )
+    .map_err(io::Error::from)?;
     let stat = fstatat(&dirfd, name, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(io::Error::from)?;
     if SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT != SFlag::S_IFSOCK {
         return Err(refuse(path, "is not the socket we bound"));
@@ -76,8 +106,13 @@ pub fn set_socket_mode(path: &Path, mode: u32) -> io::Result<()> {
     if stat.st_uid != nix::unistd::geteuid().as_raw() {
         return Err(refuse(path, "socket is not owned by us"));
     }
-    fchmodat(&dirfd, name, Mode::from_bits_truncate(mode), FchmodatFlags::FollowSymlink)
-        .map_err(io::Error::from)
+    fchmodat(
+        &dirfd,
+        name,
+        Mode::from_bits_truncate(mode),
+        FchmodatFlags::FollowSymlink,
+    )
+    .map_err(io::Error::from)
 }
 
 #[cfg(test)]
@@ -90,8 +125,12 @@ mod tests {
         let dir = tmp.path().join("sock");
         prepare_socket_dir(&dir, 0o755).unwrap();
         prepare_socket_dir(&dir, 0o755).unwrap();
-        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
-        assert!(prepare_socket_dir(&dir, 0o755).is_err(), "world-writable dir accepted");
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+            .unwrap();
+        assert!(
+            prepare_socket_dir(&dir, 0o755).is_err(),
+            "world-writable dir accepted"
+        );
     }
 
     #[test]

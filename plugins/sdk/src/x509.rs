@@ -42,10 +42,13 @@ pub struct LeafInfo {
 }
 
 fn parse(der: &[u8]) -> Result<X509Certificate<'_>, X509Error> {
-    let (rest, cert) =
-        x509_parser::parse_x509_certificate(der).map_err(|err| X509Error::Malformed(err.to_string()))?;
+    let (rest, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|err| X509Error::Malformed(err.to_string()))?;
     if !rest.is_empty() {
-        return Err(X509Error::Malformed(format!("{} trailing bytes", rest.len())));
+        return Err(X509Error::Malformed(format!(
+            "{} trailing bytes",
+            rest.len()
+        )));
     }
     Ok(cert)
 }
@@ -146,7 +149,10 @@ mod tests {
 
     #[test]
     fn zero_or_two_uris_and_bad_ids_are_refused() {
-        assert_eq!(spiffe_id_of_certificate(&cert_with_uris(&[])), Err(X509Error::UriSanCount(0)));
+        assert_eq!(
+            spiffe_id_of_certificate(&cert_with_uris(&[])),
+            Err(X509Error::UriSanCount(0))
+        );
         assert_eq!(
             spiffe_id_of_certificate(&cert_with_uris(&["spiffe://a.org/x", "spiffe://a.org/y"])),
             Err(X509Error::UriSanCount(2))

@@ -1,0 +1,14 @@
+//! Every scenario of tessera in one test binary (one link step for the whole suite):
+//! real servers and agents on temp dirs, loopback and Unix sockets, driven by real
+//! clients.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    missing_docs,
+    reason = "scenario tests: a failed step is a failed test"
+)]
+
+mod support;
+mod workload_api;
