@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use tessera_plugin_sdk::SpiffeId;
+use tessera_plugin_sdk::x509::{pem_encode, pem_encode_all};
 use tessera_plugin_sdk::fs::{
     ensure_private_dir, read_private_file, write_private_file, write_public_file,
 };
@@ -46,11 +47,6 @@ pub struct Store {
     dir: PathBuf,
 }
 
-fn pem_encode(tag: &str, ders: &[Vec<u8>]) -> String {
-    ders.iter()
-        .map(|der| pem::encode(&pem::Pem::new(tag, der.clone())))
-        .collect()
-}
 
 /// Parses every `CERTIFICATE` block of a PEM text.
 pub fn parse_pem_certificates(text: &[u8]) -> Result<Vec<Vec<u8>>, String> {
@@ -113,13 +109,13 @@ impl Store {
     /// Persists the agent SVID and key (key first, so a crash never leaves a certificate
     /// without its key).
     pub fn save_svid(&self, chain: &[Vec<u8>], key_pkcs8: &[u8]) -> Result<(), AgentError> {
-        let key_pem = pem::encode(&pem::Pem::new("PRIVATE KEY", key_pkcs8.to_vec()));
+        let key_pem = pem_encode("PRIVATE KEY", key_pkcs8);
         write_private_file(&self.dir, KEY_FILE, key_pem.as_bytes())
             .map_err(AgentError::io(format!("write {KEY_FILE}")))?;
         write_private_file(
             &self.dir,
             SVID_FILE,
-            pem_encode("CERTIFICATE", chain).as_bytes(),
+            pem_encode_all("CERTIFICATE", chain).as_bytes(),
         )
         .map_err(AgentError::io(format!("write {SVID_FILE}")))
     }
@@ -144,7 +140,7 @@ impl Store {
         write_public_file(
             &self.dir,
             BUNDLE_FILE,
-            pem_encode("CERTIFICATE", authorities).as_bytes(),
+            pem_encode_all("CERTIFICATE", authorities).as_bytes(),
         )
         .map_err(AgentError::io(format!("write {BUNDLE_FILE}")))
     }

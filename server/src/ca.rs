@@ -330,7 +330,7 @@ impl CertificateAuthority {
             .self_signed(&key)
             .map_err(|e| CaError::Signing(format!("CA certificate: {e}")))?;
         let cert_der = cert.der().to_vec();
-        let cert_pem = pem_encode("CERTIFICATE", &cert_der);
+        let cert_pem = tessera_plugin_sdk::x509::pem_encode("CERTIFICATE", &cert_der);
 
         let key_pem = key.serialize_pem();
         write_private_file(dir, CA_KEY_FILE, key_pem.as_bytes()).map_err(|source| CaError::Io {
@@ -392,7 +392,7 @@ impl CertificateAuthority {
                 .map_err(|e| CaError::Corrupt(format!("{CA_CERT_FILE}: {e}")))?;
             check_ca_certificate(&cert, &key, trust_domain)?;
             (
-                serial_from_cert(&cert)
+                serial_of_certificate(&cert_der)
                     .map_err(|e| CaError::Corrupt(format!("{CA_CERT_FILE}: {e}")))?,
                 cert.validity().not_before.timestamp(),
                 cert.validity().not_after.timestamp(),
@@ -426,7 +426,7 @@ impl CertificateAuthority {
         let ca = Self {
             issuer,
             trust_domain: trust_domain.clone(),
-            cert_pem: pem_encode("CERTIFICATE", &cert_der),
+            cert_pem: tessera_plugin_sdk::x509::pem_encode("CERTIFICATE", &cert_der),
             cert_der,
             serial_hex: serial,
             not_before,
@@ -534,30 +534,22 @@ pub fn check_public_key(spki_der: &[u8]) -> Result<(), CaError> {
 /// extension, zero or several URI SANs, or a URI that is not a canonical leaf SPIFFE ID.
 /// Chain verification is the caller's job (TLS).
 pub fn spiffe_id_of_certificate(der: &[u8]) -> Result<SpiffeId, CaError> {
-    let cert = parse_certificate(der)?;
-    let san = cert
-        .subject_alternative_name()
-        .map_err(|e| CaError::InvalidCertificate(format!("bad subjectAltName: {e}")))?
-        .ok_or_else(|| CaError::InvalidCertificate("no subjectAltName extension".into()))?;
-    let mut uris = san.value.general_names.iter().filter_map(|n| match n {
-        GeneralName::URI(uri) => Some(*uri),
-        _ => None,
-    });
-    let (Some(uri), None) = (uris.next(), uris.next()) else {
+    let id = tessera_plugin_sdk::x509::spiffe_id_of_certificate(der)
+        .map_err(|e| CaError::InvalidCertificate(e.to_string()))?;
+    if id.is_trust_domain_id() {
         return Err(CaError::InvalidCertificate(
-            "an X509-SVID must have exactly one URI SAN".into(),
+            "URI SAN is a trust domain ID, not a leaf SPIFFE ID".into(),
         ));
-    };
-    SpiffeId::parse_leaf(uri)
-        .map_err(|e| CaError::InvalidCertificate(format!("URI SAN is not a SPIFFE ID: {e}")))
+    }
+    Ok(id)
 }
 
 /// Serial number of a DER certificate: lowercase hex, no separators, no leading zeros
 /// (the format of [`IssuedCertificate::serial_hex`]). Zero or negative serials are
 /// errors.
 pub fn serial_of_certificate(der: &[u8]) -> Result<String, CaError> {
-    let cert = parse_certificate(der)?;
-    serial_from_cert(&cert)
+    tessera_plugin_sdk::x509::serial_of_certificate(der)
+        .map_err(|e| CaError::InvalidCertificate(e.to_string()))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -815,19 +807,6 @@ fn parse_certificate(der: &[u8]) -> Result<X509Certificate<'_>, CaError> {
     Ok(cert)
 }
 
-fn serial_from_cert(cert: &X509Certificate<'_>) -> Result<String, CaError> {
-    let raw = cert.raw_serial();
-    if raw.first().is_none_or(|b| b & 0x80 != 0) {
-        return Err(CaError::InvalidCertificate(
-            "negative or empty serial number".into(),
-        ));
-    }
-    let hex = hex::encode(strip_leading_zeros(raw));
-    if hex.is_empty() {
-        return Err(CaError::InvalidCertificate("zero serial number".into()));
-    }
-    Ok(hex)
-}
 
 fn serial_hex(serial: &SerialNumber) -> String {
     hex::encode(strip_leading_zeros(serial.as_ref()))
@@ -940,35 +919,6 @@ fn pem_decode_single_certificate(pem: &[u8]) -> Result<Vec<u8>, CaError> {
     found.ok_or_else(|| CaError::Corrupt(format!("{CA_CERT_FILE} holds no CERTIFICATE block")))
 }
 
-/// PEM-encodes DER (RFC 7468: 64-column base64, LF).
-///
-/// Hand-written because none of this workspace's dependencies exposes a PEM or base64
-/// encoder (rustls-pemfile and x509-parser only decode; rcgen encodes only what it
-/// generated itself), and a dozen lines do not justify a new crate.
-fn pem_encode(label: &str, der: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut b64 = Vec::with_capacity(der.len().div_ceil(3) * 4);
-    for chunk in der.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                b64.push(ALPHABET[((n >> (18 - 6 * i)) & 0x3f) as usize]);
-            } else {
-                b64.push(b'=');
-            }
-        }
-    }
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for line in b64.chunks(64) {
-        out.extend(line.iter().map(|b| char::from(*b)));
-        out.push('\n');
-    }
-    out.push_str(&format!("-----END {label}-----\n"));
-    out
-}
 
 fn backdate_secs() -> i64 {
     i64::try_from(BACKDATE.as_secs()).unwrap_or(0)
@@ -1244,33 +1194,6 @@ mod tests {
             ca.certificate_der()
         );
         assert!(format!("{ca:?}").contains("[elided]"));
-    }
-
-    #[test]
-    fn pem_encoder_matches_rcgen() {
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-        let cert = CertificateParams::new(vec!["a.example".to_string()])
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
-        assert_eq!(pem_encode("CERTIFICATE", cert.der()), cert.pem());
-        for len in 0..5 {
-            let data: Vec<u8> = (0..len).collect();
-            let pem = pem_encode("X", &data);
-            assert!(pem.starts_with("-----BEGIN X-----\n") && pem.ends_with("-----END X-----\n"));
-        }
-        assert_eq!(
-            pem_encode("X", b"foobar"),
-            "-----BEGIN X-----\nZm9vYmFy\n-----END X-----\n"
-        );
-        assert_eq!(
-            pem_encode("X", b"fooba"),
-            "-----BEGIN X-----\nZm9vYmE=\n-----END X-----\n"
-        );
-        assert_eq!(
-            pem_encode("X", b"foob"),
-            "-----BEGIN X-----\nZm9vYg==\n-----END X-----\n"
-        );
     }
 
     #[test]

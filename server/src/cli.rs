@@ -252,7 +252,7 @@ fn entry_text(entry: &Entry) -> String {
 }
 
 fn pem(der: &[u8]) -> String {
-    pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()))
+    tessera_plugin_sdk::x509::pem_encode("CERTIFICATE", der)
 }
 
 /// Runs an admin command; returns what to print on stdout.

@@ -77,7 +77,7 @@ impl Harness {
             .expect("server config parses");
         let server = tessera_server::start(config).await.expect("server starts");
         self.port = server.node_address().port();
-        let pem = pem::encode(&pem::Pem::new("CERTIFICATE", server.ca_certificate_der()));
+        let pem = tessera_plugin_sdk::x509::pem_encode("CERTIFICATE", &server.ca_certificate_der());
         std::fs::write(self.bootstrap_bundle(), pem).expect("write bootstrap bundle");
         self.server = Some(server);
     }

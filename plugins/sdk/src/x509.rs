@@ -112,6 +112,19 @@ pub fn serial_of_certificate(der: &[u8]) -> Result<String, X509Error> {
     serial(&parse(der)?)
 }
 
+/// PEM (RFC 7468: 64-column base64, LF line endings) of one DER object.
+pub fn pem_encode(tag: &str, der: &[u8]) -> String {
+    pem::encode_config(
+        &pem::Pem::new(tag, der.to_vec()),
+        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+    )
+}
+
+/// PEM of several DER objects with the same tag, concatenated.
+pub fn pem_encode_all(tag: &str, ders: &[Vec<u8>]) -> String {
+    ders.iter().map(|der| pem_encode(tag, der)).collect()
+}
+
 /// SPIFFE ID, serial and validity of a leaf certificate.
 pub fn leaf_info(der: &[u8]) -> Result<LeafInfo, X509Error> {
     let cert = parse(der)?;
@@ -161,6 +174,14 @@ mod tests {
             spiffe_id_of_certificate(&cert_with_uris(&["https://a.org/x"])),
             Err(X509Error::InvalidSpiffeId(_))
         ));
+    }
+
+    #[test]
+    fn pem_matches_rcgen_and_known_vectors() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::default().self_signed(&key).unwrap();
+        assert_eq!(pem_encode("CERTIFICATE", cert.der()), cert.pem());
+        assert_eq!(pem_encode("X", b"fooba"), "-----BEGIN X-----\nZm9vYmE=\n-----END X-----\n");
     }
 
     #[test]

@@ -7,6 +7,7 @@
     clippy::expect_used,
     clippy::panic,
     missing_docs,
+    unreachable_pub,
     reason = "scenario tests: a failed step is a failed test"
 )]
 
