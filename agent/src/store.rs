@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use tessera_plugin_sdk::SpiffeId;
-use tessera_plugin_sdk::x509::{pem_encode, pem_encode_all};
 use tessera_plugin_sdk::fs::{
     ensure_private_dir, read_private_file, write_private_file, write_public_file,
 };
+use tessera_plugin_sdk::x509::{pem_encode, pem_encode_all};
 
 use crate::error::AgentError;
 
@@ -46,7 +46,6 @@ impl std::fmt::Debug for AgentSvidFiles {
 pub struct Store {
     dir: PathBuf,
 }
-
 
 /// Parses every `CERTIFICATE` block of a PEM text.
 pub fn parse_pem_certificates(text: &[u8]) -> Result<Vec<Vec<u8>>, String> {

@@ -223,6 +223,28 @@ impl CertificateAuthority {
         &self.trust_domain
     }
 
+    /// Logs a warning when less than 1/6 of the CA's lifetime remains: until CA rotation
+    /// exists, an operator must replace the CA by hand before it expires. The server
+    /// calls this at start and every hour.
+    pub fn warn_if_expiring(&self) -> bool {
+        let now = SystemTime::now();
+        let lifetime = self
+            .not_after()
+            .duration_since(self.not_before())
+            .unwrap_or_default();
+        let remaining = self.not_after().duration_since(now).unwrap_or_default();
+        let expiring = remaining * 6 < lifetime;
+        if expiring {
+            tracing::warn!(
+                trust_domain = self.trust_domain().name(),
+                serial = %self.serial_hex(),
+                remaining_secs = remaining.as_secs(),
+                "less than 1/6 of the CA lifetime remains and CA rotation is not implemented yet"
+            );
+        }
+        expiring
+    }
+
     /// Hex serial of the CA certificate (same format as [`serial_of_certificate`]).
     pub fn serial_hex(&self) -> &str {
         &self.serial_hex
@@ -409,18 +431,6 @@ impl CertificateAuthority {
             );
             return Err(CaError::Expired);
         }
-        let lifetime = not_after.saturating_sub(not_before);
-        let remaining = not_after.saturating_sub(now);
-        if remaining.saturating_mul(6) < lifetime {
-            tracing::warn!(
-                trust_domain = trust_domain.name(),
-                serial = %serial,
-                not_after = not_after,
-                remaining_secs = remaining,
-                "less than 1/6 of the CA lifetime remains and CA rotation is not implemented yet"
-            );
-        }
-
         let issuer = Issuer::from_ca_cert_der(&cert_der.clone().into(), key)
             .map_err(|e| CaError::Corrupt(format!("{CA_CERT_FILE}: {e}")))?;
         let ca = Self {
@@ -439,6 +449,7 @@ impl CertificateAuthority {
             not_after = not_after,
             "loaded the CA"
         );
+        ca.warn_if_expiring();
         Ok(ca)
     }
 
@@ -807,7 +818,6 @@ fn parse_certificate(der: &[u8]) -> Result<X509Certificate<'_>, CaError> {
     Ok(cert)
 }
 
-
 fn serial_hex(serial: &SerialNumber) -> String {
     hex::encode(strip_leading_zeros(serial.as_ref()))
 }
@@ -918,7 +928,6 @@ fn pem_decode_single_certificate(pem: &[u8]) -> Result<Vec<u8>, CaError> {
     }
     found.ok_or_else(|| CaError::Corrupt(format!("{CA_CERT_FILE} holds no CERTIFICATE block")))
 }
-
 
 fn backdate_secs() -> i64 {
     i64::try_from(BACKDATE.as_secs()).unwrap_or(0)

@@ -283,6 +283,9 @@ async fn publish_own_bundle(
     Ok(())
 }
 
+/// How often the server checks whether its CA nears expiry.
+const CA_EXPIRY_CHECK: Duration = Duration::from_secs(3600);
+
 /// Lifetime of the server's own TLS SVID.
 const SERVER_SVID_TTL: Duration = Duration::from_secs(24 * 3600);
 
@@ -311,22 +314,27 @@ async fn renew_server_svid(
     state: Arc<ServerState>,
     server_id: tessera_plugin_sdk::SpiffeId,
     slot: Arc<ServerCertSlot>,
-    mut renew_in: Duration,
+    renew_in: Duration,
 ) -> Result<(), ServerError> {
+    let mut renew_at = tokio::time::Instant::now() + renew_in;
     loop {
         tokio::select! {
             () = state.shutdown.cancelled() => return Ok(()),
-            () = tokio::time::sleep(renew_in) => {}
+            () = tokio::time::sleep(CA_EXPIRY_CHECK) => {
+                state.ca.warn_if_expiring();
+                continue;
+            }
+            () = tokio::time::sleep_until(renew_at) => {}
         }
         match issue_server_svid(&state, &server_id) {
             Ok((key, next)) => {
                 slot.replace(key);
-                renew_in = next;
+                renew_at = tokio::time::Instant::now() + next;
                 tracing::info!("server SVID renewed");
             }
             Err(err) => {
                 tracing::error!(error = %err, "cannot renew the server SVID; retrying in 30s");
-                renew_in = Duration::from_secs(30);
+                renew_at = tokio::time::Instant::now() + Duration::from_secs(30);
             }
         }
     }

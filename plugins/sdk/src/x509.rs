@@ -179,9 +179,14 @@ mod tests {
     #[test]
     fn pem_matches_rcgen_and_known_vectors() {
         let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::default().self_signed(&key).unwrap();
+        let cert = rcgen::CertificateParams::default()
+            .self_signed(&key)
+            .unwrap();
         assert_eq!(pem_encode("CERTIFICATE", cert.der()), cert.pem());
-        assert_eq!(pem_encode("X", b"fooba"), "-----BEGIN X-----\nZm9vYmE=\n-----END X-----\n");
+        assert_eq!(
+            pem_encode("X", b"fooba"),
+            "-----BEGIN X-----\nZm9vYmE=\n-----END X-----\n"
+        );
     }
 
     #[test]

@@ -107,7 +107,22 @@ impl WorkloadAttestor for UnixAttestor {
 
         let link = exe_link(workload)?;
         let path = exe_path(&link);
-        let hash = self.hasher.hash(workload, path.is_some())?;
+        // A binary over `max_binary_size` gets no sha256 selector (the read is never
+        // longer than the limit), but keeps its uid/gid/path selectors: the hash is
+        // supplementary, and refusing every identity to large binaries would be worse.
+        let hash = match self.hasher.hash(workload, path.is_some()) {
+            Ok(hash) => Some(hash),
+            Err(AttestError::BinaryTooLarge { size, limit }) => {
+                tracing::info!(
+                    pid = workload.pid(),
+                    size,
+                    limit,
+                    "binary larger than max_binary_size: no sha256 selector"
+                );
+                None
+            }
+            Err(err) => return Err(err),
+        };
         // An execve between reading the link and opening `exe` would pair one binary's
         // path with another's hash: read the link again.
         if exe_link(workload)? != link {
@@ -116,7 +131,9 @@ impl WorkloadAttestor for UnixAttestor {
         if let Some(path) = path {
             push(&mut out, &format!("path:{path}"));
         }
-        push(&mut out, &format!("sha256:{}", hex::encode(hash)));
+        if let Some(hash) = hash {
+            push(&mut out, &format!("sha256:{}", hex::encode(hash)));
+        }
         tracing::debug!(
             pid = workload.pid(),
             selectors = out.len(),

@@ -283,7 +283,7 @@ fn which(name: &str) -> Result<std::path::PathBuf, ()> {
 }
 
 #[test]
-fn binary_over_the_limit_is_refused() {
+fn binary_over_the_limit_gets_no_hash_selector() {
     let child = spawn_sleep();
     let w = pin(
         &child,
@@ -295,12 +295,14 @@ fn binary_over_the_limit_is_refused() {
     let attestor = UnixAttestor::new(UnixAttestorConfig {
         max_binary_size: size - 1,
     });
-    match attestor.attest(&w) {
-        Err(AttestError::BinaryTooLarge { size: s, limit }) => {
-            assert_eq!((s, limit), (size, size - 1));
-        }
-        other => panic!("expected BinaryTooLarge, got {other:?}"),
-    }
+    let got = values(&attestor.attest(&w).unwrap());
+    assert!(!got.iter().any(|v| v.starts_with("sha256:")), "{got:?}");
+    assert!(got.iter().any(|v| v.starts_with("uid:")), "{got:?}");
+    assert!(got.iter().any(|v| v.starts_with("path:")), "{got:?}");
+    assert!(matches!(
+        attestor.hasher.hash(&w, true),
+        Err(AttestError::BinaryTooLarge { size: s, limit }) if (s, limit) == (size, size - 1)
+    ));
     assert_eq!(attestor.hasher.cached_len(), 0);
 
     // Exactly at the limit is fine.
