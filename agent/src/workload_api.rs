@@ -141,8 +141,10 @@ pub struct WorkloadApi {
     shutdown: CancellationToken,
 }
 
-enum Push<T> {
-    Send(T),
+/// What a stream does with one cache snapshot: send a message (with the key that
+/// tells whether it differs from the last one), keep waiting, or refuse the caller.
+enum Push<T, K> {
+    Send(T, K),
     Wait,
     Deny,
 }
@@ -198,7 +200,7 @@ impl WorkloadApi {
     fn stream<T, K>(
         &self,
         caller: Arc<Workload>,
-        build: impl Fn(&CacheSnapshot) -> Push<(T, K)> + Send + 'static,
+        build: impl Fn(&CacheSnapshot) -> Push<T, K> + Send + 'static,
     ) -> ReceiverStream<Result<T, Status>>
     where
         T: Send + 'static,
@@ -220,7 +222,7 @@ impl WorkloadApi {
                         return;
                     }
                     Push::Wait => {}
-                    Push::Send((message, key)) => {
+                    Push::Send(message, key) => {
                         if last.as_ref() != Some(&key) {
                             if let Err(status) = ensure_alive(&caller) {
                                 let _ = tx.send(Err(status)).await;
@@ -256,9 +258,17 @@ fn ensure_alive(caller: &Workload) -> Result<(), Status> {
     }
 }
 
-/// The identity of a response: which SVID objects and which bundle it carried.
+/// The identity of an X.509-SVID response: which SVID objects (by address and serial)
+/// and which bundle it carried.
 #[derive(PartialEq)]
-struct SentX509(Vec<usize>, u64);
+struct SentX509 {
+    svids: Vec<usize>,
+    serials: Vec<String>,
+    bundle_sequence: u64,
+}
+
+/// The identity of a bundles response.
+type SentBundles = (u64, Vec<Vec<u8>>);
 
 fn svid_key(
     svids: &[(
@@ -278,7 +288,7 @@ fn svid_key(
 fn x509_push(
     snapshot: &CacheSnapshot,
     selectors: &[Selector],
-) -> Push<(X509svidResponse, (SentX509, Vec<String>))> {
+) -> Push<X509svidResponse, SentX509> {
     if !snapshot.synced {
         return Push::Wait;
     }
@@ -305,13 +315,12 @@ fn x509_push(
                 .iter()
                 .map(|(_, svid)| svid.serial_hex.clone())
                 .collect();
-            Push::Send((
-                response,
-                (
-                    SentX509(svid_key(&svids), snapshot.bundle.sequence_number),
-                    serials,
-                ),
-            ))
+            let key = SentX509 {
+                svids: svid_key(&svids),
+                serials,
+                bundle_sequence: snapshot.bundle.sequence_number,
+            };
+            Push::Send(response, key)
         }
     }
 }
@@ -319,7 +328,7 @@ fn x509_push(
 fn bundles_push(
     snapshot: &CacheSnapshot,
     selectors: &[Selector],
-) -> Push<(X509BundlesResponse, (u64, Vec<Vec<u8>>))> {
+) -> Push<X509BundlesResponse, SentBundles> {
     if !snapshot.synced {
         return Push::Wait;
     }
@@ -333,13 +342,13 @@ fn bundles_push(
     let bundle = &snapshot.bundle;
     let mut bundles = std::collections::HashMap::new();
     bundles.insert(bundle.trust_domain.id_string(), bundle.concatenated_der());
-    Push::Send((
+    Push::Send(
         X509BundlesResponse {
             crl: Vec::new(),
             bundles,
         },
         (bundle.sequence_number, bundle.authorities.clone()),
-    ))
+    )
 }
 
 type Stream<T> = ReceiverStream<Result<T, Status>>;

@@ -4,6 +4,12 @@
 //! credentials, the agent's Workload API through the Rust `spiffe` crate in a child
 //! process, and the CLI binaries.
 
+#![allow(
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test harness: a failed setup step is a failed scenario"
+)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;

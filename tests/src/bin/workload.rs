@@ -35,7 +35,7 @@ fn describe(context: &X509Context) -> Result<serde_json::Value, String> {
         let td = svid.spiffe_id().trust_domain();
         let bundle = context
             .bundle_set()
-            .get(&td)
+            .get(td)
             .ok_or_else(|| format!("no bundle for {td}"))?;
         let anchors: Vec<_> = bundle
             .authorities()

@@ -11,5 +11,6 @@
     reason = "scenario tests: a failed step is a failed test"
 )]
 
+mod cli;
 mod support;
 mod workload_api;

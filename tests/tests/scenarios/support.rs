@@ -160,3 +160,186 @@ pub async fn wait_healthy(name: &str, socket: &Path, limit: std::time::Duration)
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// The node API with hand-made credentials (node_api.rs, and any scenario that plays an
+// agent by hand).
+
+/// The server's SPIFFE ID in the scenarios' trust domain.
+pub const SERVER_ID: &str = "spiffe://example.org/tessera/server";
+
+/// A private key (PKCS#8 DER) and the certificate chain issued for it (DER, leaf
+/// first): an agent SVID or a workload SVID.
+#[derive(Clone)]
+pub struct Credential {
+    /// DER certificates, leaf first.
+    pub chain: Vec<Vec<u8>>,
+    /// The key, PKCS#8 DER.
+    pub pkcs8: Vec<u8>,
+}
+
+/// The CA certificate (DER) of the harness's running server.
+pub fn ca_der(h: &tessera_tests::Harness) -> Vec<u8> {
+    h.server.as_ref().expect("server running").ca_certificate_der()
+}
+
+/// A client TLS config like the agent's: trusts `ca`, expects `server_id`, presents
+/// `credential` (None: no client certificate, as for node attestation).
+pub fn node_tls(ca: Vec<u8>, credential: Option<&Credential>, server_id: &str) -> rustls::ClientConfig {
+    use std::sync::Arc;
+    use tessera_agent::tls::{AgentCredentials, ServerTrust, ServerVerifier, client_config, provider};
+    let trust = Arc::new(ServerTrust::default());
+    trust.set(&[ca]);
+    let verifier = Arc::new(ServerVerifier::new(
+        trust,
+        tessera_plugin_sdk::SpiffeId::parse(server_id).unwrap(),
+        provider(),
+    ));
+    let credentials = credential.map(|c| {
+        let credentials = Arc::new(AgentCredentials::default());
+        credentials.set(c.chain.clone(), c.pkcs8.clone()).unwrap();
+        credentials
+    });
+    client_config(verifier, credentials, provider()).unwrap()
+}
+
+/// A node API client on a fresh channel to `address` with `config`.
+pub fn node_client_with(
+    address: &str,
+    config: rustls::ClientConfig,
+) -> tessera_proto::node::node_client::NodeClient<Channel> {
+    tessera_proto::node::node_client::NodeClient::new(
+        tessera_agent::node::channel(address, std::sync::Arc::new(config)).unwrap(),
+    )
+}
+
+/// A node API client of the harness's server presenting `credential`.
+pub fn node_client(
+    h: &tessera_tests::Harness,
+    credential: Option<&Credential>,
+) -> tessera_proto::node::node_client::NodeClient<Channel> {
+    node_client_with(&h.node_address(), node_tls(ca_der(h), credential, SERVER_ID))
+}
+
+/// A fresh P-256 key and a plain CSR (DER) for it.
+pub fn new_key_and_csr() -> (rcgen::KeyPair, Vec<u8>) {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .unwrap()
+        .der()
+        .to_vec();
+    (key, csr)
+}
+
+/// Sends `messages` on an `AttestAgent` stream (no client certificate) and returns the
+/// agent SVID of the first answer.
+pub async fn attest_messages_at(
+    address: &str,
+    ca: Vec<u8>,
+    messages: Vec<tessera_proto::node::AttestAgentRequest>,
+) -> Result<tessera_proto::node::AgentSvid, tonic::Status> {
+    use tessera_proto::node::attest_agent_response::Step;
+    let mut client = node_client_with(address, node_tls(ca, None, SERVER_ID));
+    let mut stream = client
+        .attest_agent(futures::stream::iter(messages))
+        .await?
+        .into_inner();
+    match stream.message().await?.and_then(|m| m.step) {
+        Some(Step::Result(svid)) => Ok(svid),
+        Some(Step::Challenge(_)) => Err(tonic::Status::internal("unexpected challenge")),
+        None => Err(tonic::Status::aborted("attestation stream ended without a result")),
+    }
+}
+
+/// One `join_token` attestation message.
+pub fn join_token_params(token: &[u8], csr: Vec<u8>) -> tessera_proto::node::AttestAgentRequest {
+    use tessera_proto::node::{AttestAgentRequest, AttestationParams, attest_agent_request};
+    AttestAgentRequest {
+        step: Some(attest_agent_request::Step::Params(AttestationParams {
+            r#type: "join_token".into(),
+            payload: token.to_vec(),
+            csr,
+        })),
+    }
+}
+
+/// `join_token` attestation against the server at `address` trusting `ca`.
+pub async fn attest_at(
+    address: &str,
+    ca: Vec<u8>,
+    token: &[u8],
+    csr: Vec<u8>,
+) -> Result<tessera_proto::node::AgentSvid, tonic::Status> {
+    attest_messages_at(address, ca, vec![join_token_params(token, csr)]).await
+}
+
+/// `join_token` attestation with `token` (raw bytes, so malformed tokens can be sent)
+/// and `csr` against the harness's server.
+pub async fn attest_raw(
+    h: &tessera_tests::Harness,
+    token: impl AsRef<[u8]>,
+    csr: Vec<u8>,
+) -> Result<tessera_proto::node::AgentSvid, tonic::Status> {
+    attest_at(&h.node_address(), ca_der(h), token.as_ref(), csr).await
+}
+
+/// Attests a new agent with a fresh token (giving it `alias`); returns its credential
+/// and agent ID.
+pub async fn attested_agent(h: &tessera_tests::Harness, alias: Option<&str>) -> (Credential, String) {
+    let token = h.join_token(alias).await;
+    let (key, csr) = new_key_and_csr();
+    let svid = attest_raw(h, &token, csr).await.unwrap();
+    (
+        Credential {
+            chain: svid.cert_chain,
+            pkcs8: key.serialize_der(),
+        },
+        svid.spiffe_id,
+    )
+}
+
+/// One `BatchNewX509SVID` item for `entry_id` over `public_key` (SPKI DER); the
+/// call's own failure is returned as `Err`.
+pub async fn new_x509_svid(
+    client: &mut tessera_proto::node::node_client::NodeClient<Channel>,
+    entry_id: &str,
+    public_key: Vec<u8>,
+) -> Result<tessera_proto::node::x509svid_result::Result, tonic::Status> {
+    use tessera_proto::node::{BatchNewX509svidRequest, NewX509svidParams};
+    let mut results = client
+        .batch_new_x509svid(BatchNewX509svidRequest {
+            params: vec![NewX509svidParams {
+                entry_id: entry_id.to_owned(),
+                public_key,
+            }],
+        })
+        .await?
+        .into_inner()
+        .results;
+    assert_eq!(results.len(), 1, "one result per item");
+    let result = results.remove(0);
+    assert_eq!(result.entry_id, entry_id);
+    Ok(result.result.expect("a result"))
+}
+
+/// A workload SVID for `entry_id`, minted through `client` (an agent allowed to serve
+/// the entry) for a fresh key.
+pub async fn workload_credential(
+    client: &mut tessera_proto::node::node_client::NodeClient<Channel>,
+    entry_id: &str,
+) -> Credential {
+    use rcgen::PublicKeyData;
+    use tessera_proto::node::x509svid_result::Result as Item;
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    match new_x509_svid(client, entry_id, key.subject_public_key_info())
+        .await
+        .unwrap()
+    {
+        Item::Svid(svid) => Credential {
+            chain: svid.cert_chain,
+            pkcs8: key.serialize_der(),
+        },
+        Item::Error(err) => panic!("no SVID for {entry_id}: {err:?}"),
+    }
+}
