@@ -33,7 +33,7 @@ fn run(path: &std::path::Path, join_token: Option<String>) -> ExitCode {
             return ExitCode::from(64);
         }
     };
-    tessera_plugin_sdk::logging::init(config.log_level, config.log_format);
+    tessera_plugin_sdk::daemon::init_logging(config.log_level, config.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -48,7 +48,7 @@ fn run(path: &std::path::Path, join_token: Option<String>) -> ExitCode {
         let mut agent = tessera_agent::start(config, join_token).await?;
         let token = agent.shutdown_token();
         tokio::spawn(async move {
-            wait_for_signal().await;
+            tessera_plugin_sdk::daemon::wait_for_stop_signal().await;
             tracing::info!("signal received, stopping");
             token.cancel();
         });
@@ -60,24 +60,6 @@ fn run(path: &std::path::Path, join_token: Option<String>) -> ExitCode {
             tracing::error!(error = %err, "agent failed");
             eprintln!("tessera-agent: {err}");
             ExitCode::FAILURE
-        }
-    }
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
         }
     }
 }

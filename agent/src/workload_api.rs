@@ -7,9 +7,7 @@
 //! caller's entries change; before every push the caller's liveness is checked again.
 
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use tessera_plugin_sdk::{Selector, Workload};
@@ -20,7 +18,6 @@ use tessera_proto::workload::{
     WitsvidResponse, X509BundlesRequest, X509BundlesResponse, X509svid, X509svidRequest,
     X509svidResponse,
 };
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -41,47 +38,7 @@ pub const FIRST_RESPONSE_DEADLINE: Duration = Duration::from_secs(30);
 pub struct Caller(pub Arc<Workload>);
 
 /// A Workload API connection whose peer was identified at accept.
-#[derive(Debug)]
-pub struct WorkloadConnection {
-    stream: UnixStream,
-    caller: Caller,
-}
-
-impl tonic::transport::server::Connected for WorkloadConnection {
-    type ConnectInfo = Caller;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.caller.clone()
-    }
-}
-
-impl AsyncRead for WorkloadConnection {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for WorkloadConnection {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
-}
+pub type WorkloadConnection = tessera_proto::connection::PeerConnection<UnixStream, Caller>;
 
 /// Accepts connections, identifies each peer (SO_PEERCRED, pidfd, `/proc` dirfd) and
 /// hands identified connections to tonic. A peer that cannot be identified (no
@@ -107,10 +64,7 @@ pub async fn accept_loop(
         };
         match crate::peer::identify_peer(&stream, &proc_root) {
             Ok(workload) => {
-                let connection = WorkloadConnection {
-                    stream,
-                    caller: Caller(Arc::new(workload)),
-                };
+                let connection = WorkloadConnection::new(stream, Caller(Arc::new(workload)));
                 if out.send(Ok(connection)).await.is_err() {
                     return;
                 }
@@ -285,10 +239,7 @@ fn svid_key(
         .collect()
 }
 
-fn x509_push(
-    snapshot: &CacheSnapshot,
-    selectors: &[Selector],
-) -> Push<X509svidResponse, SentX509> {
+fn x509_push(snapshot: &CacheSnapshot, selectors: &[Selector]) -> Push<X509svidResponse, SentX509> {
     if !snapshot.synced {
         return Push::Wait;
     }

@@ -67,5 +67,6 @@ pub use tessera::admin::v1 as admin;
 pub use tessera::node::v1 as node;
 pub use tessera::types::v1 as types;
 
+pub mod connection;
 pub mod convert;
 pub mod uds;

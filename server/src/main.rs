@@ -45,7 +45,7 @@ fn run(path: &std::path::Path) -> ExitCode {
             return ExitCode::from(64);
         }
     };
-    tessera_plugin_sdk::logging::init(config.log_level, config.log_format);
+    tessera_plugin_sdk::daemon::init_logging(config.log_level, config.log_format);
     let runtime = match runtime(true) {
         Ok(runtime) => runtime,
         Err(err) => {
@@ -57,7 +57,7 @@ fn run(path: &std::path::Path) -> ExitCode {
         let mut server = tessera_server::start(config).await?;
         let token = server.shutdown_token();
         tokio::spawn(async move {
-            wait_for_signal().await;
+            tessera_plugin_sdk::daemon::wait_for_stop_signal().await;
             tracing::info!("signal received, stopping");
             token.cancel();
         });
@@ -69,24 +69,6 @@ fn run(path: &std::path::Path) -> ExitCode {
             tracing::error!(error = %err, "server failed");
             eprintln!("tessera-server: {err}");
             ExitCode::FAILURE
-        }
-    }
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
         }
     }
 }

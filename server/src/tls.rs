@@ -6,9 +6,7 @@
 //! certificate against the current bundle (SECURITY.md §2 rule 9, SPIRE #6715).
 
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::{Arc, RwLock};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rustls::RootCertStore;
@@ -20,7 +18,6 @@ use rustls::server::{
 };
 use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
@@ -216,60 +213,8 @@ pub struct NodePeer {
     pub certificates: Arc<Vec<CertificateDer<'static>>>,
 }
 
-/// A TLS connection accepted by [`accept_loop`].
-#[derive(Debug)]
-pub struct NodeConnection {
-    stream: TlsStream<TcpStream>,
-    peer: NodePeer,
-}
-
-impl tonic::transport::server::Connected for NodeConnection {
-    type ConnectInfo = NodePeer;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.peer.clone()
-    }
-}
-
-impl AsyncRead for NodeConnection {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for NodeConnection {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-}
+/// A TLS connection accepted by [`accept_loop`], with its verified peer.
+pub type NodeConnection = tessera_proto::connection::PeerConnection<TlsStream<TcpStream>, NodePeer>;
 
 /// How long a client may take to complete the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -311,7 +256,7 @@ pub async fn accept_loop(
                         remote_addr,
                         certificates: Arc::new(certificates),
                     };
-                    let _ = out.send(Ok(NodeConnection { stream, peer })).await;
+                    let _ = out.send(Ok(NodeConnection::new(stream, peer))).await;
                 }
                 Ok(Err(err)) => {
                     tracing::info!(%remote_addr, error = %err, "node API TLS handshake failed");

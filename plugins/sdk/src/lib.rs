@@ -7,10 +7,10 @@
 
 pub mod attestor;
 pub mod config;
+pub mod daemon;
 pub mod entry;
 pub mod fs;
 pub mod id;
-pub mod logging;
 pub mod selector;
 pub mod socket;
 pub mod workload;

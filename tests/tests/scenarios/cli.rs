@@ -55,7 +55,11 @@ async fn server_config_errors_exit_64_with_one_line() {
     );
 
     // Unknown key: named, with its line.
-    let file = write(dir.path(), "unknown.toml", &format!("{base}bogus_key = 1\n"));
+    let file = write(
+        dir.path(),
+        "unknown.toml",
+        &format!("{base}bogus_key = 1\n"),
+    );
     let out = run_product(SERVER, &["run", "-c", arg(&file)]).await;
     out.expect_code(64);
     let line = out.one_stderr_line();
@@ -98,11 +102,7 @@ async fn agent_config_errors_exit_64_with_one_line() {
     assert!(line.contains("insecure_bootstrap"), "{line}");
     assert!(line.contains("line 5"), "{line}");
 
-    let out = run_product(
-        AGENT,
-        &["run", "-c", arg(&dir.path().join("absent.toml"))],
-    )
-    .await;
+    let out = run_product(AGENT, &["run", "-c", arg(&dir.path().join("absent.toml"))]).await;
     out.expect_code(64);
     out.one_stderr_line();
 }
@@ -197,7 +197,12 @@ async fn token_generate_prints_the_token() {
     // A reserved alias is refused as invalid input.
     let out = admin(
         &h,
-        &["token", "generate", "--spiffe-id", "spiffe://example.org/tessera/n"],
+        &[
+            "token",
+            "generate",
+            "--spiffe-id",
+            "spiffe://example.org/tessera/n",
+        ],
     )
     .await;
     out.expect_code(64);
@@ -292,7 +297,11 @@ async fn entry_create_show_list_delete() {
         .await
         .json();
     assert!(
-        !listed.as_array().unwrap().iter().any(|e| e["id"] == id.as_str()),
+        !listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["id"] == id.as_str()),
         "{listed}"
     );
 }
@@ -337,7 +346,11 @@ async fn invalid_entry_exits_64_with_a_clear_message() {
     )
     .await;
     out.expect_code(64);
-    assert!(out.one_stderr_line().contains("other.org"), "{}", out.stderr);
+    assert!(
+        out.one_stderr_line().contains("other.org"),
+        "{}",
+        out.stderr
+    );
     let out = admin(
         &h,
         &[
@@ -436,7 +449,7 @@ async fn agent_with_entry() -> (Harness, tessera_agent::RunningAgent) {
     let h = Harness::start().await;
     let agent = h.start_agent("a", Some(h.join_token(None).await)).await;
     h.create_entry(
-        &agent.agent_id().to_string(),
+        agent.agent_id().as_ref(),
         WORKLOAD_ID,
         &[&format!("unix:uid:{}", my_uid())],
         0,
@@ -478,7 +491,10 @@ fn check_written_svid(dir: &Path, ca: &[u8]) {
         .map(CertificateDer::from)
         .collect();
     let bundle = read_pem("bundle.pem", "CERTIFICATE");
-    assert!(bundle.iter().any(|der| der == ca), "bundle.pem lacks the CA");
+    assert!(
+        bundle.iter().any(|der| der == ca),
+        "bundle.pem lacks the CA"
+    );
     let anchors: Vec<_> = bundle
         .iter()
         .map(|der| {
@@ -546,7 +562,13 @@ async fn api_fetch_x509_prints_and_writes_the_svid() {
     let json = run_product(
         AGENT,
         &[
-            "api", "fetch", "x509", "--socket", arg(&socket), "--output", "json",
+            "api",
+            "fetch",
+            "x509",
+            "--socket",
+            arg(&socket),
+            "--output",
+            "json",
         ],
     )
     .await
@@ -594,7 +616,10 @@ async fn api_fetch_x509_prints_and_writes_the_svid() {
     let mut command = product_command(AGENT);
     command
         .args(["api", "fetch", "x509", "--output", "json"])
-        .env("SPIFFE_ENDPOINT_SOCKET", format!("unix://{}", socket.display()));
+        .env(
+            "SPIFFE_ENDPOINT_SOCKET",
+            format!("unix://{}", socket.display()),
+        );
     let json = run_command(command).await.json();
     assert_eq!(json["svids"][0]["spiffe_id"], WORKLOAD_ID, "{json}");
 
@@ -607,7 +632,11 @@ async fn api_fetch_x509_failures() {
     let missing = h.path("nowhere/agent.sock");
     let out = run_product(AGENT, &["api", "fetch", "x509", "--socket", arg(&missing)]).await;
     out.expect_code(1);
-    assert!(out.one_stderr_line().contains(arg(&missing)), "{}", out.stderr);
+    assert!(
+        out.one_stderr_line().contains(arg(&missing)),
+        "{}",
+        out.stderr
+    );
     // Not a unix endpoint, or relative: usage errors.
     for socket in ["tcp://127.0.0.1:1", "relative.sock"] {
         run_product(AGENT, &["api", "fetch", "x509", "--socket", socket])
@@ -686,9 +715,9 @@ impl Daemon {
             Ok(status) => status.unwrap(),
             Err(_) => panic!("no exit within {limit:?} of SIGTERM:\n{}", self.log()),
         };
-        status.code().unwrap_or_else(|| {
-            panic!("killed by a signal ({status}):\n{}", self.log())
-        })
+        status
+            .code()
+            .unwrap_or_else(|| panic!("killed by a signal ({status}):\n{}", self.log()))
     }
 }
 
@@ -816,9 +845,14 @@ async fn daemons_stop_cleanly_on_sigterm() {
         "agent socket left behind; log:\n{}",
         agent.log()
     );
-    let last = next_json(&mut lines).await.expect("the workload reports the end");
+    let last = next_json(&mut lines)
+        .await
+        .expect("the workload reports the end");
     assert_eq!(last["ok"], false, "{last}");
-    assert!(next_json(&mut lines).await.is_none(), "workload printed more");
+    assert!(
+        next_json(&mut lines).await.is_none(),
+        "workload printed more"
+    );
     let status = tokio::time::timeout(Duration::from_secs(5), watcher.wait())
         .await
         .expect("workload exits")

@@ -12,5 +12,7 @@
 )]
 
 mod cli;
+mod entries;
+mod node_api;
 mod support;
 mod workload_api;

@@ -180,14 +180,23 @@ pub struct Credential {
 
 /// The CA certificate (DER) of the harness's running server.
 pub fn ca_der(h: &tessera_tests::Harness) -> Vec<u8> {
-    h.server.as_ref().expect("server running").ca_certificate_der()
+    h.server
+        .as_ref()
+        .expect("server running")
+        .ca_certificate_der()
 }
 
 /// A client TLS config like the agent's: trusts `ca`, expects `server_id`, presents
 /// `credential` (None: no client certificate, as for node attestation).
-pub fn node_tls(ca: Vec<u8>, credential: Option<&Credential>, server_id: &str) -> rustls::ClientConfig {
+pub fn node_tls(
+    ca: Vec<u8>,
+    credential: Option<&Credential>,
+    server_id: &str,
+) -> rustls::ClientConfig {
     use std::sync::Arc;
-    use tessera_agent::tls::{AgentCredentials, ServerTrust, ServerVerifier, client_config, provider};
+    use tessera_agent::tls::{
+        AgentCredentials, ServerTrust, ServerVerifier, client_config, provider,
+    };
     let trust = Arc::new(ServerTrust::default());
     trust.set(&[ca]);
     let verifier = Arc::new(ServerVerifier::new(
@@ -218,7 +227,10 @@ pub fn node_client(
     h: &tessera_tests::Harness,
     credential: Option<&Credential>,
 ) -> tessera_proto::node::node_client::NodeClient<Channel> {
-    node_client_with(&h.node_address(), node_tls(ca_der(h), credential, SERVER_ID))
+    node_client_with(
+        &h.node_address(),
+        node_tls(ca_der(h), credential, SERVER_ID),
+    )
 }
 
 /// A fresh P-256 key and a plain CSR (DER) for it.
@@ -248,7 +260,9 @@ pub async fn attest_messages_at(
     match stream.message().await?.and_then(|m| m.step) {
         Some(Step::Result(svid)) => Ok(svid),
         Some(Step::Challenge(_)) => Err(tonic::Status::internal("unexpected challenge")),
-        None => Err(tonic::Status::aborted("attestation stream ended without a result")),
+        None => Err(tonic::Status::aborted(
+            "attestation stream ended without a result",
+        )),
     }
 }
 
@@ -286,7 +300,10 @@ pub async fn attest_raw(
 
 /// Attests a new agent with a fresh token (giving it `alias`); returns its credential
 /// and agent ID.
-pub async fn attested_agent(h: &tessera_tests::Harness, alias: Option<&str>) -> (Credential, String) {
+pub async fn attested_agent(
+    h: &tessera_tests::Harness,
+    alias: Option<&str>,
+) -> (Credential, String) {
     let token = h.join_token(alias).await;
     let (key, csr) = new_key_and_csr();
     let svid = attest_raw(h, &token, csr).await.unwrap();
