@@ -10,12 +10,14 @@ use std::time::SystemTime;
 use tessera_plugin_sdk::{RegistrationEntry, SpiffeId, TrustDomain};
 
 /// The X.509 authorities of a trust domain.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct TrustBundle {
     /// The trust domain.
     pub trust_domain: TrustDomain,
     /// DER CA certificates.
     pub authorities: Vec<Vec<u8>>,
+    /// JWT-SVID verification keys (empty in a bootstrap bundle).
+    pub jwt: tessera_plugin_sdk::jwt::JwtBundle,
     /// Sequence number from the server (0 for a bootstrap bundle).
     pub sequence_number: u64,
 }
@@ -24,6 +26,14 @@ impl TrustBundle {
     /// The authorities concatenated, as the Workload API carries them.
     pub fn concatenated_der(&self) -> Vec<u8> {
         self.authorities.concat()
+    }
+
+    /// The JWT bundle as the Workload API carries it: a SPIFFE bundle document (JWKS)
+    /// holding the `jwt-svid` keys.
+    pub fn jwks(&self) -> Vec<u8> {
+        self.jwt
+            .to_spiffe_bundle_json(&[], self.sequence_number, 0)
+            .into_bytes()
     }
 }
 
@@ -88,6 +98,33 @@ pub enum Entitlement {
 }
 
 impl CacheSnapshot {
+    /// Entries matching `selectors`, in creation order, skipping an entry whose
+    /// non-empty hint repeats an earlier one (a caller never gets two identities with
+    /// the same hint).
+    pub fn matching_entries(
+        &self,
+        selectors: &[tessera_plugin_sdk::Selector],
+    ) -> Vec<Arc<RegistrationEntry>> {
+        let mut matching: Vec<&Arc<RegistrationEntry>> = self
+            .entries
+            .values()
+            .filter(|entry| entry.matches(selectors))
+            .collect();
+        matching.sort_by(|a, b| (a.created_revision, &a.id).cmp(&(b.created_revision, &b.id)));
+        let mut seen_hints: Vec<&str> = Vec::new();
+        let mut out = Vec::with_capacity(matching.len());
+        for entry in matching {
+            if !entry.hint.is_empty() {
+                if seen_hints.contains(&entry.hint.as_str()) {
+                    continue;
+                }
+                seen_hints.push(entry.hint.as_str());
+            }
+            out.push(Arc::clone(entry));
+        }
+        out
+    }
+
     /// The SVIDs for a caller presenting `selectors`. Entries are taken in creation
     /// order; an entry whose non-empty hint repeats an earlier one is skipped, so a
     /// caller never receives two SVIDs with the same hint. Expired SVIDs never count.
@@ -96,27 +133,15 @@ impl CacheSnapshot {
         selectors: &[tessera_plugin_sdk::Selector],
         now: SystemTime,
     ) -> Entitlement {
-        let mut matching: Vec<&Arc<RegistrationEntry>> = self
-            .entries
-            .values()
-            .filter(|entry| entry.matches(selectors))
-            .collect();
+        let matching = self.matching_entries(selectors);
         if matching.is_empty() {
             return Entitlement::None;
         }
-        matching.sort_by(|a, b| (a.created_revision, &a.id).cmp(&(b.created_revision, &b.id)));
-        let mut seen_hints = Vec::new();
         let mut ready = Vec::with_capacity(matching.len());
         for entry in matching {
-            if !entry.hint.is_empty() {
-                if seen_hints.contains(&entry.hint.as_str()) {
-                    continue;
-                }
-                seen_hints.push(entry.hint.as_str());
-            }
             match self.svids.get(&entry.id) {
                 Some(svid) if svid.not_after > now && svid.entry_revision == entry.revision => {
-                    ready.push((Arc::clone(entry), Arc::clone(svid)));
+                    ready.push((Arc::clone(&entry), Arc::clone(svid)));
                 }
                 _ => return Entitlement::Pending,
             }

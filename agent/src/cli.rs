@@ -8,7 +8,9 @@ use std::time::{Duration, SystemTime};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::json;
 use tessera_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
-use tessera_proto::workload::{X509BundlesRequest, X509svidRequest, X509svidResponse};
+use tessera_proto::workload::{
+    JwtsvidRequest, ValidateJwtsvidRequest, X509BundlesRequest, X509svidRequest, X509svidResponse,
+};
 use tonic::transport::Channel;
 
 use crate::workload_api::SECURITY_HEADER;
@@ -53,11 +55,54 @@ pub enum ApiCommand {
     /// Fetch identities.
     #[command(subcommand)]
     Fetch(FetchCommand),
+    /// Validate credentials through the agent.
+    #[command(subcommand)]
+    Validate(ValidateCommand),
+    /// Print every update of the X.509-SVID stream (rotations, entry and bundle
+    /// changes) until interrupted, or until `--count` updates.
+    Watch {
+        /// Stop after this many updates.
+        #[arg(long, value_name = "N")]
+        count: Option<usize>,
+        /// Socket, timeout (for the first update) and output options.
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+}
+
+/// `api validate` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ValidateCommand {
+    /// Validate a JWT-SVID for an audience; prints its SPIFFE ID and claims.
+    Jwt {
+        /// The audience the token must carry.
+        #[arg(long, value_name = "AUDIENCE")]
+        audience: String,
+        /// The token; read from standard input when absent.
+        #[arg(long, value_name = "TOKEN")]
+        token: Option<String>,
+        /// Socket, timeout and output options.
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
 }
 
 /// `api fetch` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum FetchCommand {
+    /// Fetch JWT-SVIDs for an audience; prints each token with its SPIFFE ID.
+    Jwt {
+        /// Audience of the token; repeat for a multi-audience token (only where the
+        /// entry allows it).
+        #[arg(long, value_name = "AUDIENCE", required = true)]
+        audience: Vec<String>,
+        /// Only this identity (when the process has several).
+        #[arg(long = "spiffe-id", value_name = "ID")]
+        spiffe_id: Option<String>,
+        /// Socket, timeout and output options.
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
     /// Fetch this process's X.509-SVIDs; prints SPIFFE ID, serial and expiry of each.
     X509 {
         /// Write svid.pem, svid.key (0600) and bundle.pem into DIR (for several SVIDs
@@ -254,6 +299,105 @@ pub fn split_der_certificates(mut bytes: &[u8]) -> Result<Vec<Vec<u8>>, String> 
     Ok(out)
 }
 
+/// Prints each X.509-SVID update as it arrives (to stdout directly: a watch has no
+/// end to collect output for).
+async fn watch(count: Option<usize>, endpoint: &Endpoint) -> Result<String, CommandError> {
+    use std::io::Write;
+    let mut client = client(endpoint).await?;
+    let open = client.fetch_x509svid(with_header(X509svidRequest {}));
+    let mut stream = match tokio::time::timeout(endpoint.timeout, open).await {
+        Err(_) => return Err(failure("timed out waiting for the agent")),
+        Ok(Err(status)) => {
+            return Err(failure(format!(
+                "{:?}: {}",
+                status.code(),
+                status.message()
+            )));
+        }
+        Ok(Ok(response)) => response.into_inner(),
+    };
+    let mut seen = 0;
+    while count.is_none_or(|count| seen < count) {
+        let update = match stream.message().await {
+            Ok(Some(update)) => update,
+            Ok(None) => return Err(failure("the agent ended the stream")),
+            Err(status) => {
+                return Err(failure(format!(
+                    "{:?}: {}",
+                    status.code(),
+                    status.message()
+                )));
+            }
+        };
+        seen += 1;
+        let mut svids = Vec::new();
+        for svid in &update.svids {
+            let certs = split_der_certificates(&svid.x509_svid).map_err(failure)?;
+            let leaf = certs.first().ok_or_else(|| failure("empty X.509-SVID"))?;
+            let info = tessera_plugin_sdk::x509::leaf_info(leaf)
+                .map_err(|err| failure(err.to_string()))?;
+            svids.push(info);
+        }
+        let line = match endpoint.output {
+            Output::Text => {
+                let mut text = format!("Update {seen}: {} svid(s)\n", svids.len());
+                for info in &svids {
+                    text.push_str(&format!(
+                        "  {}  serial {}  expires {}\n",
+                        info.spiffe_id,
+                        info.serial_hex,
+                        rfc3339(info.not_after)
+                    ));
+                }
+                text
+            }
+            Output::Json => format!(
+                "{}\n",
+                json!({ "update": seen, "svids": svids.iter().map(|i| json!({
+                    "spiffe_id": i.spiffe_id.to_string(), "serial": i.serial_hex, "expires_at": rfc3339(i.not_after),
+                })).collect::<Vec<_>>() })
+            ),
+        };
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(line.as_bytes());
+        let _ = out.flush();
+    }
+    Ok(String::new())
+}
+
+fn struct_to_json(value: prost_types::Struct) -> serde_json::Map<String, serde_json::Value> {
+    value
+        .fields
+        .into_iter()
+        .map(|(key, value)| (key, value_to_json(value)))
+        .collect()
+}
+
+fn value_to_json(value: prost_types::Value) -> serde_json::Value {
+    use prost_types::value::Kind;
+    match value.kind {
+        None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
+        Some(Kind::BoolValue(b)) => serde_json::Value::Bool(b),
+        Some(Kind::NumberValue(n)) => serde_json::Number::from_f64(n)
+            .map(|n| {
+                // Whole numbers (exp, iat) print as integers.
+                if n.as_f64()
+                    .is_some_and(|f| f.fract() == 0.0 && f.abs() < 9.0e15)
+                {
+                    serde_json::Value::from(n.as_f64().map_or(0, |f| f as i64))
+                } else {
+                    serde_json::Value::Number(n)
+                }
+            })
+            .unwrap_or(serde_json::Value::Null),
+        Some(Kind::StringValue(s)) => serde_json::Value::String(s),
+        Some(Kind::ListValue(list)) => {
+            serde_json::Value::Array(list.values.into_iter().map(value_to_json).collect())
+        }
+        Some(Kind::StructValue(object)) => serde_json::Value::Object(struct_to_json(object)),
+    }
+}
+
 fn rfc3339(time: SystemTime) -> String {
     humantime::format_rfc3339_seconds(time).to_string()
 }
@@ -317,6 +461,99 @@ pub async fn run_client(command: Command) -> Result<String, CommandError> {
                 ),
             })
         }
+        Command::Api(ApiCommand::Fetch(FetchCommand::Jwt {
+            audience,
+            spiffe_id,
+            endpoint,
+        })) => {
+            let mut client = client(&endpoint).await?;
+            let request = with_header(JwtsvidRequest {
+                audience,
+                spiffe_id: spiffe_id.unwrap_or_default(),
+            });
+            let response =
+                match tokio::time::timeout(endpoint.timeout, client.fetch_jwtsvid(request)).await {
+                    Err(_) => return Err(failure("timed out waiting for a JWT-SVID")),
+                    Ok(Err(status)) => {
+                        return Err(failure(format!(
+                            "{:?}: {}",
+                            status.code(),
+                            status.message()
+                        )));
+                    }
+                    Ok(Ok(response)) => response.into_inner(),
+                };
+            Ok(match endpoint.output {
+                Output::Text => response
+                    .svids
+                    .iter()
+                    .map(|svid| {
+                        let hint = if svid.hint.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" (hint {})", svid.hint)
+                        };
+                        format!("token({}){hint}:\n\t{}\n", svid.spiffe_id, svid.svid)
+                    })
+                    .collect(),
+                Output::Json => format!(
+                    "{}\n",
+                    json!({ "svids": response.svids.iter().map(|s| json!({
+                        "spiffe_id": s.spiffe_id, "token": s.svid, "hint": s.hint,
+                    })).collect::<Vec<_>>() })
+                ),
+            })
+        }
+        Command::Api(ApiCommand::Validate(ValidateCommand::Jwt {
+            audience,
+            token,
+            endpoint,
+        })) => {
+            let token = match token {
+                Some(token) => token,
+                None => {
+                    let mut text = String::new();
+                    std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).map_err(
+                        |err| failure(format!("cannot read the token from stdin: {err}")),
+                    )?;
+                    text.trim().to_owned()
+                }
+            };
+            let mut client = client(&endpoint).await?;
+            let request = with_header(ValidateJwtsvidRequest {
+                audience,
+                svid: token,
+            });
+            let response = match tokio::time::timeout(
+                endpoint.timeout,
+                client.validate_jwtsvid(request),
+            )
+            .await
+            {
+                Err(_) => return Err(failure("timed out waiting for the agent")),
+                Ok(Err(status)) => {
+                    return Err(failure(format!(
+                        "{:?}: {}",
+                        status.code(),
+                        status.message()
+                    )));
+                }
+                Ok(Ok(response)) => response.into_inner(),
+            };
+            let claims = response.claims.map(struct_to_json).unwrap_or_default();
+            Ok(match endpoint.output {
+                Output::Text => format!(
+                    "SVID is valid.\nSPIFFE ID : {}\nClaims    : {}\n",
+                    response.spiffe_id,
+                    serde_json::Value::Object(claims)
+                ),
+                Output::Json => format!(
+                    "{}\n",
+                    json!({ "valid": true, "spiffe_id": response.spiffe_id, "claims": claims })
+                ),
+            })
+        }
+        Command::Api(ApiCommand::Watch { count, endpoint }) => watch(count, &endpoint).await,
         Command::Healthcheck(endpoint) => {
             let mut client = client(&endpoint).await?;
             let call = async {

@@ -10,6 +10,7 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod jwt_cache;
 pub mod manager;
 pub mod node;
 pub mod peer;
@@ -225,6 +226,7 @@ pub async fn start(
         bundle: Arc::new(TrustBundle {
             trust_domain: config.trust_domain.clone(),
             authorities,
+            jwt: tessera_plugin_sdk::jwt::JwtBundle::new(config.trust_domain.clone(), Vec::new()),
             sequence_number: 0,
         }),
         entries: Arc::new(BTreeMap::new()),
@@ -254,15 +256,19 @@ pub async fn start(
         shutdown.clone(),
     ));
     tasks.spawn(renew_loop(
-        connection,
+        Arc::clone(&connection),
         store,
         credentials,
         own.clone(),
         shutdown.clone(),
     ));
 
-    let api =
-        workload_api::WorkloadApi::new(cache_rx.clone(), attestors(&config), shutdown.clone());
+    let api = workload_api::WorkloadApi::new(
+        cache_rx.clone(),
+        attestors(&config),
+        connection,
+        shutdown.clone(),
+    );
     let (conn_tx, conn_rx) = mpsc::channel(128);
     let accept_shutdown = shutdown.clone();
     let proc_root = config.proc_root.clone();

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tessera_plugin_sdk::TrustDomain;
+use tessera_plugin_sdk::jwt::{JwtBundle, JwtPublicKey};
 use tessera_proto::convert::entry_from_proto;
 use tessera_proto::node::{
     BatchNewX509svidRequest, NewX509svidParams, SyncResponse, x509svid_result,
@@ -184,9 +185,20 @@ impl SvidManager {
                 tracing::warn!("ignoring a bundle for another trust domain on the sync stream");
             } else if bundle.x509_authorities.is_empty() {
                 tracing::warn!("ignoring an empty bundle from the server");
-            } else if bundle.x509_authorities != state.bundle.authorities
-                || bundle.sequence_number != state.bundle.sequence_number
+            } else if bundle.sequence_number != state.bundle.sequence_number
+                || bundle.x509_authorities != state.bundle.authorities
             {
+                let jwt_keys = bundle
+                    .jwt_authorities
+                    .iter()
+                    .filter_map(|a| match JwtPublicKey::from_spki_der(a.kid.clone(), &a.public_key) {
+                        Ok(key) => Some(key),
+                        Err(err) => {
+                            tracing::warn!(kid = %a.kid.escape_debug(), error = %err, "ignoring an unusable JWT key from the server");
+                            None
+                        }
+                    })
+                    .collect();
                 self.server_trust.set(&bundle.x509_authorities);
                 let store = self.store.clone();
                 let authorities = bundle.x509_authorities.clone();
@@ -198,6 +210,7 @@ impl SvidManager {
                 state.bundle = Arc::new(TrustBundle {
                     trust_domain: self.trust_domain.clone(),
                     authorities: bundle.x509_authorities,
+                    jwt: JwtBundle::new(self.trust_domain.clone(), jwt_keys),
                     sequence_number: bundle.sequence_number,
                 });
                 tracing::info!(

@@ -10,13 +10,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tessera_plugin_sdk::{Selector, Workload};
+use tessera_plugin_sdk::{Selector, SpiffeId, TrustDomain, Workload};
 use tessera_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
 use tessera_proto::workload::{
-    JwtBundlesRequest, JwtBundlesResponse, JwtsvidRequest, JwtsvidResponse, ValidateJwtsvidRequest,
-    ValidateJwtsvidResponse, WitBundlesRequest, WitBundlesResponse, WitsvidRequest,
-    WitsvidResponse, X509BundlesRequest, X509BundlesResponse, X509svid, X509svidRequest,
-    X509svidResponse,
+    JwtBundlesRequest, JwtBundlesResponse, Jwtsvid, JwtsvidRequest, JwtsvidResponse,
+    ValidateJwtsvidRequest, ValidateJwtsvidResponse, WitBundlesRequest, WitBundlesResponse,
+    WitsvidRequest, WitsvidResponse, X509BundlesRequest, X509BundlesResponse, X509svid,
+    X509svidRequest, X509svidResponse,
 };
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
@@ -27,6 +27,8 @@ use tonic::{Request, Response, Status};
 
 use crate::attest::Attestors;
 use crate::cache::{CacheSnapshot, Entitlement, WorkloadSvid};
+use crate::jwt_cache::JwtCache;
+use crate::node::ServerConnection;
 
 /// The metadata key every Workload API call must carry with the value `true`.
 pub const SECURITY_HEADER: &str = "workload.spiffe.io";
@@ -92,6 +94,8 @@ pub fn check_security_header(metadata: &MetadataMap) -> Result<(), Status> {
 pub struct WorkloadApi {
     cache: watch::Receiver<Arc<CacheSnapshot>>,
     attestors: Attestors,
+    connection: Arc<ServerConnection>,
+    jwts: Arc<JwtCache>,
     shutdown: CancellationToken,
 }
 
@@ -108,11 +112,14 @@ impl WorkloadApi {
     pub fn new(
         cache: watch::Receiver<Arc<CacheSnapshot>>,
         attestors: Attestors,
+        connection: Arc<ServerConnection>,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
             cache,
             attestors,
+            connection,
+            jwts: Arc::new(JwtCache::default()),
             shutdown,
         }
     }
@@ -302,6 +309,53 @@ fn bundles_push(
     )
 }
 
+fn jwt_bundles_push(
+    snapshot: &CacheSnapshot,
+    selectors: &[Selector],
+) -> Push<JwtBundlesResponse, u64> {
+    if !snapshot.synced {
+        return Push::Wait;
+    }
+    if !snapshot
+        .entries
+        .values()
+        .any(|entry| entry.matches(selectors))
+    {
+        return Push::Deny;
+    }
+    let bundle = &snapshot.bundle;
+    let mut bundles = std::collections::HashMap::new();
+    bundles.insert(bundle.trust_domain.id_string(), bundle.jwks());
+    Push::Send(JwtBundlesResponse { bundles }, bundle.sequence_number)
+}
+
+/// JSON claims as a protobuf `Struct`.
+fn json_object_to_struct(
+    object: serde_json::Map<String, serde_json::Value>,
+) -> prost_types::Struct {
+    prost_types::Struct {
+        fields: object
+            .into_iter()
+            .map(|(key, value)| (key, json_to_value(value)))
+            .collect(),
+    }
+}
+
+fn json_to_value(value: serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    let kind = match value {
+        serde_json::Value::Null => Kind::NullValue(0),
+        serde_json::Value::Bool(b) => Kind::BoolValue(b),
+        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+        serde_json::Value::String(s) => Kind::StringValue(s),
+        serde_json::Value::Array(items) => Kind::ListValue(prost_types::ListValue {
+            values: items.into_iter().map(json_to_value).collect(),
+        }),
+        serde_json::Value::Object(object) => Kind::StructValue(json_object_to_struct(object)),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
 type Stream<T> = ReceiverStream<Result<T, Status>>;
 
 #[tonic::async_trait]
@@ -337,19 +391,59 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<JwtsvidRequest>,
     ) -> Result<Response<JwtsvidResponse>, Status> {
         check_security_header(request.metadata())?;
-        Err(Status::unimplemented(
-            "JWT-SVIDs are not served by this agent yet",
-        ))
+        let mut audiences = request.get_ref().audience.clone();
+        if audiences.is_empty() || audiences.iter().any(String::is_empty) {
+            return Err(Status::invalid_argument("audience must be specified"));
+        }
+        audiences.sort();
+        audiences.dedup();
+        let wanted = match request.get_ref().spiffe_id.as_str() {
+            "" => None,
+            text => Some(SpiffeId::parse_leaf(text).map_err(|err| {
+                Status::invalid_argument(format!("spiffe_id is not a valid SPIFFE ID: {err}"))
+            })?),
+        };
+        let (caller, selectors) = self.admit(&request).await?;
+        let snapshot = Arc::clone(&self.cache.borrow());
+        let entries: Vec<_> = snapshot
+            .matching_entries(&selectors)
+            .into_iter()
+            .filter(|entry| wanted.as_ref().is_none_or(|id| entry.spiffe_id == *id))
+            .collect();
+        if entries.is_empty() {
+            return Err(Status::permission_denied("no identity issued"));
+        }
+        let mut svids = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let jwt = self
+                .jwts
+                .get(&self.connection, &entry, &audiences)
+                .await
+                .map_err(|status| match status.code() {
+                    tonic::Code::PermissionDenied | tonic::Code::InvalidArgument => status,
+                    _ => Status::unavailable(format!(
+                        "cannot obtain a JWT-SVID: {}",
+                        status.message()
+                    )),
+                })?;
+            svids.push(Jwtsvid {
+                spiffe_id: entry.spiffe_id.to_string(),
+                svid: jwt.token,
+                hint: entry.hint.clone(),
+            });
+        }
+        ensure_alive(&caller)?;
+        Ok(Response::new(JwtsvidResponse { svids }))
     }
 
     async fn fetch_jwt_bundles(
         &self,
         request: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        check_security_header(request.metadata())?;
-        Err(Status::unimplemented(
-            "JWT bundles are not served by this agent yet",
-        ))
+        let (caller, selectors) = self.admit(&request).await?;
+        Ok(Response::new(self.stream(caller, move |snapshot| {
+            jwt_bundles_push(snapshot, &selectors)
+        })))
     }
 
     async fn validate_jwtsvid(
@@ -357,9 +451,29 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<ValidateJwtsvidRequest>,
     ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
         check_security_header(request.metadata())?;
-        Err(Status::unimplemented(
-            "JWT-SVID validation is not served by this agent yet",
-        ))
+        if request.get_ref().audience.is_empty() {
+            return Err(Status::invalid_argument("audience must be specified"));
+        }
+        if request.get_ref().svid.is_empty() {
+            return Err(Status::invalid_argument("svid must be specified"));
+        }
+        // The caller must be an identified, live process; it needs no identity of its
+        // own to validate a token.
+        let (caller, _selectors) = self.admit(&request).await?;
+        let snapshot = Arc::clone(&self.cache.borrow());
+        let bundle = &snapshot.bundle;
+        let validated = tessera_plugin_sdk::jwt::validate(
+            &request.get_ref().svid,
+            &request.get_ref().audience,
+            &|td: &TrustDomain| (td == &bundle.trust_domain).then(|| bundle.jwt.clone()),
+            SystemTime::now(),
+        )
+        .map_err(|err| Status::invalid_argument(format!("invalid JWT-SVID: {err}")))?;
+        ensure_alive(&caller)?;
+        Ok(Response::new(ValidateJwtsvidResponse {
+            spiffe_id: validated.spiffe_id.to_string(),
+            claims: Some(json_object_to_struct(validated.claims)),
+        }))
     }
 
     async fn fetch_witsvid(

@@ -49,13 +49,28 @@ pub fn entry_to_proto(entry: &RegistrationEntry) -> types::Entry {
         spiffe_id: entry.spiffe_id.to_string(),
         parent_id: entry.parent_id.to_string(),
         selectors: entry.selectors.iter().map(selector_to_proto).collect(),
-        x509_svid_ttl_seconds: entry
-            .x509_svid_ttl
-            .map_or(0, |ttl| i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX)),
+        x509_svid_ttl_seconds: entry.x509_svid_ttl.map_or(0, seconds),
         dns_names: entry.dns_names.clone(),
         hint: entry.hint.clone(),
         created_revision: entry.created_revision,
         revision: entry.revision,
+        jwt_svid_ttl_seconds: entry.jwt_svid_ttl.map_or(0, seconds),
+        jwt_audiences: entry.jwt_audiences.clone(),
+        jwt_multi_audience: entry.jwt_multi_audience,
+    }
+}
+
+fn seconds(ttl: Duration) -> i64 {
+    i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX)
+}
+
+/// A TTL field of the wire: 0 means "server default", negative is invalid.
+pub fn ttl_from_proto(field: &'static str, secs: i64) -> Result<Option<Duration>, ConvertError> {
+    match secs {
+        0 => Ok(None),
+        secs => u64::try_from(secs)
+            .map(|secs| Some(Duration::from_secs(secs)))
+            .map_err(|_| invalid(field, "must not be negative")),
     }
 }
 
@@ -68,18 +83,17 @@ pub fn entry_from_proto(entry: &types::Entry) -> Result<RegistrationEntry, Conve
         .iter()
         .map(selector_from_proto)
         .collect::<Result<Vec<_>, _>>()?;
-    let x509_svid_ttl = match entry.x509_svid_ttl_seconds {
-        0 => None,
-        secs => Some(Duration::from_secs(u64::try_from(secs).map_err(|_| {
-            invalid("x509_svid_ttl_seconds", "must not be negative")
-        })?)),
-    };
+    let x509_svid_ttl = ttl_from_proto("x509_svid_ttl_seconds", entry.x509_svid_ttl_seconds)?;
+    let jwt_svid_ttl = ttl_from_proto("jwt_svid_ttl_seconds", entry.jwt_svid_ttl_seconds)?;
     Ok(RegistrationEntry {
         id: entry.id.clone(),
         spiffe_id,
         parent_id,
         selectors,
         x509_svid_ttl,
+        jwt_svid_ttl,
+        jwt_audiences: entry.jwt_audiences.clone(),
+        jwt_multi_audience: entry.jwt_multi_audience,
         dns_names: entry.dns_names.clone(),
         hint: entry.hint.clone(),
         created_revision: entry.created_revision,

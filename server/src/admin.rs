@@ -13,15 +13,16 @@ use tessera_proto::admin::{
     Agent, CreateEntryRequest, CreateJoinTokenRequest, CreateJoinTokenResponse, DeleteEntryRequest,
     DeleteEntryResponse, GetBundleRequest, GetEntryRequest, HealthRequest, HealthResponse,
     ListAgentsRequest, ListAgentsResponse, ListEntriesRequest, ListEntriesResponse,
+    RotateJwtAuthorityRequest, RotateJwtAuthorityResponse, UpdateEntryRequest,
 };
-use tessera_proto::convert::{entry_to_proto, selector_from_proto};
+use tessera_proto::convert::{entry_to_proto, selector_from_proto, ttl_from_proto};
 use tessera_proto::types::{Bundle, Entry};
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
 use crate::datastore::{NewEntry, NewJoinToken};
 use crate::error::ApiError;
-use crate::state::{RESERVED_PREFIX, ServerState};
+use crate::state::{RESERVED_PREFIX, ServerState, unix_seconds};
 
 /// Longest join token lifetime an operator may ask for.
 pub const MAX_JOIN_TOKEN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -33,11 +34,6 @@ pub const MAX_HINT_LEN: usize = 1024;
 pub struct AdminService {
     state: Arc<ServerState>,
     allowed_uids: Vec<u32>,
-}
-
-fn unix_seconds(time: SystemTime) -> i64 {
-    time.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 impl AdminService {
@@ -110,23 +106,28 @@ impl AdminService {
             .collect::<Result<Vec<_>, _>>()?;
         selectors.sort();
         selectors.dedup();
-        let x509_svid_ttl = match entry.x509_svid_ttl_seconds {
-            0 => None,
-            secs if secs < 0 => {
-                return Err(ApiError::InvalidArgument(
-                    "x509_svid_ttl must not be negative".into(),
-                ));
-            }
-            secs => {
-                let ttl = Duration::from_secs(secs.unsigned_abs());
-                if ttl >= self.state.config.ca_ttl {
-                    return Err(ApiError::InvalidArgument(
-                        "x509_svid_ttl must be shorter than the CA lifetime".into(),
-                    ));
-                }
-                Some(ttl)
-            }
-        };
+        let x509_svid_ttl = ttl_from_proto("x509_svid_ttl", entry.x509_svid_ttl_seconds)
+            .map_err(|err| ApiError::InvalidArgument(err.to_string()))?;
+        if x509_svid_ttl.is_some_and(|ttl| ttl >= self.state.config.ca_ttl) {
+            return Err(ApiError::InvalidArgument(
+                "x509_svid_ttl must be shorter than the CA lifetime".into(),
+            ));
+        }
+        let jwt_svid_ttl = ttl_from_proto("jwt_svid_ttl", entry.jwt_svid_ttl_seconds)
+            .map_err(|err| ApiError::InvalidArgument(err.to_string()))?;
+        if let Some(ttl) = jwt_svid_ttl.filter(|ttl| *ttl > self.state.config.max_jwt_svid_ttl) {
+            return Err(ApiError::InvalidArgument(format!(
+                "jwt_svid_ttl {}s exceeds the server's max_jwt_svid_ttl of {}s",
+                ttl.as_secs(),
+                self.state.config.max_jwt_svid_ttl.as_secs()
+            )));
+        }
+        let mut jwt_audiences = entry.jwt_audiences.clone();
+        for audience in &jwt_audiences {
+            validate_audience(audience).map_err(ApiError::InvalidArgument)?;
+        }
+        jwt_audiences.sort();
+        jwt_audiences.dedup();
         for name in &entry.dns_names {
             validate_dns_name(name).map_err(ApiError::InvalidArgument)?;
         }
@@ -140,10 +141,29 @@ impl AdminService {
             parent_id,
             selectors,
             x509_svid_ttl,
+            jwt_svid_ttl,
+            jwt_audiences,
+            jwt_multi_audience: entry.jwt_multi_audience,
             dns_names: entry.dns_names.clone(),
             hint: entry.hint.clone(),
         })
     }
+}
+
+/// Longest audience accepted.
+pub const MAX_AUDIENCE_LEN: usize = 256;
+
+/// A JWT audience: 1 to 256 bytes, no control characters.
+pub fn validate_audience(audience: &str) -> Result<(), String> {
+    if audience.is_empty()
+        || audience.len() > MAX_AUDIENCE_LEN
+        || audience.chars().any(char::is_control)
+    {
+        return Err(format!(
+            "audiences must be 1 to {MAX_AUDIENCE_LEN} bytes without control characters"
+        ));
+    }
+    Ok(())
 }
 
 /// A DNS SAN: 1-253 bytes of dot-separated labels, each 1-63 bytes of `[a-z0-9-]`
@@ -252,6 +272,28 @@ impl Admin for AdminService {
         Ok(Response::new(entry_to_proto(&created)))
     }
 
+    async fn update_entry(
+        &self,
+        request: Request<UpdateEntryRequest>,
+    ) -> Result<Response<Entry>, Status> {
+        self.authorize(&request, "entry update")?;
+        let entry = request
+            .into_inner()
+            .entry
+            .ok_or_else(|| Status::invalid_argument("entry is required"))?;
+        let new = self.validate_entry(&entry)?;
+        let updated = self
+            .state
+            .datastore
+            .update_entry(&entry.id, new)
+            .await
+            .map_err(ApiError::from)?
+            .ok_or_else(|| Status::not_found("entry not found"))?;
+        self.state.publish_revision().await;
+        tracing::info!(entry_id = %updated.id, spiffe_id = %updated.spiffe_id, "entry updated");
+        Ok(Response::new(entry_to_proto(&updated)))
+    }
+
     async fn get_entry(
         &self,
         request: Request<GetEntryRequest>,
@@ -338,6 +380,42 @@ impl Admin for AdminService {
         Ok(Response::new(self.state.bundle().await?))
     }
 
+    async fn rotate_jwt_authority(
+        &self,
+        request: Request<RotateJwtAuthorityRequest>,
+    ) -> Result<Response<RotateJwtAuthorityResponse>, Status> {
+        self.authorize(&request, "authority rotate-jwt-key")?;
+        let jwt = Arc::clone(&self.state.jwt);
+        let old = tokio::task::spawn_blocking(move || jwt.rotate())
+            .await
+            .map_err(|err| ApiError::Internal(err.to_string()))?
+            .map_err(|err| ApiError::Internal(format!("JWT key rotation: {err}")))?;
+        let current = self.state.jwt.current();
+        let retired = crate::jwt_authority::retire(
+            &old,
+            self.state.config.max_jwt_svid_ttl,
+            SystemTime::now(),
+        );
+        crate::publish_own_bundle(
+            self.state.datastore.as_ref(),
+            &self.state.config,
+            &self.state.ca,
+            &current,
+            Some(retired),
+        )
+        .await
+        .map_err(|err| ApiError::Internal(err.to_string()))?;
+        self.state.publish_revision().await;
+        tracing::info!(
+            old_kid = old.kid(),
+            new_kid = current.kid(),
+            "JWT signing key replaced"
+        );
+        Ok(Response::new(RotateJwtAuthorityResponse {
+            kid: current.kid().to_owned(),
+        }))
+    }
+
     async fn health(
         &self,
         request: Request<HealthRequest>,
@@ -353,6 +431,14 @@ impl Admin for AdminService {
                 .await
                 .map_err(ApiError::from)?,
             ca_not_after: unix_seconds(self.state.ca.not_after()),
+            x509_svids_signed: self
+                .state
+                .x509_svids_signed
+                .load(std::sync::atomic::Ordering::Relaxed),
+            jwt_svids_signed: self
+                .state
+                .jwt_svids_signed
+                .load(std::sync::atomic::Ordering::Relaxed),
         }))
     }
 }

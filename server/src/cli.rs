@@ -13,6 +13,7 @@ use tessera_proto::admin::admin_client::AdminClient;
 use tessera_proto::admin::{
     CreateEntryRequest, CreateJoinTokenRequest, DeleteEntryRequest, GetBundleRequest,
     GetEntryRequest, HealthRequest, ListAgentsRequest, ListEntriesRequest,
+    RotateJwtAuthorityRequest, UpdateEntryRequest,
 };
 use tessera_proto::convert::selector_to_proto;
 use tessera_proto::types::Entry;
@@ -52,6 +53,9 @@ pub enum Command {
     /// Show the trust bundle.
     #[command(subcommand)]
     Bundle(BundleCommand),
+    /// Manage the signing keys.
+    #[command(subcommand)]
+    Authority(AuthorityCommand),
     /// Check that the server answers on its admin socket and its datastore is reachable.
     Healthcheck(Common),
 }
@@ -97,27 +101,24 @@ pub enum TokenCommand {
 /// `entry` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum EntryCommand {
-    /// Create a registration entry; prints its id.
+    /// Create a registration entry; prints its id. `--parent-id`, `--spiffe-id` and
+    /// at least one `--selector` are required.
     Create {
-        /// The agent ID (or node alias) allowed to serve the entry.
-        #[arg(long = "parent-id", value_name = "ID")]
-        parent_id: String,
-        /// The SPIFFE ID workloads matching the entry receive.
-        #[arg(long = "spiffe-id", value_name = "ID")]
-        spiffe_id: String,
-        /// A selector `TYPE:VALUE` (e.g. `unix:uid:1000`); repeat for several, all must
-        /// match.
-        #[arg(long = "selector", value_name = "TYPE:VALUE", required = true, value_parser = Selector::parse)]
-        selectors: Vec<Selector>,
-        /// X.509-SVID lifetime (default: the server's `default_x509_svid_ttl`).
-        #[arg(long = "x509-ttl", value_name = "DURATION", value_parser = parse_duration)]
-        x509_ttl: Option<Duration>,
-        /// DNS name added to the X.509-SVID; repeat for several.
-        #[arg(long = "dns-name", value_name = "NAME")]
-        dns_names: Vec<String>,
-        /// Hint given to workloads to tell several identities apart.
-        #[arg(long, value_name = "HINT", default_value = "")]
-        hint: String,
+        /// The entry's fields.
+        #[command(flatten)]
+        fields: EntryFields,
+        /// Socket and output options.
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Change an entry: every field given replaces the stored one (lists as a whole),
+    /// the others stay. Agents receive the change at once.
+    Update {
+        /// Entry id.
+        id: String,
+        /// The fields to replace.
+        #[command(flatten)]
+        fields: EntryFields,
         /// Socket and output options.
         #[command(flatten)]
         common: Common,
@@ -146,6 +147,101 @@ pub enum EntryCommand {
     },
 }
 
+/// The fields of an entry, as flags.
+#[derive(Debug, Args, Clone)]
+pub struct EntryFields {
+    /// The agent ID (or node alias) allowed to serve the entry.
+    #[arg(long = "parent-id", value_name = "ID")]
+    pub parent_id: Option<String>,
+    /// The SPIFFE ID workloads matching the entry receive.
+    #[arg(long = "spiffe-id", value_name = "ID")]
+    pub spiffe_id: Option<String>,
+    /// A selector `TYPE:VALUE` (e.g. `unix:uid:1000`); repeat for several, all must
+    /// match.
+    #[arg(long = "selector", value_name = "TYPE:VALUE", value_parser = Selector::parse)]
+    pub selectors: Vec<Selector>,
+    /// X.509-SVID lifetime (default: the server's `default_x509_svid_ttl`).
+    #[arg(long = "x509-ttl", value_name = "DURATION", value_parser = parse_duration)]
+    pub x509_ttl: Option<Duration>,
+    /// JWT-SVID lifetime (default: the server's `default_jwt_svid_ttl`, 5m; at most
+    /// its `max_jwt_svid_ttl`).
+    #[arg(long = "jwt-ttl", value_name = "DURATION", value_parser = parse_duration)]
+    pub jwt_ttl: Option<Duration>,
+    /// An audience JWT-SVIDs of this entry may carry; repeat for several. Without any,
+    /// every audience is allowed.
+    #[arg(long = "jwt-audience", value_name = "AUDIENCE")]
+    pub jwt_audiences: Vec<String>,
+    /// Allow one JWT-SVID to carry several audiences (default: one audience per
+    /// token). `--jwt-multi-audience=false` turns it off again.
+    #[arg(long = "jwt-multi-audience", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub jwt_multi_audience: Option<bool>,
+    /// DNS name added to the X.509-SVID; repeat for several.
+    #[arg(long = "dns-name", value_name = "NAME")]
+    pub dns_names: Vec<String>,
+    /// Hint given to workloads to tell several identities apart.
+    #[arg(long, value_name = "HINT")]
+    pub hint: Option<String>,
+}
+
+fn seconds(duration: Duration) -> i64 {
+    i64::try_from(duration.as_secs()).unwrap_or(i64::MAX)
+}
+
+impl EntryFields {
+    /// Applies the given flags over `entry`.
+    fn apply(self, entry: &mut Entry) {
+        if let Some(parent_id) = self.parent_id {
+            entry.parent_id = parent_id;
+        }
+        if let Some(spiffe_id) = self.spiffe_id {
+            entry.spiffe_id = spiffe_id;
+        }
+        if !self.selectors.is_empty() {
+            entry.selectors = self.selectors.iter().map(selector_to_proto).collect();
+        }
+        if let Some(ttl) = self.x509_ttl {
+            entry.x509_svid_ttl_seconds = seconds(ttl);
+        }
+        if let Some(ttl) = self.jwt_ttl {
+            entry.jwt_svid_ttl_seconds = seconds(ttl);
+        }
+        if !self.jwt_audiences.is_empty() {
+            entry.jwt_audiences = self.jwt_audiences;
+        }
+        if let Some(multi) = self.jwt_multi_audience {
+            entry.jwt_multi_audience = multi;
+        }
+        if !self.dns_names.is_empty() {
+            entry.dns_names = self.dns_names;
+        }
+        if let Some(hint) = self.hint {
+            entry.hint = hint;
+        }
+    }
+}
+
+/// `authority` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum AuthorityCommand {
+    /// Replace the JWT-SVID signing key now. The old public key stays in the bundle
+    /// until every token it signed has expired (`max_jwt_svid_ttl`); prints the new
+    /// key id.
+    RotateJwtKey {
+        /// Socket and output options.
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+/// Formats of `bundle show`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BundleFormat {
+    /// The X.509 authorities as PEM (what `trust_bundle_path` takes).
+    Pem,
+    /// The SPIFFE bundle document (JWKS with `x509-svid` and `jwt-svid` keys).
+    Spiffe,
+}
+
 /// `agent` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum AgentCommand {
@@ -160,9 +256,13 @@ pub enum AgentCommand {
 /// `bundle` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum BundleCommand {
-    /// Print the trust domain's X.509 authorities as PEM: the bundle an agent
-    /// bootstraps from (`trust_bundle_path`).
+    /// Print the trust bundle: by default the X.509 authorities as PEM, the bundle an
+    /// agent bootstraps from (`trust_bundle_path`); `--format spiffe` prints the SPIFFE
+    /// bundle document (JWKS) with the JWT keys.
     Show {
+        /// Output format of the bundle (`--output json` prints a summary instead).
+        #[arg(long, value_enum, default_value_t = BundleFormat::Pem)]
+        format: BundleFormat,
         /// Socket and output options.
         #[command(flatten)]
         common: Common,
@@ -217,6 +317,9 @@ fn entry_json(entry: &Entry) -> serde_json::Value {
         "parent_id": entry.parent_id,
         "selectors": entry.selectors.iter().map(|s| format!("{}:{}", s.r#type, s.value)).collect::<Vec<_>>(),
         "x509_svid_ttl_seconds": entry.x509_svid_ttl_seconds,
+        "jwt_svid_ttl_seconds": entry.jwt_svid_ttl_seconds,
+        "jwt_audiences": entry.jwt_audiences,
+        "jwt_multi_audience": entry.jwt_multi_audience,
         "dns_names": entry.dns_names,
         "hint": entry.hint,
         "created_revision": entry.created_revision,
@@ -241,6 +344,21 @@ fn entry_text(entry: &Entry) -> String {
         .to_string()
     };
     out.push_str(&format!("X509-SVID TTL    : {ttl}\n"));
+    let jwt_ttl = if entry.jwt_svid_ttl_seconds == 0 {
+        "default".to_owned()
+    } else {
+        humantime::format_duration(Duration::from_secs(
+            entry.jwt_svid_ttl_seconds.unsigned_abs(),
+        ))
+        .to_string()
+    };
+    out.push_str(&format!("JWT-SVID TTL     : {jwt_ttl}\n"));
+    for audience in &entry.jwt_audiences {
+        out.push_str(&format!("JWT audience     : {audience}\n"));
+    }
+    if entry.jwt_multi_audience {
+        out.push_str("JWT multi-aud.   : allowed\n");
+    }
     for name in &entry.dns_names {
         out.push_str(&format!("DNS name         : {name}\n"));
     }
@@ -253,6 +371,31 @@ fn entry_text(entry: &Entry) -> String {
 
 fn pem(der: &[u8]) -> String {
     tessera_plugin_sdk::x509::pem_encode("CERTIFICATE", der)
+}
+
+/// The SPIFFE bundle document (JWKS) of a wire bundle.
+fn spiffe_bundle_document(bundle: &tessera_proto::types::Bundle) -> Result<String, CommandError> {
+    let td =
+        tessera_plugin_sdk::TrustDomain::new(&bundle.trust_domain).map_err(|err| CommandError {
+            code: 1,
+            message: format!("server sent a bad trust domain: {err}"),
+        })?;
+    let keys = bundle
+        .jwt_authorities
+        .iter()
+        .map(|a| tessera_plugin_sdk::jwt::JwtPublicKey::from_spki_der(a.kid.clone(), &a.public_key))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|err| CommandError {
+            code: 1,
+            message: format!("server sent a bad JWT key: {err}"),
+        })?;
+    Ok(
+        tessera_plugin_sdk::jwt::JwtBundle::new(td, keys).to_spiffe_bundle_json(
+            &bundle.x509_authorities,
+            bundle.sequence_number,
+            bundle.refresh_hint_seconds.unsigned_abs(),
+        ),
+    )
 }
 
 /// Runs an admin command; returns what to print on stdout.
@@ -288,25 +431,21 @@ pub async fn run_admin(command: Command) -> Result<String, CommandError> {
                 ),
             })
         }
-        Command::Entry(EntryCommand::Create {
-            parent_id,
-            spiffe_id,
-            selectors,
-            x509_ttl,
-            dns_names,
-            hint,
-            common,
-        }) => {
-            let entry = Entry {
-                spiffe_id,
-                parent_id,
-                selectors: selectors.iter().map(selector_to_proto).collect(),
-                x509_svid_ttl_seconds: x509_ttl
-                    .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
-                dns_names,
-                hint,
-                ..Entry::default()
-            };
+        Command::Entry(EntryCommand::Create { fields, common }) => {
+            for (missing, flag) in [
+                (fields.parent_id.is_none(), "--parent-id"),
+                (fields.spiffe_id.is_none(), "--spiffe-id"),
+                (fields.selectors.is_empty(), "--selector"),
+            ] {
+                if missing {
+                    return Err(CommandError {
+                        code: 64,
+                        message: format!("entry create needs {flag}"),
+                    });
+                }
+            }
+            let mut entry = Entry::default();
+            fields.apply(&mut entry);
             let created = client(&common)
                 .await?
                 .create_entry(CreateEntryRequest { entry: Some(entry) })
@@ -315,6 +454,30 @@ pub async fn run_admin(command: Command) -> Result<String, CommandError> {
             Ok(match common.output {
                 Output::Text => format!("{}\n", created.id),
                 Output::Json => format!("{}\n", entry_json(&created)),
+            })
+        }
+        Command::Entry(EntryCommand::Update { id, fields, common }) => {
+            let mut admin = client(&common).await?;
+            let mut entry = admin.get_entry(GetEntryRequest { id }).await?.into_inner();
+            fields.apply(&mut entry);
+            let updated = admin
+                .update_entry(UpdateEntryRequest { entry: Some(entry) })
+                .await?
+                .into_inner();
+            Ok(match common.output {
+                Output::Text => entry_text(&updated),
+                Output::Json => format!("{}\n", entry_json(&updated)),
+            })
+        }
+        Command::Authority(AuthorityCommand::RotateJwtKey { common }) => {
+            let response = client(&common)
+                .await?
+                .rotate_jwt_authority(RotateJwtAuthorityRequest {})
+                .await?
+                .into_inner();
+            Ok(match common.output {
+                Output::Text => format!("{}\n", response.kid),
+                Output::Json => format!("{}\n", json!({ "kid": response.kid })),
             })
         }
         Command::Entry(EntryCommand::Show { id, common }) => {
@@ -403,21 +566,30 @@ pub async fn run_admin(command: Command) -> Result<String, CommandError> {
                 ),
             })
         }
-        Command::Bundle(BundleCommand::Show { common }) => {
+        Command::Bundle(BundleCommand::Show { format, common }) => {
             let bundle = client(&common)
                 .await?
                 .get_bundle(GetBundleRequest {})
                 .await?
                 .into_inner();
-            Ok(match common.output {
-                Output::Text => bundle.x509_authorities.iter().map(|der| pem(der)).collect(),
-                Output::Json => format!(
+            Ok(match (common.output, format) {
+                (Output::Text, BundleFormat::Pem) => {
+                    bundle.x509_authorities.iter().map(|der| pem(der)).collect()
+                }
+                (Output::Text, BundleFormat::Spiffe) => {
+                    format!("{}\n", spiffe_bundle_document(&bundle)?)
+                }
+                (Output::Json, _) => format!(
                     "{}\n",
                     json!({
                         "trust_domain": bundle.trust_domain,
                         "sequence_number": bundle.sequence_number,
                         "refresh_hint_seconds": bundle.refresh_hint_seconds,
                         "x509_authorities": bundle.x509_authorities.iter().map(|der| pem(der)).collect::<Vec<_>>(),
+                        "jwt_authorities": bundle.jwt_authorities.iter().map(|a| json!({
+                            "kid": a.kid,
+                            "expires_at": (a.expires_at != 0).then(|| unix_to_rfc3339(a.expires_at)),
+                        })).collect::<Vec<_>>(),
                     })
                 ),
             })
@@ -440,6 +612,8 @@ pub async fn run_admin(command: Command) -> Result<String, CommandError> {
                         "trust_domain": health.trust_domain,
                         "revision": health.revision,
                         "ca_not_after": unix_to_rfc3339(health.ca_not_after),
+                        "x509_svids_signed": health.x509_svids_signed,
+                        "jwt_svids_signed": health.jwt_svids_signed,
                     })
                 ),
             })

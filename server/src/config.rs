@@ -29,6 +29,8 @@ struct RawServer {
     admin_uids: Vec<u32>,
     ca_ttl: Option<ConfigDuration>,
     default_x509_svid_ttl: Option<ConfigDuration>,
+    default_jwt_svid_ttl: Option<ConfigDuration>,
+    max_jwt_svid_ttl: Option<ConfigDuration>,
     agent_svid_ttl: Option<ConfigDuration>,
     join_token_ttl: Option<ConfigDuration>,
     #[serde(default)]
@@ -67,6 +69,10 @@ fn default_admin_socket() -> PathBuf {
 pub const DEFAULT_CA_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Default `default_x509_svid_ttl`: one hour.
 pub const DEFAULT_X509_SVID_TTL: Duration = Duration::from_secs(3600);
+/// Default `default_jwt_svid_ttl`: five minutes.
+pub const DEFAULT_JWT_SVID_TTL: Duration = Duration::from_secs(300);
+/// Default `max_jwt_svid_ttl`: one hour.
+pub const DEFAULT_MAX_JWT_SVID_TTL: Duration = Duration::from_secs(3600);
 /// Default `agent_svid_ttl`: one hour.
 pub const DEFAULT_AGENT_SVID_TTL: Duration = Duration::from_secs(3600);
 /// Default `join_token_ttl`: ten minutes.
@@ -93,6 +99,12 @@ pub struct ServerConfig {
     /// `default_x509_svid_ttl` (default `1h`): X.509-SVID lifetime for entries without
     /// their own.
     pub default_x509_svid_ttl: Duration,
+    /// `default_jwt_svid_ttl` (default `5m`): JWT-SVID lifetime for entries without
+    /// their own.
+    pub default_jwt_svid_ttl: Duration,
+    /// `max_jwt_svid_ttl` (default `1h`): no JWT-SVID lives longer, whatever its entry
+    /// says; also how long a replaced JWT key stays in the bundle.
+    pub max_jwt_svid_ttl: Duration,
     /// `agent_svid_ttl` (default `1h`): lifetime of agent SVIDs.
     pub agent_svid_ttl: Duration,
     /// `join_token_ttl` (default `10m`): lifetime of join tokens without `--ttl`.
@@ -145,6 +157,12 @@ impl ServerConfig {
             default_x509_svid_ttl: raw
                 .default_x509_svid_ttl
                 .map_or(DEFAULT_X509_SVID_TTL, |d| d.0),
+            default_jwt_svid_ttl: raw
+                .default_jwt_svid_ttl
+                .map_or(DEFAULT_JWT_SVID_TTL, |d| d.0),
+            max_jwt_svid_ttl: raw
+                .max_jwt_svid_ttl
+                .map_or(DEFAULT_MAX_JWT_SVID_TTL, |d| d.0),
             agent_svid_ttl: raw.agent_svid_ttl.map_or(DEFAULT_AGENT_SVID_TTL, |d| d.0),
             join_token_ttl: raw.join_token_ttl.map_or(DEFAULT_JOIN_TOKEN_TTL, |d| d.0),
             log_level: raw.log_level,
@@ -156,6 +174,13 @@ impl ServerConfig {
                 path,
                 "server.default_x509_svid_ttl",
                 "must be shorter than ca_ttl",
+            ));
+        }
+        if config.default_jwt_svid_ttl > config.max_jwt_svid_ttl {
+            return Err(ConfigError::invalid(
+                path,
+                "server.default_jwt_svid_ttl",
+                "must not exceed max_jwt_svid_ttl",
             ));
         }
         if config.agent_svid_ttl >= config.ca_ttl {

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod datastore;
 pub mod error;
+pub mod jwt_authority;
 pub mod node;
 pub mod state;
 pub mod tls;
@@ -17,6 +18,7 @@ pub mod tls;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, SystemTime};
 
 use tessera_plugin_sdk::socket::{prepare_socket_dir, remove_stale_socket, set_socket_mode};
@@ -28,7 +30,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ca::CertificateAuthority;
 use crate::config::{DatastoreKind, ServerConfig};
-use crate::datastore::{Datastore, StoredBundle};
+use crate::datastore::{Datastore, StoredBundle, StoredJwtAuthority};
+use crate::jwt_authority::JwtAuthority;
 use crate::state::ServerState;
 use crate::tls::{BundleClientVerifier, ServerCertSlot};
 
@@ -48,6 +51,9 @@ pub enum ServerError {
     /// The CA could not be loaded or created.
     #[error("CA: {0}")]
     Ca(#[from] ca::CaError),
+    /// The JWT signing key could not be loaded or created.
+    #[error("JWT key: {0}")]
+    Jwt(#[from] jwt_authority::JwtAuthorityError),
     /// The datastore failed.
     #[error("datastore: {0}")]
     Datastore(#[from] datastore::DatastoreError),
@@ -126,25 +132,25 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let data_dir = config.data_dir.clone();
     let td = config.trust_domain.clone();
     let ca_ttl = config.ca_ttl;
-    let ca = tokio::task::spawn_blocking(move || -> Result<CertificateAuthority, ServerError> {
+    let (ca, jwt) = tokio::task::spawn_blocking(move || -> Result<_, ServerError> {
         tessera_plugin_sdk::fs::ensure_private_dir(&data_dir)
             .map_err(io_error(format!("data_dir {}", data_dir.display())))?;
-        Ok(CertificateAuthority::load_or_create(
-            &data_dir.join("ca"),
-            &td,
-            ca_ttl,
-        )?)
+        let ca_dir = data_dir.join("ca");
+        let ca = CertificateAuthority::load_or_create(&ca_dir, &td, ca_ttl)?;
+        let jwt = JwtAuthority::load_or_create(&ca_dir)?;
+        Ok((ca, jwt))
     })
     .await
     .map_err(|err| ServerError::Task(err.to_string()))??;
     let ca = Arc::new(ca);
+    let jwt = Arc::new(jwt);
 
     let datastore: Arc<dyn Datastore> = match config.datastore {
         DatastoreKind::Sqlite => {
             datastore::open_sqlite(&config.data_dir.join("datastore.sqlite3")).await?
         }
     };
-    publish_own_bundle(datastore.as_ref(), &config, &ca).await?;
+    publish_own_bundle(datastore.as_ref(), &config, &ca, &jwt.current(), None).await?;
 
     let revision = datastore.current_revision().await?;
     let (revisions, _) = watch::channel(revision);
@@ -153,6 +159,9 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         config,
         datastore,
         ca,
+        jwt,
+        x509_svids_signed: AtomicU64::new(0),
+        jwt_svids_signed: AtomicU64::new(0),
         revisions,
         shutdown,
     });
@@ -256,31 +265,41 @@ async fn tls_accept(
     Ok(())
 }
 
-/// Stores the CA certificate as the trust domain's bundle when it is not already there,
-/// bumping the sequence number (agents receive it through `Sync`).
-async fn publish_own_bundle(
+/// Publishes the trust domain's bundle: the CA certificate, the current JWT key and the
+/// replaced JWT keys whose tokens may still be valid (plus `retired`, a key replaced
+/// just now). Stores it, bumping the sequence number, only when it changed; agents
+/// receive it through `Sync`. Returns whether it changed.
+pub async fn publish_own_bundle(
     datastore: &dyn Datastore,
     config: &ServerConfig,
     ca: &CertificateAuthority,
-) -> Result<(), ServerError> {
+    jwt: &tessera_plugin_sdk::jwt::JwtSigner,
+    retired: Option<StoredJwtAuthority>,
+) -> Result<bool, ServerError> {
     let td = config.trust_domain.name();
-    let authorities = vec![ca.certificate_der().to_vec()];
+    let x509_authorities = vec![ca.certificate_der().to_vec()];
     let stored = datastore.get_bundle(td).await?;
-    if stored
+    let mut earlier: Vec<StoredJwtAuthority> = stored
         .as_ref()
-        .is_some_and(|b| b.x509_authorities == authorities)
-    {
-        return Ok(());
+        .map(|b| b.jwt_authorities.clone())
+        .unwrap_or_default();
+    earlier.extend(retired);
+    let jwt_authorities = jwt_authority::published_authorities(jwt, &earlier, SystemTime::now());
+    if stored.as_ref().is_some_and(|b| {
+        b.x509_authorities == x509_authorities && b.jwt_authorities == jwt_authorities
+    }) {
+        return Ok(false);
     }
     let sequence_number = stored.map_or(1, |b| b.sequence_number + 1);
     datastore
         .set_bundle(StoredBundle {
             trust_domain: td.to_owned(),
-            x509_authorities: authorities,
+            x509_authorities,
+            jwt_authorities,
             sequence_number,
         })
         .await?;
-    Ok(())
+    Ok(true)
 }
 
 /// How often the server checks whether its CA nears expiry.
@@ -322,6 +341,12 @@ async fn renew_server_svid(
             () = state.shutdown.cancelled() => return Ok(()),
             () = tokio::time::sleep(CA_EXPIRY_CHECK) => {
                 state.ca.warn_if_expiring();
+                // Drops replaced JWT keys whose tokens have all expired.
+                match publish_own_bundle(state.datastore.as_ref(), &state.config, &state.ca, &state.jwt.current(), None).await {
+                    Ok(true) => state.publish_revision().await,
+                    Ok(false) => {}
+                    Err(err) => tracing::warn!(error = %err, "cannot refresh the bundle"),
+                }
                 continue;
             }
             () = tokio::time::sleep_until(renew_at) => {}

@@ -5,6 +5,7 @@
 use std::collections::BTreeSet;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
 use futures::Stream;
@@ -14,9 +15,9 @@ use tessera_proto::convert::entry_to_proto;
 use tessera_proto::node::node_server::Node;
 use tessera_proto::node::{
     AgentSvid, AttestAgentRequest, AttestAgentResponse, BatchNewX509svidRequest,
-    BatchNewX509svidResponse, ItemError, RenewAgentRequest, RenewAgentResponse, SyncRequest,
-    SyncResponse, X509Svid, X509svidResult, attest_agent_request, attest_agent_response,
-    x509svid_result,
+    BatchNewX509svidResponse, ItemError, NewJwtsvidRequest, NewJwtsvidResponse, RenewAgentRequest,
+    RenewAgentResponse, SyncRequest, SyncResponse, X509Svid, X509svidResult, attest_agent_request,
+    attest_agent_response, x509svid_result,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -25,8 +26,11 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::ca::{self, CaError};
 use crate::datastore::{AttestedAgent, ChangeKind, ChangeSet, TokenOutcome};
 use crate::error::ApiError;
-use crate::state::ServerState;
+use crate::state::{ServerState, unix_seconds};
 use crate::tls::NodePeer;
+
+/// Most audiences one JWT-SVID may carry.
+pub const MAX_AUDIENCES: usize = 32;
 
 /// Most SVIDs one `BatchNewX509SVID` call may ask for.
 pub const MAX_BATCH: usize = 1000;
@@ -56,11 +60,6 @@ impl AgentContext {
             .chain(self.aliases.iter().cloned())
             .collect()
     }
-}
-
-fn unix_seconds(time: SystemTime) -> i64 {
-    time.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 impl NodeService {
@@ -235,15 +234,26 @@ impl NodeService {
         if changes.is_empty() && !first {
             return Ok(None);
         }
+
         let mut revision = since;
         let mut entry_ids = BTreeSet::new();
         let mut bundle_changed = first;
+        let parents = agent.parent_ids();
         for change in &changes {
             revision = revision.max(change.revision);
             match change.kind {
-                ChangeKind::EntryUpserted | ChangeKind::EntryDeleted => {
+                // Only entries of this agent's parents (before or after the change): an
+                // agent never learns the ids of other agents' entries.
+                ChangeKind::EntryUpserted | ChangeKind::EntryDeleted
+                    if change.scope.is_empty()
+                        || change
+                            .scope
+                            .iter()
+                            .any(|p| parents.iter().any(|own| own.as_str() == p)) =>
+                {
                     entry_ids.insert(change.object_id.clone());
                 }
+                ChangeKind::EntryUpserted | ChangeKind::EntryDeleted => {}
                 ChangeKind::BundleUpdated => bundle_changed = true,
                 ChangeKind::AgentUpdated => {}
             }
@@ -351,7 +361,13 @@ impl Node for NodeService {
                 match service.sync_message(&agent, since, first).await {
                     Ok(Some(message)) => {
                         since = message.revision;
-                        if tx.send(Ok(message)).await.is_err() {
+                        // Changes that concerned other agents only: nothing to send,
+                        // but the stream moves past them.
+                        let empty = !message.snapshot
+                            && message.entries.is_empty()
+                            && message.deleted_entry_ids.is_empty()
+                            && message.bundle.is_none();
+                        if (!empty || first) && tx.send(Ok(message)).await.is_err() {
                             return;
                         }
                     }
@@ -385,39 +401,139 @@ impl Node for NodeService {
                 "at most {MAX_BATCH} SVIDs per call"
             )));
         }
-        let mut results = Vec::with_capacity(params.len());
+        // Look every entry up first (async), then sign the whole batch on a blocking
+        // thread: a 1000-item batch is ~20 ms of CPU that must not stall the runtime.
+        let mut work = Vec::with_capacity(params.len());
         for param in params {
-            let result = match self.state.datastore.get_entry(&param.entry_id).await {
-                Ok(Some(entry)) if agent.may_serve(&entry) => {
-                    let ttl = entry
-                        .x509_svid_ttl
-                        .unwrap_or(self.state.config.default_x509_svid_ttl);
-                    match self.state.ca.sign_x509_svid(
-                        &param.public_key,
-                        &entry.spiffe_id,
-                        &entry.dns_names,
-                        ttl,
-                    ) {
-                        Ok(cert) => {
-                            tracing::debug!(agent_id = %agent.id, spiffe_id = %entry.spiffe_id, serial = %cert.serial_hex, "signed X.509-SVID");
-                            x509svid_result::Result::Svid(X509Svid {
-                                spiffe_id: entry.spiffe_id.to_string(),
-                                cert_chain: vec![cert.der],
-                                expires_at: unix_seconds(cert.not_after),
-                            })
-                        }
-                        Err(err) => item_error(ApiError::from(err).into()),
-                    }
-                }
-                Ok(_) => item_error(Status::not_found("entry not found or not authorized")),
-                Err(err) => item_error(ApiError::from(err).into()),
+            let entry = match self.state.datastore.get_entry(&param.entry_id).await {
+                Ok(Some(entry)) if agent.may_serve(&entry) => Ok(entry),
+                Ok(_) => Err(Status::not_found("entry not found or not authorized")),
+                Err(err) => Err(ApiError::from(err).into()),
             };
-            results.push(X509svidResult {
-                entry_id: param.entry_id,
-                result: Some(result),
-            });
+            work.push((param, entry));
         }
+        let state = Arc::clone(&self.state);
+        let agent_id = agent.id.clone();
+        let results = tokio::task::spawn_blocking(move || {
+            work.into_iter()
+                .map(|(param, entry)| {
+                    let result = match entry {
+                        Ok(entry) => {
+                            sign_workload_svid(&state, &agent_id, &entry, &param.public_key)
+                        }
+                        Err(status) => item_error(status),
+                    };
+                    X509svidResult {
+                        entry_id: param.entry_id,
+                        result: Some(result),
+                    }
+                })
+                .collect()
+        })
+        .await
+        .map_err(|err| ApiError::Internal(format!("signing task: {err}")))?;
         Ok(Response::new(BatchNewX509svidResponse { results }))
+    }
+
+    async fn new_jwtsvid(
+        &self,
+        request: Request<NewJwtsvidRequest>,
+    ) -> Result<Response<NewJwtsvidResponse>, Status> {
+        let agent = self
+            .authenticate(request.extensions().get::<NodePeer>())
+            .await?;
+        let request = request.into_inner();
+        if request.audiences.is_empty() {
+            return Err(Status::invalid_argument(
+                "at least one audience is required",
+            ));
+        }
+        if request.audiences.len() > MAX_AUDIENCES {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_AUDIENCES} audiences"
+            )));
+        }
+        for audience in &request.audiences {
+            crate::admin::validate_audience(audience).map_err(Status::invalid_argument)?;
+        }
+        let entry = match self
+            .state
+            .datastore
+            .get_entry(&request.entry_id)
+            .await
+            .map_err(ApiError::from)?
+        {
+            Some(entry) if agent.may_serve(&entry) => entry,
+            _ => return Err(Status::not_found("entry not found or not authorized")),
+        };
+        let mut audiences = request.audiences;
+        audiences.sort();
+        audiences.dedup();
+        if audiences.len() > 1 && !entry.jwt_multi_audience {
+            return Err(Status::permission_denied(
+                "this entry allows one audience per JWT-SVID",
+            ));
+        }
+        let refused = (!entry.jwt_audiences.is_empty())
+            .then(|| audiences.iter().find(|a| !entry.jwt_audiences.contains(a)))
+            .flatten();
+        if let Some(refused) = refused {
+            tracing::info!(agent_id = %agent.id, spiffe_id = %entry.spiffe_id, audience = %refused.escape_debug(), "JWT-SVID refused: audience not allowed");
+            return Err(Status::permission_denied(
+                "audience is not allowed for this identity",
+            ));
+        }
+        let ttl = entry
+            .jwt_svid_ttl
+            .unwrap_or(self.state.config.default_jwt_svid_ttl)
+            .min(self.state.config.max_jwt_svid_ttl);
+        let signed = self
+            .state
+            .jwt
+            .current()
+            .sign(
+                &entry.spiffe_id,
+                &audiences,
+                ttl,
+                std::time::SystemTime::now(),
+            )
+            .map_err(|err| ApiError::Internal(format!("JWT signing: {err}")))?;
+        self.state.jwt_svids_signed.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(agent_id = %agent.id, spiffe_id = %entry.spiffe_id, jti = %signed.jti, "signed JWT-SVID");
+        Ok(Response::new(NewJwtsvidResponse {
+            spiffe_id: entry.spiffe_id.to_string(),
+            token: signed.token,
+            issued_at: unix_seconds(signed.issued_at),
+            expires_at: unix_seconds(signed.expires_at),
+        }))
+    }
+}
+
+/// Signs one workload X.509-SVID: ID, DNS names and TTL from the entry, only the key
+/// from the request. Blocking (CPU): runs on a blocking thread.
+fn sign_workload_svid(
+    state: &ServerState,
+    agent_id: &SpiffeId,
+    entry: &RegistrationEntry,
+    public_key: &[u8],
+) -> x509svid_result::Result {
+    let ttl = entry
+        .x509_svid_ttl
+        .unwrap_or(state.config.default_x509_svid_ttl);
+    match state
+        .ca
+        .sign_x509_svid(public_key, &entry.spiffe_id, &entry.dns_names, ttl)
+    {
+        Ok(cert) => {
+            state.x509_svids_signed.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(agent_id = %agent_id, spiffe_id = %entry.spiffe_id, serial = %cert.serial_hex, "signed X.509-SVID");
+            x509svid_result::Result::Svid(X509Svid {
+                spiffe_id: entry.spiffe_id.to_string(),
+                cert_chain: vec![cert.der],
+                expires_at: unix_seconds(cert.not_after),
+            })
+        }
+        Err(err) => item_error(ApiError::from(err).into()),
     }
 }
 

@@ -2,6 +2,7 @@
 //! revision channel that wakes `Sync` streams after each write.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use tessera_plugin_sdk::{SpiffeId, TrustDomain};
 use tessera_proto::types;
@@ -12,9 +13,19 @@ use crate::ca::CertificateAuthority;
 use crate::config::ServerConfig;
 use crate::datastore::Datastore;
 use crate::error::ApiError;
+use crate::jwt_authority::JwtAuthority;
 
 /// Path prefix reserved for IDs tessera assigns itself (agents, the server).
 pub const RESERVED_PREFIX: &str = "/tessera";
+
+/// Refresh hint published with the bundle.
+pub const BUNDLE_REFRESH_HINT_SECS: i64 = 300;
+
+/// Seconds since the epoch (0 before it, saturating far after).
+pub fn unix_seconds(time: std::time::SystemTime) -> i64 {
+    time.duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
 
 /// Shared server state.
 #[derive(Debug)]
@@ -25,6 +36,12 @@ pub struct ServerState {
     pub datastore: Arc<dyn Datastore>,
     /// The signing CA.
     pub ca: Arc<CertificateAuthority>,
+    /// The JWT-SVID signing key.
+    pub jwt: Arc<JwtAuthority>,
+    /// X.509-SVIDs signed since start (workload SVIDs, not agent or server SVIDs).
+    pub x509_svids_signed: AtomicU64,
+    /// JWT-SVIDs signed since start.
+    pub jwt_svids_signed: AtomicU64,
     /// Latest change-feed revision; `Sync` streams wake on it.
     pub revisions: watch::Sender<u64>,
     /// Cancelled when the server stops.
@@ -70,7 +87,16 @@ impl ServerState {
             trust_domain: stored.trust_domain,
             x509_authorities: stored.x509_authorities,
             sequence_number: stored.sequence_number,
-            refresh_hint_seconds: 300,
+            refresh_hint_seconds: BUNDLE_REFRESH_HINT_SECS,
+            jwt_authorities: stored
+                .jwt_authorities
+                .into_iter()
+                .map(|a| types::JwtAuthority {
+                    kid: a.kid,
+                    public_key: a.public_key,
+                    expires_at: a.expires_at.map_or(0, unix_seconds),
+                })
+                .collect(),
         })
     }
 }

@@ -22,6 +22,14 @@ pub struct RegistrationEntry {
     pub selectors: Vec<Selector>,
     /// X.509-SVID lifetime; `None` means the server's `default_x509_svid_ttl`.
     pub x509_svid_ttl: Option<Duration>,
+    /// JWT-SVID lifetime; `None` means the server's `default_jwt_svid_ttl`. Always capped
+    /// by the server's `max_jwt_svid_ttl`.
+    pub jwt_svid_ttl: Option<Duration>,
+    /// Audiences a JWT-SVID of this entry may carry; empty means any audience.
+    pub jwt_audiences: Vec<String>,
+    /// Whether one JWT-SVID may carry several audiences (off: one audience per token,
+    /// so a token cannot be replayed between services).
+    pub jwt_multi_audience: bool,
     /// DNS names added as SANs to the X.509-SVID.
     pub dns_names: Vec<String>,
     /// Hint passed to workloads to tell several identities apart; may be empty.

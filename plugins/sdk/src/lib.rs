@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod entry;
 pub mod fs;
 pub mod id;
+pub mod jwt;
 pub mod selector;
 pub mod socket;
 pub mod workload;

@@ -26,6 +26,12 @@ pub struct CreateEntryRequest {
     #[prost(message, optional, tag = "1")]
     pub entry: ::core::option::Option<super::super::types::v1::Entry>,
 }
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct UpdateEntryRequest {
+    /// The entry with its id; every other field replaces the stored one.
+    #[prost(message, optional, tag = "1")]
+    pub entry: ::core::option::Option<super::super::types::v1::Entry>,
+}
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct GetEntryRequest {
     #[prost(string, tag = "1")]
@@ -72,6 +78,14 @@ pub struct Agent {
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct GetBundleRequest {}
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RotateJwtAuthorityRequest {}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RotateJwtAuthorityResponse {
+    /// The new signing key's id.
+    #[prost(string, tag = "1")]
+    pub kid: ::prost::alloc::string::String,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct HealthRequest {}
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct HealthResponse {
@@ -81,6 +95,11 @@ pub struct HealthResponse {
     pub revision: u64,
     #[prost(int64, tag = "3")]
     pub ca_not_after: i64,
+    /// SVIDs signed since the server started.
+    #[prost(uint64, tag = "4")]
+    pub x509_svids_signed: u64,
+    #[prost(uint64, tag = "5")]
+    pub jwt_svids_signed: u64,
 }
 /// Generated client implementations.
 pub mod admin_client {
@@ -210,6 +229,30 @@ pub mod admin_client {
                 .insert(GrpcMethod::new("tessera.admin.v1.Admin", "CreateEntry"));
             self.inner.unary(req, path, codec).await
         }
+        pub async fn update_entry(
+            &mut self,
+            request: impl tonic::IntoRequest<super::UpdateEntryRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::super::super::types::v1::Entry>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/tessera.admin.v1.Admin/UpdateEntry",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("tessera.admin.v1.Admin", "UpdateEntry"));
+            self.inner.unary(req, path, codec).await
+        }
         pub async fn get_entry(
             &mut self,
             request: impl tonic::IntoRequest<super::GetEntryRequest>,
@@ -330,6 +373,32 @@ pub mod admin_client {
                 .insert(GrpcMethod::new("tessera.admin.v1.Admin", "GetBundle"));
             self.inner.unary(req, path, codec).await
         }
+        /// Replaces the JWT signing key at once; the old public key stays in the bundle until
+        /// every token it signed has expired.
+        pub async fn rotate_jwt_authority(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RotateJwtAuthorityRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RotateJwtAuthorityResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/tessera.admin.v1.Admin/RotateJwtAuthority",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("tessera.admin.v1.Admin", "RotateJwtAuthority"));
+            self.inner.unary(req, path, codec).await
+        }
         pub async fn health(
             &mut self,
             request: impl tonic::IntoRequest<super::HealthRequest>,
@@ -380,6 +449,13 @@ pub mod admin_server {
             tonic::Response<super::super::super::types::v1::Entry>,
             tonic::Status,
         >;
+        async fn update_entry(
+            &self,
+            request: tonic::Request<super::UpdateEntryRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::super::super::types::v1::Entry>,
+            tonic::Status,
+        >;
         async fn get_entry(
             &self,
             request: tonic::Request<super::GetEntryRequest>,
@@ -413,6 +489,15 @@ pub mod admin_server {
             request: tonic::Request<super::GetBundleRequest>,
         ) -> std::result::Result<
             tonic::Response<super::super::super::types::v1::Bundle>,
+            tonic::Status,
+        >;
+        /// Replaces the JWT signing key at once; the old public key stays in the bundle until
+        /// every token it signed has expired.
+        async fn rotate_jwt_authority(
+            &self,
+            request: tonic::Request<super::RotateJwtAuthorityRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RotateJwtAuthorityResponse>,
             tonic::Status,
         >;
         async fn health(
@@ -569,6 +654,49 @@ pub mod admin_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = CreateEntrySvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/tessera.admin.v1.Admin/UpdateEntry" => {
+                    #[allow(non_camel_case_types)]
+                    struct UpdateEntrySvc<T: Admin>(pub Arc<T>);
+                    impl<T: Admin> tonic::server::UnaryService<super::UpdateEntryRequest>
+                    for UpdateEntrySvc<T> {
+                        type Response = super::super::super::types::v1::Entry;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::UpdateEntryRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::update_entry(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = UpdateEntrySvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
@@ -784,6 +912,51 @@ pub mod admin_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = GetBundleSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/tessera.admin.v1.Admin/RotateJwtAuthority" => {
+                    #[allow(non_camel_case_types)]
+                    struct RotateJwtAuthoritySvc<T: Admin>(pub Arc<T>);
+                    impl<
+                        T: Admin,
+                    > tonic::server::UnaryService<super::RotateJwtAuthorityRequest>
+                    for RotateJwtAuthoritySvc<T> {
+                        type Response = super::RotateJwtAuthorityResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RotateJwtAuthorityRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::rotate_jwt_authority(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RotateJwtAuthoritySvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

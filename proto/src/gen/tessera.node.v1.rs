@@ -27,14 +27,14 @@ pub struct AttestationParams {
     #[prost(bytes = "vec", tag = "3")]
     pub csr: ::prost::alloc::vec::Vec<u8>,
 }
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct AttestAgentResponse {
     #[prost(oneof = "attest_agent_response::Step", tags = "1, 2")]
     pub step: ::core::option::Option<attest_agent_response::Step>,
 }
 /// Nested message and enum types in `AttestAgentResponse`.
 pub mod attest_agent_response {
-    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    #[derive(Clone, PartialEq, ::prost::Oneof)]
     pub enum Step {
         #[prost(message, tag = "1")]
         Result(super::AgentSvid),
@@ -42,7 +42,7 @@ pub mod attest_agent_response {
         Challenge(::prost::alloc::vec::Vec<u8>),
     }
 }
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct AgentSvid {
     #[prost(string, tag = "1")]
     pub spiffe_id: ::prost::alloc::string::String,
@@ -60,7 +60,7 @@ pub struct RenewAgentRequest {
     #[prost(bytes = "vec", tag = "1")]
     pub csr: ::prost::alloc::vec::Vec<u8>,
 }
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct RenewAgentResponse {
     #[prost(message, optional, tag = "1")]
     pub svid: ::core::option::Option<AgentSvid>,
@@ -142,6 +142,26 @@ pub struct ItemError {
     pub code: i32,
     #[prost(string, tag = "2")]
     pub message: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct NewJwtsvidRequest {
+    #[prost(string, tag = "1")]
+    pub entry_id: ::prost::alloc::string::String,
+    /// One audience, or several when the entry allows multi-audience tokens.
+    #[prost(string, repeated, tag = "2")]
+    pub audiences: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct NewJwtsvidResponse {
+    #[prost(string, tag = "1")]
+    pub spiffe_id: ::prost::alloc::string::String,
+    /// The JWT-SVID, compact serialization.
+    #[prost(string, tag = "2")]
+    pub token: ::prost::alloc::string::String,
+    #[prost(int64, tag = "3")]
+    pub issued_at: i64,
+    #[prost(int64, tag = "4")]
+    pub expires_at: i64,
 }
 /// Generated client implementations.
 pub mod node_client {
@@ -328,6 +348,32 @@ pub mod node_client {
                 .insert(GrpcMethod::new("tessera.node.v1.Node", "BatchNewX509SVID"));
             self.inner.unary(req, path, codec).await
         }
+        /// A JWT-SVID for an entry this agent is authorized for, if the entry's audience
+        /// policy allows the audiences.
+        pub async fn new_jwtsvid(
+            &mut self,
+            request: impl tonic::IntoRequest<super::NewJwtsvidRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::NewJwtsvidResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/tessera.node.v1.Node/NewJWTSVID",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("tessera.node.v1.Node", "NewJWTSVID"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -386,6 +432,15 @@ pub mod node_server {
             request: tonic::Request<super::BatchNewX509svidRequest>,
         ) -> std::result::Result<
             tonic::Response<super::BatchNewX509svidResponse>,
+            tonic::Status,
+        >;
+        /// A JWT-SVID for an entry this agent is authorized for, if the entry's audience
+        /// policy allows the audiences.
+        async fn new_jwtsvid(
+            &self,
+            request: tonic::Request<super::NewJwtsvidRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::NewJwtsvidResponse>,
             tonic::Status,
         >;
     }
@@ -632,6 +687,49 @@ pub mod node_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = BatchNewX509SVIDSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/tessera.node.v1.Node/NewJWTSVID" => {
+                    #[allow(non_camel_case_types)]
+                    struct NewJWTSVIDSvc<T: Node>(pub Arc<T>);
+                    impl<T: Node> tonic::server::UnaryService<super::NewJwtsvidRequest>
+                    for NewJWTSVIDSvc<T> {
+                        type Response = super::NewJwtsvidResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::NewJwtsvidRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Node>::new_jwtsvid(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = NewJWTSVIDSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

@@ -33,9 +33,19 @@ pub struct Entry {
     pub created_revision: u64,
     #[prost(uint64, tag = "9")]
     pub revision: u64,
+    /// JWT-SVID lifetime in seconds; 0 means the server's default_jwt_svid_ttl (always
+    /// capped by max_jwt_svid_ttl).
+    #[prost(int64, tag = "10")]
+    pub jwt_svid_ttl_seconds: i64,
+    /// Audiences a JWT-SVID of this entry may carry; empty means any audience.
+    #[prost(string, repeated, tag = "11")]
+    pub jwt_audiences: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Whether one JWT-SVID may carry several audiences.
+    #[prost(bool, tag = "12")]
+    pub jwt_multi_audience: bool,
 }
 /// The X.509 part of a trust bundle of one trust domain.
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Bundle {
     /// Trust domain name, e.g. "example.org".
     #[prost(string, tag = "1")]
@@ -49,4 +59,20 @@ pub struct Bundle {
     /// How often (seconds) a consumer should refresh the bundle; 0 = unspecified.
     #[prost(int64, tag = "4")]
     pub refresh_hint_seconds: i64,
+    /// Public keys that sign JWT-SVIDs.
+    #[prost(message, repeated, tag = "5")]
+    pub jwt_authorities: ::prost::alloc::vec::Vec<JwtAuthority>,
+}
+/// A JWT-SVID signing key's public half.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct JwtAuthority {
+    /// Key id, the `kid` header of the tokens it signs.
+    #[prost(string, tag = "1")]
+    pub kid: ::prost::alloc::string::String,
+    /// SubjectPublicKeyInfo, DER.
+    #[prost(bytes = "vec", tag = "2")]
+    pub public_key: ::prost::alloc::vec::Vec<u8>,
+    /// Unix seconds after which no token it signed is valid; 0 while it signs.
+    #[prost(int64, tag = "3")]
+    pub expires_at: i64,
 }

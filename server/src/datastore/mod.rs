@@ -35,10 +35,27 @@ pub trait Datastore: Send + Sync + std::fmt::Debug {
     /// 16 random bytes) and records [`ChangeKind::EntryUpserted`]. The returned entry has
     /// `created_revision == revision ==` the revision of that change.
     ///
+    /// The JWT audiences are stored (and returned) sorted and deduplicated.
+    ///
     /// [`DatastoreError::Conflict`] when an entry with the same spiffe_id, parent_id and
-    /// selector set exists; [`DatastoreError::InvalidArgument`] when the TTL is not a
-    /// whole number of seconds.
+    /// selector set exists; [`DatastoreError::InvalidArgument`] when a TTL is not a
+    /// whole number of seconds or the audiences break the rules of [`NewEntry`].
     async fn create_entry(&self, entry: NewEntry) -> Result<RegistrationEntry, DatastoreError>;
+
+    /// Replaces every field of the entry `id` with those of `entry`, keeping its id and
+    /// `created_revision`, and records [`ChangeKind::EntryUpserted`] in the same
+    /// transaction; the returned entry's `revision` is the revision of that change (even
+    /// when no field actually changed).
+    ///
+    /// `None` (and no change recorded) when there is no such entry;
+    /// [`DatastoreError::Conflict`] when another entry has the new spiffe_id, parent_id
+    /// and selector set; [`DatastoreError::InvalidArgument`] as for
+    /// [`Datastore::create_entry`].
+    async fn update_entry(
+        &self,
+        id: &str,
+        entry: NewEntry,
+    ) -> Result<Option<RegistrationEntry>, DatastoreError>;
 
     /// The entry with this id, if any.
     async fn get_entry(&self, id: &str) -> Result<Option<RegistrationEntry>, DatastoreError>;
@@ -148,7 +165,8 @@ pub trait Datastore: Send + Sync + std::fmt::Debug {
     async fn close(&self);
 }
 
-/// A registration entry to create; the datastore assigns id and revisions.
+/// A registration entry to create (or the new content of one to update); the datastore
+/// assigns id and revisions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewEntry {
     /// The SPIFFE ID the workload receives.
@@ -159,6 +177,15 @@ pub struct NewEntry {
     pub selectors: Vec<Selector>,
     /// X.509-SVID lifetime, whole seconds; `None`: the server default.
     pub x509_svid_ttl: Option<Duration>,
+    /// JWT-SVID lifetime, whole seconds; `None`: the server default.
+    pub jwt_svid_ttl: Option<Duration>,
+    /// Audiences JWT-SVIDs of this entry may carry; empty: any. At most
+    /// [`MAX_JWT_AUDIENCES`] distinct ones, each non-empty, at most
+    /// [`MAX_JWT_AUDIENCE_LEN`] bytes and free of control characters; stored sorted and
+    /// deduplicated.
+    pub jwt_audiences: Vec<String>,
+    /// Whether one JWT-SVID may carry several audiences.
+    pub jwt_multi_audience: bool,
     /// DNS names for the X.509-SVID.
     pub dns_names: Vec<String>,
     /// Hint for workloads holding several identities; may be empty.
@@ -232,8 +259,21 @@ pub struct StoredBundle {
     pub trust_domain: String,
     /// The X.509 authorities, DER certificates.
     pub x509_authorities: Vec<Vec<u8>>,
+    /// The JWT authorities (public keys with their `kid`).
+    pub jwt_authorities: Vec<StoredJwtAuthority>,
     /// SPIFFE bundle sequence number (at most `i64::MAX`).
     pub sequence_number: u64,
+}
+
+/// A JWT signing key's public half as published in a bundle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredJwtAuthority {
+    /// Key id (`kid` header of the tokens it signs).
+    pub kid: String,
+    /// SubjectPublicKeyInfo, DER.
+    pub public_key: Vec<u8>,
+    /// After this, no token it signed can still be valid; `None` while it signs.
+    pub expires_at: Option<SystemTime>,
 }
 
 /// What a [`Change`] touched.
@@ -281,6 +321,10 @@ pub struct Change {
     pub kind: ChangeKind,
     /// Which object: see [`ChangeKind`].
     pub object_id: String,
+    /// For entry changes, the parent IDs concerned (the old and the new parent of an
+    /// update); empty when the change concerns every agent. Lets `Sync` tell an agent
+    /// only about entries of its own parents.
+    pub scope: Vec<String>,
 }
 
 /// Answer of [`Datastore::changes_since`].
@@ -370,15 +414,117 @@ pub(crate) fn from_unix_secs(secs: i64, what: &str) -> Result<SystemTime, Datast
         .ok_or_else(|| DatastoreError::Corrupt(format!("{what}: timestamp out of range")))
 }
 
-/// A TTL as whole seconds, for storage.
-pub(crate) fn ttl_to_secs(ttl: Duration) -> Result<i64, DatastoreError> {
+/// A TTL as whole seconds, for storage; `what` names the field for the error.
+pub(crate) fn ttl_to_secs(ttl: Duration, what: &str) -> Result<i64, DatastoreError> {
     if ttl.subsec_nanos() != 0 {
-        return Err(DatastoreError::InvalidArgument(
-            "x509_svid_ttl must be a whole number of seconds".to_owned(),
-        ));
+        return Err(DatastoreError::InvalidArgument(format!(
+            "{what} must be a whole number of seconds"
+        )));
     }
     i64::try_from(ttl.as_secs())
-        .map_err(|_| DatastoreError::InvalidArgument("x509_svid_ttl is too large".to_owned()))
+        .map_err(|_| DatastoreError::InvalidArgument(format!("{what} is too large")))
+}
+
+/// The most distinct JWT audiences an entry may list.
+pub const MAX_JWT_AUDIENCES: usize = 32;
+
+/// The longest JWT audience an entry may list, in bytes.
+pub const MAX_JWT_AUDIENCE_LEN: usize = 256;
+
+/// The JWT audiences of an entry as stored: checked (see [`NewEntry::jwt_audiences`]),
+/// sorted and deduplicated. Errors name the position of a bad audience, not its value.
+pub(crate) fn normalize_jwt_audiences(
+    mut audiences: Vec<String>,
+) -> Result<Vec<String>, DatastoreError> {
+    for (i, audience) in audiences.iter().enumerate() {
+        if audience.is_empty() {
+            return Err(DatastoreError::InvalidArgument(format!(
+                "jwt_audiences[{i}] is empty"
+            )));
+        }
+        if audience.len() > MAX_JWT_AUDIENCE_LEN {
+            return Err(DatastoreError::InvalidArgument(format!(
+                "jwt_audiences[{i}] is longer than {MAX_JWT_AUDIENCE_LEN} bytes"
+            )));
+        }
+        if audience.chars().any(char::is_control) {
+            return Err(DatastoreError::InvalidArgument(format!(
+                "jwt_audiences[{i}] contains a control character"
+            )));
+        }
+    }
+    audiences.sort_unstable();
+    audiences.dedup();
+    if audiences.len() > MAX_JWT_AUDIENCES {
+        return Err(DatastoreError::InvalidArgument(format!(
+            "more than {MAX_JWT_AUDIENCES} jwt_audiences"
+        )));
+    }
+    Ok(audiences)
+}
+
+/// A [`StoredJwtAuthority`] in its JSON storage form.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct JwtAuthorityJson {
+    kid: String,
+    /// Hex of the SubjectPublicKeyInfo DER.
+    public_key: String,
+    /// Unix seconds.
+    expires_at: Option<i64>,
+}
+
+/// The JWT authorities of a bundle as a JSON array of
+/// `{"kid", "public_key" (hex), "expires_at" (unix seconds or null)}`, for storage.
+pub(crate) fn jwt_authorities_json(
+    authorities: &[StoredJwtAuthority],
+) -> Result<String, DatastoreError> {
+    let raw = authorities
+        .iter()
+        .map(|a| {
+            Ok(JwtAuthorityJson {
+                kid: a.kid.clone(),
+                public_key: hex::encode(&a.public_key),
+                expires_at: a
+                    .expires_at
+                    .map(|t| to_unix_secs(t, "jwt authority expires_at"))
+                    .transpose()?,
+            })
+        })
+        .collect::<Result<Vec<_>, DatastoreError>>()?;
+    serde_json::to_string(&raw).map_err(|e| DatastoreError::Internal(Box::new(e)))
+}
+
+/// Inverse of [`jwt_authorities_json`]; `what` names the row and column for the error.
+pub(crate) fn stored_jwt_authorities(
+    json: &str,
+    what: &str,
+) -> Result<Vec<StoredJwtAuthority>, DatastoreError> {
+    let raw: Vec<JwtAuthorityJson> = serde_json::from_str(json).map_err(|e| {
+        DatastoreError::Corrupt(format!("{what}: not a JSON list of JWT authorities: {e}"))
+    })?;
+    raw.into_iter()
+        .enumerate()
+        .map(|(i, a)| {
+            Ok(StoredJwtAuthority {
+                public_key: hex::decode(&a.public_key)
+                    .map_err(|e| DatastoreError::Corrupt(format!("{what}[{i}].public_key: {e}")))?,
+                expires_at: a
+                    .expires_at
+                    .map(|s| from_unix_secs(s, &format!("{what}[{i}].expires_at")))
+                    .transpose()?,
+                kid: a.kid,
+            })
+        })
+        .collect()
+}
+
+/// A stored 0/1 flag; `what` names the row and column for the error.
+pub(crate) fn stored_bool(v: i64, what: &str) -> Result<bool, DatastoreError> {
+    match v {
+        0 => Ok(false),
+        1 => Ok(true),
+        _ => Err(DatastoreError::Corrupt(format!("{what}: not 0 or 1"))),
+    }
 }
 
 /// A stored non-negative integer (revision, sequence number, TTL) as `u64`.

@@ -35,18 +35,26 @@ use tessera_plugin_sdk::{RegistrationEntry, Selector, SpiffeId};
 
 use super::{
     AttestedAgent, Change, ChangeKind, ChangeSet, Datastore, DatastoreError, NewEntry,
-    NewJoinToken, StoredBundle, TokenOutcome, from_unix_secs, json_list, new_entry_id,
-    now_unix_secs, similarity_key, stored_json_list, stored_spiffe_id, stored_u64, to_unix_secs,
+    NewJoinToken, StoredBundle, TokenOutcome, from_unix_secs, json_list, jwt_authorities_json,
+    new_entry_id, normalize_jwt_audiences, now_unix_secs, similarity_key, stored_bool,
+    stored_json_list, stored_jwt_authorities, stored_spiffe_id, stored_u64, to_unix_secs,
     ttl_to_secs,
 };
 
 /// The migrations, in version order: (version, description, SQL). Every file of
 /// `server/migrations/sqlite/` must be listed here (checked by a test).
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "initial",
-    include_str!("../../migrations/sqlite/0001_initial.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "initial",
+        include_str!("../../migrations/sqlite/0001_initial.sql"),
+    ),
+    (
+        2,
+        "jwt",
+        include_str!("../../migrations/sqlite/0002_jwt.sql"),
+    ),
+];
 
 /// How long a statement waits for SQLite's write lock before failing `Unavailable`.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -61,7 +69,8 @@ const MAX_CONNECTIONS: u32 = 8;
 macro_rules! select_entries {
     ($tail:literal) => {
         concat!(
-            "SELECT id, spiffe_id, parent_id, selectors, x509_svid_ttl_secs, dns_names, hint, ",
+            "SELECT id, spiffe_id, parent_id, selectors, x509_svid_ttl_secs, ",
+            "jwt_svid_ttl_secs, jwt_audiences, jwt_multi_audience, dns_names, hint, ",
             "created_revision, revision FROM entries ",
             $tail
         )
@@ -139,8 +148,13 @@ async fn create_private_file(path: &Path) -> Result<(), DatastoreError> {
 
 /// The embedded migrations as a sqlx [`Migrator`].
 fn migrator() -> Migrator {
+    migrator_of(MIGRATIONS)
+}
+
+/// A sqlx [`Migrator`] of some of the embedded migrations (tests build older schemas).
+fn migrator_of(migrations: &[(i64, &'static str, &'static str)]) -> Migrator {
     Migrator::with_migrations(
-        MIGRATIONS
+        migrations
             .iter()
             .map(|&(version, description, sql)| {
                 Migration::new(
@@ -197,13 +211,20 @@ async fn record_change(
     conn: &mut SqliteConnection,
     kind: ChangeKind,
     object_id: &str,
+    scope: &[&str],
 ) -> Result<u64, DatastoreError> {
+    let mut scope: Vec<&str> = scope.to_vec();
+    scope.sort_unstable();
+    scope.dedup();
+    let scope = serde_json::to_string(&scope).map_err(|e| DatastoreError::Internal(Box::new(e)))?;
     let revision: i64 = sqlx::query_scalar(
-        "INSERT INTO changes (kind, object_id, recorded_at) VALUES (?, ?, ?) RETURNING revision",
+        "INSERT INTO changes (kind, object_id, recorded_at, scope) VALUES (?, ?, ?, ?) \
+         RETURNING revision",
     )
     .bind(kind.as_str())
     .bind(object_id)
     .bind(now_unix_secs())
+    .bind(scope)
     .fetch_one(conn)
     .await?;
     stored_u64(revision, "changes.revision")
@@ -219,10 +240,22 @@ fn entry_from_row(row: &SqliteRow) -> Result<RegistrationEntry, DatastoreError> 
         &what("selectors"),
         Selector::parse,
     )?;
-    let x509_svid_ttl = row
-        .try_get::<Option<i64>, _>("x509_svid_ttl_secs")?
-        .map(|s| stored_u64(s, &what("x509_svid_ttl_secs")).map(Duration::from_secs))
-        .transpose()?;
+    let ttl = |col: &str| -> Result<Option<Duration>, DatastoreError> {
+        row.try_get::<Option<i64>, _>(col)?
+            .map(|s| stored_u64(s, &what(col)).map(Duration::from_secs))
+            .transpose()
+    };
+    let x509_svid_ttl = ttl("x509_svid_ttl_secs")?;
+    let jwt_svid_ttl = ttl("jwt_svid_ttl_secs")?;
+    let jwt_audiences = stored_json_list(
+        &row.try_get::<String, _>("jwt_audiences")?,
+        &what("jwt_audiences"),
+        |s| Ok::<_, std::convert::Infallible>(s.to_owned()),
+    )?;
+    let jwt_multi_audience = stored_bool(
+        row.try_get("jwt_multi_audience")?,
+        &what("jwt_multi_audience"),
+    )?;
     let dns_names = stored_json_list(
         &row.try_get::<String, _>("dns_names")?,
         &what("dns_names"),
@@ -237,6 +270,9 @@ fn entry_from_row(row: &SqliteRow) -> Result<RegistrationEntry, DatastoreError> 
         parent_id,
         selectors,
         x509_svid_ttl,
+        jwt_svid_ttl,
+        jwt_audiences,
+        jwt_multi_audience,
         dns_names,
         hint,
         created_revision,
@@ -276,10 +312,15 @@ fn bundle_from_row(row: &SqliteRow) -> Result<StoredBundle, DatastoreError> {
         &what("x509_authorities"),
         |s| hex::decode(s),
     )?;
+    let jwt_authorities = stored_jwt_authorities(
+        &row.try_get::<String, _>("jwt_authorities")?,
+        &what("jwt_authorities"),
+    )?;
     let sequence_number = stored_u64(row.try_get("sequence_number")?, &what("sequence_number"))?;
     Ok(StoredBundle {
         trust_domain,
         x509_authorities,
+        jwt_authorities,
         sequence_number,
     })
 }
@@ -290,10 +331,17 @@ fn change_from_row(row: &SqliteRow) -> Result<Change, DatastoreError> {
     let kind = ChangeKind::from_stored(&kind).ok_or_else(|| {
         DatastoreError::Corrupt(format!("changes[{revision}].kind: unknown kind"))
     })?;
+    let scope: String = row.try_get("scope")?;
+    let scope = serde_json::from_str(&scope).map_err(|_| {
+        DatastoreError::Corrupt(format!(
+            "changes[{revision}].scope: not a JSON list of strings"
+        ))
+    })?;
     Ok(Change {
         revision,
         kind,
         object_id: row.try_get("object_id")?,
+        scope,
     })
 }
 
@@ -303,58 +351,179 @@ async fn current_revision_in(conn: &mut SqliteConnection) -> Result<u64, Datasto
     stored_u64(revision, "current revision")
 }
 
+/// A revision handed out by [`record_change`], for binding.
+fn revision_to_i64(revision: u64) -> Result<i64, DatastoreError> {
+    i64::try_from(revision)
+        .map_err(|_| DatastoreError::Corrupt("changes.revision: out of range".to_owned()))
+}
+
+/// Maps the unique violation of an entry write (only `similarity_key` can collide: ids
+/// are random and never change) to a [`DatastoreError::Conflict`] that says so.
+fn similar_entry_conflict(e: sqlx::Error) -> DatastoreError {
+    match DatastoreError::from(e) {
+        DatastoreError::Conflict(_) => DatastoreError::Conflict(
+            "an entry with the same spiffe_id, parent_id and selectors exists".to_owned(),
+        ),
+        other => other,
+    }
+}
+
+/// A [`NewEntry`] checked and converted to the `entries` columns, ready for binding.
+struct EntryColumns {
+    /// The entry, with its JWT audiences normalized.
+    entry: NewEntry,
+    similarity_key: String,
+    selectors: String,
+    x509_svid_ttl_secs: Option<i64>,
+    jwt_svid_ttl_secs: Option<i64>,
+    jwt_audiences: String,
+    dns_names: String,
+}
+
+impl EntryColumns {
+    /// Validates and converts `entry`; [`DatastoreError::InvalidArgument`] when it
+    /// cannot be stored.
+    fn new(mut entry: NewEntry) -> Result<Self, DatastoreError> {
+        let x509_svid_ttl_secs = entry
+            .x509_svid_ttl
+            .map(|t| ttl_to_secs(t, "x509_svid_ttl"))
+            .transpose()?;
+        let jwt_svid_ttl_secs = entry
+            .jwt_svid_ttl
+            .map(|t| ttl_to_secs(t, "jwt_svid_ttl"))
+            .transpose()?;
+        entry.jwt_audiences = normalize_jwt_audiences(std::mem::take(&mut entry.jwt_audiences))?;
+        Ok(Self {
+            similarity_key: similarity_key(&entry.spiffe_id, &entry.parent_id, &entry.selectors)?,
+            selectors: json_list(&entry.selectors)?,
+            jwt_audiences: json_list(&entry.jwt_audiences)?,
+            dns_names: json_list(&entry.dns_names)?,
+            x509_svid_ttl_secs,
+            jwt_svid_ttl_secs,
+            entry,
+        })
+    }
+
+    /// The stored entry.
+    fn into_entry(self, id: String, created_revision: u64, revision: u64) -> RegistrationEntry {
+        let e = self.entry;
+        RegistrationEntry {
+            id,
+            spiffe_id: e.spiffe_id,
+            parent_id: e.parent_id,
+            selectors: e.selectors,
+            x509_svid_ttl: e.x509_svid_ttl,
+            jwt_svid_ttl: e.jwt_svid_ttl,
+            jwt_audiences: e.jwt_audiences,
+            jwt_multi_audience: e.jwt_multi_audience,
+            dns_names: e.dns_names,
+            hint: e.hint,
+            created_revision,
+            revision,
+        }
+    }
+}
+
 #[async_trait::async_trait]
 impl Datastore for SqliteDatastore {
     async fn create_entry(&self, entry: NewEntry) -> Result<RegistrationEntry, DatastoreError> {
         let id = new_entry_id()?;
-        let ttl_secs = entry.x509_svid_ttl.map(ttl_to_secs).transpose()?;
-        let key = similarity_key(&entry.spiffe_id, &entry.parent_id, &entry.selectors)?;
-        let selectors = json_list(&entry.selectors)?;
-        let dns_names = json_list(&entry.dns_names)?;
+        let row = EntryColumns::new(entry)?;
 
         let mut tx = self.begin_write().await?;
-        let revision = record_change(&mut tx, ChangeKind::EntryUpserted, &id).await?;
-        let revision_i64 = i64::try_from(revision)
-            .map_err(|_| DatastoreError::Corrupt("changes.revision: out of range".to_owned()))?;
+        let revision = record_change(
+            &mut tx,
+            ChangeKind::EntryUpserted,
+            &id,
+            &[row.entry.parent_id.as_str()],
+        )
+        .await?;
+        let revision_i64 = revision_to_i64(revision)?;
         let inserted = sqlx::query(
             "INSERT INTO entries (id, spiffe_id, parent_id, selectors, similarity_key, \
-             x509_svid_ttl_secs, dns_names, hint, created_revision, revision) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             x509_svid_ttl_secs, jwt_svid_ttl_secs, jwt_audiences, jwt_multi_audience, \
+             dns_names, hint, created_revision, revision) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&id)
-        .bind(entry.spiffe_id.as_str())
-        .bind(entry.parent_id.as_str())
-        .bind(&selectors)
-        .bind(&key)
-        .bind(ttl_secs)
-        .bind(&dns_names)
-        .bind(&entry.hint)
+        .bind(row.entry.spiffe_id.as_str())
+        .bind(row.entry.parent_id.as_str())
+        .bind(&row.selectors)
+        .bind(&row.similarity_key)
+        .bind(row.x509_svid_ttl_secs)
+        .bind(row.jwt_svid_ttl_secs)
+        .bind(&row.jwt_audiences)
+        .bind(row.entry.jwt_multi_audience)
+        .bind(&row.dns_names)
+        .bind(&row.entry.hint)
         .bind(revision_i64)
         .bind(revision_i64)
         .execute(&mut *tx)
         .await;
-        match inserted.map_err(DatastoreError::from) {
-            Ok(_) => {}
-            Err(DatastoreError::Conflict(_)) => {
-                return Err(DatastoreError::Conflict(
-                    "an entry with the same spiffe_id, parent_id and selectors exists".to_owned(),
-                ));
-            }
-            Err(e) => return Err(e),
-        }
+        inserted.map_err(similar_entry_conflict)?;
         tx.commit().await?;
 
-        Ok(RegistrationEntry {
+        Ok(row.into_entry(id, revision, revision))
+    }
+
+    async fn update_entry(
+        &self,
+        id: &str,
+        entry: NewEntry,
+    ) -> Result<Option<RegistrationEntry>, DatastoreError> {
+        let row = EntryColumns::new(entry)?;
+
+        let mut tx = self.begin_write().await?;
+        let old_parent: Option<String> =
+            sqlx::query_scalar("SELECT parent_id FROM entries WHERE id = ?")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(old_parent) = old_parent else {
+            tx.rollback().await?;
+            return Ok(None);
+        };
+        let revision = record_change(
+            &mut tx,
+            ChangeKind::EntryUpserted,
             id,
-            spiffe_id: entry.spiffe_id,
-            parent_id: entry.parent_id,
-            selectors: entry.selectors,
-            x509_svid_ttl: entry.x509_svid_ttl,
-            dns_names: entry.dns_names,
-            hint: entry.hint,
-            created_revision: revision,
+            &[old_parent.as_str(), row.entry.parent_id.as_str()],
+        )
+        .await?;
+        let updated: Result<Option<i64>, _> = sqlx::query_scalar(
+            "UPDATE entries SET spiffe_id = ?, parent_id = ?, selectors = ?, \
+             similarity_key = ?, x509_svid_ttl_secs = ?, jwt_svid_ttl_secs = ?, \
+             jwt_audiences = ?, jwt_multi_audience = ?, dns_names = ?, hint = ?, revision = ? \
+             WHERE id = ? RETURNING created_revision",
+        )
+        .bind(row.entry.spiffe_id.as_str())
+        .bind(row.entry.parent_id.as_str())
+        .bind(&row.selectors)
+        .bind(&row.similarity_key)
+        .bind(row.x509_svid_ttl_secs)
+        .bind(row.jwt_svid_ttl_secs)
+        .bind(&row.jwt_audiences)
+        .bind(row.entry.jwt_multi_audience)
+        .bind(&row.dns_names)
+        .bind(&row.entry.hint)
+        .bind(revision_to_i64(revision)?)
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await;
+        let Some(created_revision) = updated.map_err(similar_entry_conflict)? else {
+            // Also undoes the change row, so the revision is not consumed.
+            tx.rollback().await?;
+            return Ok(None);
+        };
+        let created_revision =
+            stored_u64(created_revision, &format!("entries[{id}].created_revision"))?;
+        tx.commit().await?;
+
+        Ok(Some(row.into_entry(
+            id.to_owned(),
+            created_revision,
             revision,
-        })
+        )))
     }
 
     async fn get_entry(&self, id: &str) -> Result<Option<RegistrationEntry>, DatastoreError> {
@@ -399,16 +568,16 @@ impl Datastore for SqliteDatastore {
 
     async fn delete_entry(&self, id: &str) -> Result<bool, DatastoreError> {
         let mut tx = self.begin_write().await?;
-        let deleted = sqlx::query("DELETE FROM entries WHERE id = ?")
-            .bind(id)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        if deleted == 0 {
+        let parent: Option<String> =
+            sqlx::query_scalar("DELETE FROM entries WHERE id = ? RETURNING parent_id")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(parent) = parent else {
             tx.rollback().await?;
             return Ok(false);
-        }
-        record_change(&mut tx, ChangeKind::EntryDeleted, id).await?;
+        };
+        record_change(&mut tx, ChangeKind::EntryDeleted, id, &[parent.as_str()]).await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -507,7 +676,13 @@ impl Datastore for SqliteDatastore {
         .bind(last_seen_at)
         .execute(&mut *tx)
         .await?;
-        record_change(&mut tx, ChangeKind::AgentUpdated, agent.spiffe_id.as_str()).await?;
+        record_change(
+            &mut tx,
+            ChangeKind::AgentUpdated,
+            agent.spiffe_id.as_str(),
+            &[],
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -566,7 +741,7 @@ impl Datastore for SqliteDatastore {
             tx.rollback().await?;
             return Ok(false);
         }
-        record_change(&mut tx, ChangeKind::AgentUpdated, spiffe_id.as_str()).await?;
+        record_change(&mut tx, ChangeKind::AgentUpdated, spiffe_id.as_str(), &[]).await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -602,15 +777,15 @@ impl Datastore for SqliteDatastore {
             tx.rollback().await?;
             return Ok(());
         }
-        record_change(&mut tx, ChangeKind::AgentUpdated, spiffe_id.as_str()).await?;
+        record_change(&mut tx, ChangeKind::AgentUpdated, spiffe_id.as_str(), &[]).await?;
         tx.commit().await?;
         Ok(())
     }
 
     async fn get_bundle(&self, trust_domain: &str) -> Result<Option<StoredBundle>, DatastoreError> {
         sqlx::query(
-            "SELECT trust_domain, x509_authorities, sequence_number FROM bundles \
-             WHERE trust_domain = ?",
+            "SELECT trust_domain, x509_authorities, jwt_authorities, sequence_number \
+             FROM bundles WHERE trust_domain = ?",
         )
         .bind(trust_domain)
         .fetch_optional(&self.pool)
@@ -626,22 +801,30 @@ impl Datastore for SqliteDatastore {
         })?;
         let authorities: Vec<String> = bundle.x509_authorities.iter().map(hex::encode).collect();
         let authorities = json_list(&authorities)?;
+        let jwt_authorities = jwt_authorities_json(&bundle.jwt_authorities)?;
 
         let mut tx = self.begin_write().await?;
-        let revision =
-            record_change(&mut tx, ChangeKind::BundleUpdated, &bundle.trust_domain).await?;
-        let revision = i64::try_from(revision)
-            .map_err(|_| DatastoreError::Corrupt("changes.revision: out of range".to_owned()))?;
+        let revision = record_change(
+            &mut tx,
+            ChangeKind::BundleUpdated,
+            &bundle.trust_domain,
+            &[],
+        )
+        .await?;
+        let revision = revision_to_i64(revision)?;
         sqlx::query(
-            "INSERT INTO bundles (trust_domain, x509_authorities, sequence_number, revision) \
-             VALUES (?, ?, ?, ?) \
+            "INSERT INTO bundles (trust_domain, x509_authorities, jwt_authorities, \
+             sequence_number, revision) \
+             VALUES (?, ?, ?, ?, ?) \
              ON CONFLICT (trust_domain) DO UPDATE SET \
                x509_authorities = excluded.x509_authorities, \
+               jwt_authorities = excluded.jwt_authorities, \
                sequence_number = excluded.sequence_number, \
                revision = excluded.revision",
         )
         .bind(&bundle.trust_domain)
         .bind(&authorities)
+        .bind(&jwt_authorities)
         .bind(sequence_number)
         .bind(revision)
         .execute(&mut *tx)
@@ -673,7 +856,7 @@ impl Datastore for SqliteDatastore {
             return Ok(ChangeSet::TooOld);
         }
         let rows = sqlx::query(
-            "SELECT revision, kind, object_id FROM changes WHERE revision > ? ORDER BY revision",
+            "SELECT revision, kind, object_id, scope FROM changes WHERE revision > ? ORDER BY revision",
         )
         .bind(since)
         .fetch_all(&mut *tx)
@@ -728,7 +911,7 @@ mod tests {
     use std::sync::Arc;
     use std::time::UNIX_EPOCH;
 
-    use super::super::open_sqlite;
+    use super::super::{MAX_JWT_AUDIENCE_LEN, MAX_JWT_AUDIENCES, StoredJwtAuthority, open_sqlite};
     use super::*;
 
     const AGENT_A: &str = "spiffe://example.org/tessera/agent/join_token/a";
@@ -752,6 +935,9 @@ mod tests {
                 .map(|s| Selector::parse(s).unwrap())
                 .collect(),
             x509_svid_ttl: Some(Duration::from_secs(300)),
+            jwt_svid_ttl: Some(Duration::from_secs(120)),
+            jwt_audiences: vec!["https://api.example.org".to_owned()],
+            jwt_multi_audience: false,
             dns_names: vec!["bot.example.org".to_owned()],
             hint: "internal".to_owned(),
         }
@@ -783,6 +969,18 @@ mod tests {
         StoredBundle {
             trust_domain: td.to_owned(),
             x509_authorities: vec![vec![0x30, 0x82, 0x01, seq as u8], vec![0x30, 0x03]],
+            jwt_authorities: vec![
+                StoredJwtAuthority {
+                    kid: format!("key-{seq}"),
+                    public_key: vec![0x30, 0x59, seq as u8],
+                    expires_at: None,
+                },
+                StoredJwtAuthority {
+                    kid: "old".to_owned(),
+                    public_key: vec![0x30, 0x2a],
+                    expires_at: Some(at(1_900_000_000)),
+                },
+            ],
             sequence_number: seq,
         }
     }
@@ -905,6 +1103,8 @@ mod tests {
         // A default TTL and empty lists round-trip too.
         let mut bare = new_entry("ai/bare", AGENT_B, &["unix:uid:7"]);
         bare.x509_svid_ttl = None;
+        bare.jwt_svid_ttl = None;
+        bare.jwt_audiences.clear();
         bare.dns_names.clear();
         bare.hint.clear();
         let c = ds.create_entry(bare).await.unwrap();
@@ -1499,6 +1699,41 @@ mod tests {
             Err(DatastoreError::Corrupt(_))
         ));
 
+        sqlx::query("UPDATE entries SET selectors = '[]', jwt_audiences = '[1]'")
+            .execute(&ds.pool)
+            .await
+            .unwrap();
+        assert!(matches!(
+            ds.get_entry(&e.id).await,
+            Err(DatastoreError::Corrupt(_))
+        ));
+        sqlx::query("UPDATE entries SET jwt_audiences = '[]'")
+            .execute(&ds.pool)
+            .await
+            .unwrap();
+        ds.get_entry(&e.id).await.unwrap().unwrap();
+
+        ds.set_bundle(bundle("example.org", 1)).await.unwrap();
+        for bad in [
+            "not json",
+            r#"[{"kid":"k","public_key":"zz","expires_at":null}]"#,
+            r#"[{"kid":"k","public_key":"30","expires_at":-5}]"#,
+            r#"[{"kid":"k","expires_at":null}]"#,
+        ] {
+            sqlx::query("UPDATE bundles SET jwt_authorities = ?")
+                .bind(bad)
+                .execute(&ds.pool)
+                .await
+                .unwrap();
+            assert!(
+                matches!(
+                    ds.get_bundle("example.org").await,
+                    Err(DatastoreError::Corrupt(_))
+                ),
+                "{bad}"
+            );
+        }
+
         sqlx::query("UPDATE changes SET kind = 'mystery' WHERE revision = 1")
             .execute(&ds.pool)
             .await
@@ -1507,5 +1742,378 @@ mod tests {
             ds.changes_since(0).await,
             Err(DatastoreError::Corrupt(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn jwt_fields_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ds.sqlite3");
+        let ds = open_sqlite(&path).await.unwrap();
+        let mut e = new_entry("ai/bot", AGENT_A, &["unix:uid:1"]);
+        e.jwt_svid_ttl = Some(Duration::from_secs(900));
+        e.jwt_audiences = vec![
+            "spiffe://example.org/db".to_owned(),
+            "https://api.example.org".to_owned(),
+            "spiffe://example.org/db".to_owned(),
+            "aud with spaces and ünïcödé".to_owned(),
+        ];
+        e.jwt_multi_audience = true;
+        let created = ds.create_entry(e).await.unwrap();
+        // Stored (and returned) sorted and deduplicated.
+        assert_eq!(
+            created.jwt_audiences,
+            vec![
+                "aud with spaces and ünïcödé".to_owned(),
+                "https://api.example.org".to_owned(),
+                "spiffe://example.org/db".to_owned(),
+            ]
+        );
+        assert_eq!(created.jwt_svid_ttl, Some(Duration::from_secs(900)));
+        assert!(created.jwt_multi_audience);
+        assert_eq!(
+            ds.get_entry(&created.id).await.unwrap(),
+            Some(created.clone())
+        );
+
+        // Defaults round-trip too.
+        let mut bare = new_entry("ai/bare", AGENT_A, &["unix:uid:2"]);
+        bare.jwt_svid_ttl = None;
+        bare.jwt_audiences.clear();
+        let bare = ds.create_entry(bare).await.unwrap();
+        assert_eq!((bare.jwt_svid_ttl, bare.jwt_multi_audience), (None, false));
+        assert!(bare.jwt_audiences.is_empty());
+        ds.close().await;
+        drop(ds);
+
+        let ds = SqliteDatastore::open(&path).await.unwrap();
+        assert_eq!(
+            ds.get_entry(&created.id).await.unwrap(),
+            Some(created.clone())
+        );
+        assert_eq!(ds.get_entry(&bare.id).await.unwrap(), Some(bare.clone()));
+        assert_eq!(
+            ds.list_entries_by_parent(&[id(AGENT_A)])
+                .await
+                .unwrap()
+                .len(),
+            2
+        );
+        // The storage format the migration documents.
+        let (ttl, audiences, multi): (Option<i64>, String, i64) = sqlx::query_as(
+            "SELECT jwt_svid_ttl_secs, jwt_audiences, jwt_multi_audience FROM entries \
+             WHERE id = ?",
+        )
+        .bind(&created.id)
+        .fetch_one(&ds.pool)
+        .await
+        .unwrap();
+        assert_eq!(ttl, Some(900));
+        assert_eq!(
+            serde_json::from_str::<Vec<String>>(&audiences).unwrap(),
+            created.jwt_audiences
+        );
+        assert_eq!(multi, 1);
+    }
+
+    #[tokio::test]
+    async fn invalid_jwt_fields_are_refused() {
+        let (_dir, ds) = open_temp().await;
+        let with = |f: &dyn Fn(&mut NewEntry)| {
+            let mut e = new_entry("ai/bot", AGENT_A, &["unix:uid:1"]);
+            f(&mut e);
+            e
+        };
+        let bad = [
+            with(&|e| e.jwt_svid_ttl = Some(Duration::from_millis(1500))),
+            with(&|e| e.jwt_svid_ttl = Some(Duration::from_secs(u64::MAX))),
+            with(&|e| e.jwt_audiences.push(String::new())),
+            with(&|e| e.jwt_audiences.push("x".repeat(MAX_JWT_AUDIENCE_LEN + 1))),
+            // 129 two-byte characters: short in characters, too long in bytes.
+            with(&|e| {
+                e.jwt_audiences
+                    .push("é".repeat(MAX_JWT_AUDIENCE_LEN / 2 + 1))
+            }),
+            with(&|e| e.jwt_audiences.push("secret\naudience".to_owned())),
+            with(&|e| e.jwt_audiences.push("secret\u{7f}audience".to_owned())),
+            with(&|e| e.jwt_audiences.push("secret\u{85}audience".to_owned())),
+            with(&|e| {
+                e.jwt_audiences = (0..=MAX_JWT_AUDIENCES).map(|i| format!("a{i}")).collect();
+            }),
+        ];
+        let existing = ds
+            .create_entry(new_entry("ai/other", AGENT_A, &["unix:uid:9"]))
+            .await
+            .unwrap();
+        for e in bad {
+            let err = ds.create_entry(e.clone()).await.unwrap_err();
+            assert!(
+                matches!(err, DatastoreError::InvalidArgument(_)),
+                "{e:?}: {err:?}"
+            );
+            assert!(!err.to_string().contains("secret"), "value leaked: {err}");
+            let err = ds.update_entry(&existing.id, e.clone()).await.unwrap_err();
+            assert!(
+                matches!(err, DatastoreError::InvalidArgument(_)),
+                "{e:?}: {err:?}"
+            );
+        }
+        assert_eq!(ds.current_revision().await.unwrap(), 1);
+        assert_eq!(ds.get_entry(&existing.id).await.unwrap(), Some(existing));
+
+        // The limits themselves are fine, duplicates count once.
+        let ok = with(&|e| {
+            e.jwt_audiences = (0..MAX_JWT_AUDIENCES)
+                .map(|i| format!("{i:0>width$}", width = MAX_JWT_AUDIENCE_LEN))
+                .chain((0..5).map(|i| format!("{i:0>width$}", width = MAX_JWT_AUDIENCE_LEN)))
+                .collect();
+        });
+        let created = ds.create_entry(ok).await.unwrap();
+        assert_eq!(created.jwt_audiences.len(), MAX_JWT_AUDIENCES);
+        assert!(created.jwt_audiences.is_sorted());
+    }
+
+    #[tokio::test]
+    async fn update_entry_replaces_every_field() {
+        let (_dir, ds) = open_temp().await;
+        let a = ds
+            .create_entry(new_entry("ai/bot", AGENT_A, &["unix:uid:1"]))
+            .await
+            .unwrap();
+        let b = ds
+            .create_entry(new_entry("ai/writer", AGENT_A, &["unix:uid:2"]))
+            .await
+            .unwrap();
+        assert_eq!(ds.current_revision().await.unwrap(), 2);
+
+        let new = NewEntry {
+            spiffe_id: id("spiffe://example.org/ai/renamed"),
+            parent_id: id(AGENT_B),
+            selectors: vec![
+                Selector::parse("unix:uid:3").unwrap(),
+                Selector::parse("unix:gid:4").unwrap(),
+            ],
+            x509_svid_ttl: None,
+            jwt_svid_ttl: Some(Duration::from_secs(30)),
+            jwt_audiences: vec!["b".to_owned(), "a".to_owned(), "b".to_owned()],
+            jwt_multi_audience: true,
+            dns_names: vec![],
+            hint: "renamed".to_owned(),
+        };
+        let updated = ds.update_entry(&a.id, new.clone()).await.unwrap().unwrap();
+        assert_eq!(
+            updated,
+            RegistrationEntry {
+                id: a.id.clone(),
+                spiffe_id: new.spiffe_id.clone(),
+                parent_id: new.parent_id.clone(),
+                selectors: new.selectors.clone(),
+                x509_svid_ttl: None,
+                jwt_svid_ttl: Some(Duration::from_secs(30)),
+                jwt_audiences: vec!["a".to_owned(), "b".to_owned()],
+                jwt_multi_audience: true,
+                dns_names: vec![],
+                hint: "renamed".to_owned(),
+                created_revision: a.created_revision,
+                revision: 3,
+            }
+        );
+        assert_eq!(ds.current_revision().await.unwrap(), 3);
+        assert_eq!(ds.get_entry(&a.id).await.unwrap(), Some(updated.clone()));
+        assert_eq!(
+            complete(ds.changes_since(2).await.unwrap()),
+            vec![(3, ChangeKind::EntryUpserted, a.id.clone())]
+        );
+        // The entry moved to its new parent.
+        assert_eq!(
+            ds.list_entries_by_parent(&[id(AGENT_B)]).await.unwrap(),
+            vec![updated.clone()]
+        );
+        assert_eq!(
+            ds.list_entries_by_parent(&[id(AGENT_A)]).await.unwrap(),
+            vec![b.clone()]
+        );
+        // Its old similarity key is free again.
+        let again = ds
+            .create_entry(new_entry("ai/bot", AGENT_A, &["unix:uid:1"]))
+            .await
+            .unwrap();
+        assert_eq!(again.revision, 4);
+
+        // Updating to its own key (same content) is no conflict and still a change.
+        let same = ds.update_entry(&a.id, new.clone()).await.unwrap().unwrap();
+        assert_eq!(
+            (same.created_revision, same.revision),
+            (a.created_revision, 5)
+        );
+        // Same key as another entry (selectors in another order): Conflict, nothing
+        // recorded or changed.
+        let mut clash = new_entry("ai/writer", AGENT_A, &["unix:uid:2", "unix:uid:2"]);
+        clash.hint = "clash".to_owned();
+        let err = ds.update_entry(&a.id, clash).await.unwrap_err();
+        assert!(matches!(err, DatastoreError::Conflict(_)), "{err:?}");
+        assert_eq!(ds.current_revision().await.unwrap(), 5);
+        assert_eq!(ds.get_entry(&a.id).await.unwrap(), Some(same));
+        assert_eq!(ds.get_entry(&b.id).await.unwrap(), Some(b));
+
+        // Unknown id: None, no change recorded, the revision is not consumed.
+        assert_eq!(
+            ds.update_entry("0123456789abcdef0123456789abcdef", new)
+                .await
+                .unwrap(),
+            None
+        );
+        assert_eq!(ds.current_revision().await.unwrap(), 5);
+        let next = ds
+            .create_entry(new_entry("ai/next", AGENT_A, &["unix:uid:8"]))
+            .await
+            .unwrap();
+        assert_eq!(next.revision, 6);
+    }
+
+    #[tokio::test]
+    async fn bundle_jwt_authorities_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ds.sqlite3");
+        let ds = SqliteDatastore::open(&path).await.unwrap();
+        let mut b = bundle("example.org", 1);
+        b.jwt_authorities.push(StoredJwtAuthority {
+            kid: "epoch".to_owned(),
+            public_key: vec![],
+            expires_at: Some(UNIX_EPOCH),
+        });
+        ds.set_bundle(b.clone()).await.unwrap();
+        assert_eq!(ds.get_bundle("example.org").await.unwrap(), Some(b.clone()));
+
+        let stored: String =
+            sqlx::query_scalar("SELECT jwt_authorities FROM bundles WHERE trust_domain = ?")
+                .bind("example.org")
+                .fetch_one(&ds.pool)
+                .await
+                .unwrap();
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&stored).unwrap(),
+            serde_json::json!([
+                {"kid": "key-1", "public_key": "305901", "expires_at": null},
+                {"kid": "old", "public_key": "302a", "expires_at": 1_900_000_000},
+                {"kid": "epoch", "public_key": "", "expires_at": 0},
+            ])
+        );
+
+        // Replacing the bundle replaces its JWT authorities, also with none.
+        let mut none = bundle("example.org", 2);
+        none.jwt_authorities.clear();
+        ds.set_bundle(none.clone()).await.unwrap();
+        assert_eq!(ds.get_bundle("example.org").await.unwrap(), Some(none));
+        ds.set_bundle(b.clone()).await.unwrap();
+
+        // An expiry before 1970 cannot be stored.
+        let mut bad = bundle("example.org", 9);
+        bad.jwt_authorities[0].expires_at = Some(UNIX_EPOCH - Duration::from_secs(1));
+        assert!(matches!(
+            ds.set_bundle(bad).await,
+            Err(DatastoreError::InvalidArgument(_))
+        ));
+        assert_eq!(ds.current_revision().await.unwrap(), 3);
+        ds.close().await;
+
+        let ds = open_sqlite(&path).await.unwrap();
+        assert_eq!(ds.get_bundle("example.org").await.unwrap(), Some(b));
+    }
+
+    #[tokio::test]
+    async fn migration_2_keeps_rows_of_migration_1_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ds.sqlite3");
+
+        // A database as a release with only migration 1 left it.
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(
+                SqliteConnectOptions::new()
+                    .filename(&path)
+                    .create_if_missing(true),
+            )
+            .await
+            .unwrap();
+        migrator_of(&MIGRATIONS[..1]).run(&pool).await.unwrap();
+        let entry_id = "00112233445566778899aabbccddeeff";
+        sqlx::query(
+            "INSERT INTO changes (kind, object_id, recorded_at) VALUES \
+             ('entry_upserted', ?, 1), ('bundle_updated', 'example.org', 1)",
+        )
+        .bind(entry_id)
+        .execute(&pool)
+        .await
+        .unwrap();
+        let old = new_entry("w/old", AGENT_A, &["unix:uid:1"]);
+        sqlx::query(
+            "INSERT INTO entries (id, spiffe_id, parent_id, selectors, similarity_key, \
+             x509_svid_ttl_secs, dns_names, hint, created_revision, revision) \
+             VALUES (?, ?, ?, '[\"unix:uid:1\"]', ?, 300, '[\"bot.example.org\"]', \
+             'internal', 1, 1)",
+        )
+        .bind(entry_id)
+        .bind(old.spiffe_id.as_str())
+        .bind(old.parent_id.as_str())
+        .bind(similarity_key(&old.spiffe_id, &old.parent_id, &old.selectors).unwrap())
+        .execute(&pool)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO bundles (trust_domain, x509_authorities, sequence_number, revision) \
+             VALUES ('example.org', '[\"3003\"]', 7, 2)",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+
+        let ds = SqliteDatastore::open(&path).await.unwrap();
+        let versions: Vec<i64> =
+            sqlx::query_scalar("SELECT version FROM _sqlx_migrations ORDER BY version")
+                .fetch_all(&ds.pool)
+                .await
+                .unwrap();
+        assert_eq!(versions, vec![1, 2]);
+        let expected = RegistrationEntry {
+            id: entry_id.to_owned(),
+            spiffe_id: old.spiffe_id.clone(),
+            parent_id: old.parent_id.clone(),
+            selectors: old.selectors.clone(),
+            x509_svid_ttl: Some(Duration::from_secs(300)),
+            jwt_svid_ttl: None,
+            jwt_audiences: vec![],
+            jwt_multi_audience: false,
+            dns_names: vec!["bot.example.org".to_owned()],
+            hint: "internal".to_owned(),
+            created_revision: 1,
+            revision: 1,
+        };
+        assert_eq!(
+            ds.get_entry(entry_id).await.unwrap(),
+            Some(expected.clone())
+        );
+        assert_eq!(ds.list_entries().await.unwrap(), vec![expected]);
+        assert_eq!(
+            ds.get_bundle("example.org").await.unwrap(),
+            Some(StoredBundle {
+                trust_domain: "example.org".to_owned(),
+                x509_authorities: vec![vec![0x30, 0x03]],
+                jwt_authorities: vec![],
+                sequence_number: 7,
+            })
+        );
+        assert_eq!(ds.current_revision().await.unwrap(), 2);
+
+        // The old similarity key still guards against duplicates, and the old row can
+        // be updated with JWT fields.
+        assert!(matches!(
+            ds.create_entry(old.clone()).await,
+            Err(DatastoreError::Conflict(_))
+        ));
+        let updated = ds.update_entry(entry_id, old).await.unwrap().unwrap();
+        assert_eq!((updated.created_revision, updated.revision), (1, 3));
+        assert_eq!(updated.jwt_svid_ttl, Some(Duration::from_secs(120)));
+        assert_eq!(ds.get_entry(entry_id).await.unwrap(), Some(updated));
     }
 }

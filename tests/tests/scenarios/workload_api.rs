@@ -89,11 +89,11 @@ async fn security_header_is_required_exactly() {
         client.fetch_x509svid(request).await.unwrap_err().code(),
         tonic::Code::InvalidArgument
     );
-    // With the header it works, and the other RPCs answer Unimplemented until their issue.
+    // With the header it works; the WIT-SVID RPCs answer Unimplemented until their issue.
     assert!(fetch_x509_raw(&socket).await.is_ok());
     let status = client
-        .fetch_jwtsvid(with_header(
-            tessera_proto::workload::JwtsvidRequest::default(),
+        .fetch_witsvid(with_header(
+            tessera_proto::workload::WitsvidRequest::default(),
         ))
         .await
         .unwrap_err();

@@ -12,7 +12,7 @@ pub const DEFAULT_MAX_BINARY_SIZE: u64 = 256 * 1024 * 1024;
 ///
 /// | key | type | default | meaning |
 /// |---|---|---|---|
-/// | `max_binary_size` | integer (bytes) or string (`"256MiB"`, units `B`, `KiB`, `MiB`, `GiB`, `TiB`) | `"256MiB"` | Largest executable hashed for the `sha256` selector; a larger one fails attestation. Must be > 0. |
+/// | `max_binary_size` | integer (bytes) or string (`"256MiB"`, units `B`, `KiB`, `MiB`, `GiB`, `TiB`) | `"256MiB"` | Largest executable hashed for the `sha256` selector; a larger one gets no `sha256` selector (its other selectors stay). Must be > 0. |
 ///
 /// Unknown keys are rejected.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
