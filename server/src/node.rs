@@ -128,14 +128,28 @@ impl NodeService {
                 .map_err(|err| {
                     ApiError::InvalidArgument(format!("invalid join token id: {err}"))
                 })?;
+        // Sign first, then spend the token and record the agent in one transaction: a
+        // token is never used up without an agent to show for it. An SVID signed for a
+        // token that turns out invalid is dropped unseen.
+        let svid = self.sign_agent_svid(&public_key, &agent_id)?;
         let now = SystemTime::now();
-        let alias = match self
+        let agent = AttestedAgent {
+            spiffe_id: agent_id.clone(),
+            attestation_type: "join_token".into(),
+            serial: svid.serial_hex.clone(),
+            previous_serial: None,
+            expires_at: svid.not_after,
+            aliases: Vec::new(),
+            first_attested_at: now,
+            last_seen_at: now,
+        };
+        match self
             .state
             .datastore
-            .consume_join_token(token.id(), &token.secret_hash(), now)
+            .attest_with_join_token(token.id(), &token.secret_hash(), now, agent)
             .await?
         {
-            TokenOutcome::Consumed { alias } => alias,
+            TokenOutcome::Consumed { .. } => {}
             TokenOutcome::Expired => {
                 tracing::info!(token_id = token.id(), "refused an expired join token");
                 return Err(ApiError::InvalidArgument("join token has expired".into()));
@@ -150,20 +164,6 @@ impl NodeService {
                 ));
             }
         };
-        let svid = self.sign_agent_svid(&public_key, &agent_id)?;
-        self.state
-            .datastore
-            .upsert_agent(AttestedAgent {
-                spiffe_id: agent_id.clone(),
-                attestation_type: "join_token".into(),
-                serial: svid.serial_hex.clone(),
-                previous_serial: None,
-                expires_at: svid.not_after,
-                aliases: alias.into_iter().collect(),
-                first_attested_at: now,
-                last_seen_at: now,
-            })
-            .await?;
         self.state.publish_revision().await;
         tracing::info!(agent_id = %agent_id, serial = %svid.serial_hex, "agent attested with a join token");
         Ok(AttestAgentResponse {

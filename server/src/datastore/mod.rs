@@ -79,6 +79,19 @@ pub trait Datastore: Send + Sync + std::fmt::Debug {
     /// the change feed (agents never sync them).
     async fn create_join_token(&self, token: NewJoinToken) -> Result<(), DatastoreError>;
 
+    /// Node attestation with a join token, in one transaction: consumes the token
+    /// (as [`Datastore::consume_join_token`]) and, only when that succeeds, records
+    /// `agent` with the token's alias added to its aliases. A token is therefore never
+    /// spent without an agent being recorded (SECURITY.md §3.10 item 101): the caller
+    /// signs the agent SVID first and discards it unless this returns `Consumed`.
+    async fn attest_with_join_token(
+        &self,
+        id: &str,
+        secret_hash: &[u8; 32],
+        now: SystemTime,
+        agent: AttestedAgent,
+    ) -> Result<TokenOutcome, DatastoreError>;
+
     /// Consumes a join token: a single atomic statement
     /// (`UPDATE ... SET used_at = now WHERE id AND secret_hash AND used_at IS NULL AND
     /// expires_at > now RETURNING alias`), so N concurrent calls with the same token give

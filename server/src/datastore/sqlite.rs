@@ -230,6 +230,49 @@ async fn record_change(
     stored_u64(revision, "changes.revision")
 }
 
+/// Inserts or replaces an agent inside a write transaction, recording the change.
+async fn upsert_agent_in(
+    conn: &mut SqliteConnection,
+    agent: &AttestedAgent,
+) -> Result<(), DatastoreError> {
+    let expires_at = to_unix_secs(agent.expires_at, "agent expires_at")?;
+    let first_attested_at = to_unix_secs(agent.first_attested_at, "agent first_attested_at")?;
+    let last_seen_at = to_unix_secs(agent.last_seen_at, "agent last_seen_at")?;
+    let aliases = json_list(&agent.aliases)?;
+
+    sqlx::query(
+        "INSERT INTO agents (spiffe_id, attestation_type, serial, previous_serial, \
+         expires_at, aliases, first_attested_at, last_seen_at) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?) \
+         ON CONFLICT (spiffe_id) DO UPDATE SET \
+           attestation_type = excluded.attestation_type, \
+           serial = excluded.serial, \
+           previous_serial = excluded.previous_serial, \
+           expires_at = excluded.expires_at, \
+           aliases = excluded.aliases, \
+           first_attested_at = MIN(agents.first_attested_at, excluded.first_attested_at), \
+           last_seen_at = excluded.last_seen_at",
+    )
+    .bind(agent.spiffe_id.as_str())
+    .bind(&agent.attestation_type)
+    .bind(&agent.serial)
+    .bind(agent.previous_serial.as_deref())
+    .bind(expires_at)
+    .bind(&aliases)
+    .bind(first_attested_at)
+    .bind(last_seen_at)
+    .execute(&mut *conn)
+    .await?;
+    record_change(
+        conn,
+        ChangeKind::AgentUpdated,
+        agent.spiffe_id.as_str(),
+        &[],
+    )
+    .await?;
+    Ok(())
+}
+
 fn entry_from_row(row: &SqliteRow) -> Result<RegistrationEntry, DatastoreError> {
     let id: String = row.try_get("id")?;
     let what = |col: &str| format!("entries[{id}].{col}");
@@ -647,44 +690,49 @@ impl Datastore for SqliteDatastore {
     }
 
     async fn upsert_agent(&self, agent: AttestedAgent) -> Result<(), DatastoreError> {
-        let expires_at = to_unix_secs(agent.expires_at, "agent expires_at")?;
-        let first_attested_at = to_unix_secs(agent.first_attested_at, "agent first_attested_at")?;
-        let last_seen_at = to_unix_secs(agent.last_seen_at, "agent last_seen_at")?;
-        let aliases = json_list(&agent.aliases)?;
-
         let mut tx = self.begin_write().await?;
-        sqlx::query(
-            "INSERT INTO agents (spiffe_id, attestation_type, serial, previous_serial, \
-             expires_at, aliases, first_attested_at, last_seen_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?) \
-             ON CONFLICT (spiffe_id) DO UPDATE SET \
-               attestation_type = excluded.attestation_type, \
-               serial = excluded.serial, \
-               previous_serial = excluded.previous_serial, \
-               expires_at = excluded.expires_at, \
-               aliases = excluded.aliases, \
-               first_attested_at = MIN(agents.first_attested_at, excluded.first_attested_at), \
-               last_seen_at = excluded.last_seen_at",
-        )
-        .bind(agent.spiffe_id.as_str())
-        .bind(&agent.attestation_type)
-        .bind(&agent.serial)
-        .bind(agent.previous_serial.as_deref())
-        .bind(expires_at)
-        .bind(&aliases)
-        .bind(first_attested_at)
-        .bind(last_seen_at)
-        .execute(&mut *tx)
-        .await?;
-        record_change(
-            &mut tx,
-            ChangeKind::AgentUpdated,
-            agent.spiffe_id.as_str(),
-            &[],
-        )
-        .await?;
+        upsert_agent_in(&mut tx, &agent).await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn attest_with_join_token(
+        &self,
+        id: &str,
+        secret_hash: &[u8; 32],
+        now: SystemTime,
+        mut agent: AttestedAgent,
+    ) -> Result<TokenOutcome, DatastoreError> {
+        let now_secs = to_unix_secs(now, "now")?;
+        let mut tx = self.begin_write().await?;
+        let consumed: Option<Option<String>> = sqlx::query_scalar(
+            "UPDATE join_tokens SET used_at = ? \
+             WHERE id = ? AND secret_hash = ? AND used_at IS NULL AND expires_at > ? \
+             RETURNING alias",
+        )
+        .bind(now_secs)
+        .bind(id)
+        .bind(&secret_hash[..])
+        .bind(now_secs)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(alias) = consumed else {
+            tx.rollback().await?;
+            // Not consumable: the same answer (and expired-token cleanup) as
+            // `consume_join_token`, which now consumes nothing.
+            return self.consume_join_token(id, secret_hash, now).await;
+        };
+        let alias = alias
+            .map(|a| stored_spiffe_id(&a, &format!("join_tokens[{id}].alias")))
+            .transpose()?;
+        if let Some(alias) = &alias {
+            if !agent.aliases.contains(alias) {
+                agent.aliases.push(alias.clone());
+            }
+        }
+        upsert_agent_in(&mut tx, &agent).await?;
+        tx.commit().await?;
+        Ok(TokenOutcome::Consumed { alias })
     }
 
     async fn get_agent(
@@ -1418,6 +1466,61 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(left, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn attestation_spends_the_token_and_records_the_agent_together() {
+        let (_dir, ds) = open_temp().await;
+        let ds: Arc<dyn Datastore> = Arc::new(ds);
+        ds.create_join_token(token("tok", 7, at(2_000)))
+            .await
+            .unwrap();
+        let mut fresh = agent("spiffe://example.org/tessera/agent/join_token/tok", "01");
+        fresh.aliases.clear();
+        // Wrong secret: nothing spent, nothing recorded.
+        let outcome = ds
+            .attest_with_join_token("tok", &[8; 32], at(1_000), fresh.clone())
+            .await
+            .unwrap();
+        assert_eq!(outcome, TokenOutcome::Invalid);
+        assert!(ds.list_agents().await.unwrap().is_empty());
+        // Eight at once: one agent, carrying the token's alias.
+        let barrier = Arc::new(tokio::sync::Barrier::new(8));
+        let tasks: Vec<_> = (0..8)
+            .map(|i| {
+                let ds = Arc::clone(&ds);
+                let barrier = Arc::clone(&barrier);
+                let mut candidate = fresh.clone();
+                candidate.serial = format!("{:02x}", i + 1);
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    ds.attest_with_join_token("tok", &[7; 32], at(1_000), candidate)
+                        .await
+                })
+            })
+            .collect();
+        let mut consumed = 0;
+        for task in tasks {
+            if matches!(task.await.unwrap().unwrap(), TokenOutcome::Consumed { .. }) {
+                consumed += 1;
+            }
+        }
+        assert_eq!(consumed, 1);
+        let agents = ds.list_agents().await.unwrap();
+        assert_eq!(agents.len(), 1);
+        assert_eq!(agents[0].aliases, vec![id(ALIAS)]);
+        // Expired: reported, deleted, no agent.
+        ds.create_join_token(token("old", 9, at(500)))
+            .await
+            .unwrap();
+        let mut late = fresh.clone();
+        late.spiffe_id = id("spiffe://example.org/tessera/agent/join_token/old");
+        let outcome = ds
+            .attest_with_join_token("old", &[9; 32], at(1_000), late)
+            .await
+            .unwrap();
+        assert_eq!(outcome, TokenOutcome::Expired);
+        assert_eq!(ds.list_agents().await.unwrap().len(), 1);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
