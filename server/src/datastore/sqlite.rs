@@ -725,10 +725,8 @@ impl Datastore for SqliteDatastore {
         let alias = alias
             .map(|a| stored_spiffe_id(&a, &format!("join_tokens[{id}].alias")))
             .transpose()?;
-        if let Some(alias) = &alias {
-            if !agent.aliases.contains(alias) {
-                agent.aliases.push(alias.clone());
-            }
+        if let Some(alias) = alias.as_ref().filter(|a| !agent.aliases.contains(a)) {
+            agent.aliases.push(alias.clone());
         }
         upsert_agent_in(&mut tx, &agent).await?;
         tx.commit().await?;
