@@ -1,0 +1,363 @@
+//! `tessera-bench`: measures tessera's hot paths and, in the same run, the floor each
+//! one stands on, and prints one JSON document. The ratio to the floor is the number to
+//! compare across machines (PERF.md): the machines are shared and noisy, so absolute
+//! figures are context, not targets.
+//!
+//! Measured: SHA-256 (raw) vs the unix attestor's first-sight binary hash; the unix
+//! attestor's warm call (hash cache hit); P-256 signing (raw) vs X.509-SVID and JWT-SVID
+//! signing; P-256 verification (raw) vs JWT-SVID validation; a raw Unix-socket
+//! ping-pong vs `FetchX509SVID` on an open connection and on a new one, through a real
+//! server and agent.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use serde_json::{Value, json};
+use tessera_plugin_sdk::{SpiffeId, TrustDomain, Workload, WorkloadAttestor};
+
+/// Benchmarks of tessera's hot paths, each with its floor measured in the same run.
+#[derive(Debug, Parser)]
+#[command(name = "tessera-bench", version, about)]
+struct Args {
+    /// Fewer iterations (a smoke run, e.g. in CI); the numbers are then rough.
+    #[arg(long)]
+    quick: bool,
+    /// Also write the JSON document to FILE.
+    #[arg(long, value_name = "FILE")]
+    output: Option<std::path::PathBuf>,
+}
+
+/// Latency summary in microseconds from an hdrhistogram.
+fn latency(samples: &[Duration]) -> Result<Value> {
+    let mut histogram = hdrhistogram::Histogram::<u64>::new(3)?;
+    for sample in samples {
+        histogram.record(u64::try_from(sample.as_nanos()).unwrap_or(u64::MAX))?;
+    }
+    let us = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
+    Ok(json!({
+        "unit": "us",
+        "p50": us(0.50),
+        "p99": us(0.99),
+        "p999": us(0.999),
+        "samples": samples.len(),
+    }))
+}
+
+/// Operations per second of `op` run `n` times.
+fn rate(n: u32, mut op: impl FnMut() -> Result<()>) -> Result<f64> {
+    let start = Instant::now();
+    for _ in 0..n {
+        op()?;
+    }
+    Ok(f64::from(n) / start.elapsed().as_secs_f64())
+}
+
+fn ratio(value: f64, floor: f64) -> f64 {
+    if floor > 0.0 {
+        (value / floor * 1000.0).round() / 1000.0
+    } else {
+        0.0
+    }
+}
+
+/// A running copy of `sleep` padded to `size` bytes (trailing bytes after an ELF image
+/// are ignored by the loader), pinned like an agent caller.
+struct PaddedProcess {
+    child: std::process::Child,
+    workload: Workload,
+    _dir: tempfile::TempDir,
+}
+
+impl PaddedProcess {
+    fn start(size: usize) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let sleep = ["/usr/bin/sleep", "/bin/sleep"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .context("no sleep binary")?;
+        let mut image = std::fs::read(sleep)?;
+        image.resize(size.max(image.len()), 0);
+        let path = dir.path().join("padded-sleep");
+        std::fs::write(&path, &image)?;
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        let child = std::process::Command::new(&path).arg("60").spawn()?;
+        // Wait until the exec has happened (exe points at the padded file).
+        let pid = i32::try_from(child.id())?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::fs::read_link(format!("/proc/{pid}/exe"))
+            .ok()
+            .as_deref()
+            != Some(path.as_path())
+        {
+            anyhow::ensure!(Instant::now() < deadline, "child did not exec");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let pidfd = tessera_plugin_sdk::workload::pidfd_open(pid)?;
+        let uid = nix::unistd::geteuid().as_raw();
+        let gid = nix::unistd::getegid().as_raw();
+        let workload = Workload::pin(pid, uid, gid, pidfd, false, Path::new("/proc"))?;
+        Ok(Self {
+            child,
+            workload,
+            _dir: dir,
+        })
+    }
+}
+
+impl Drop for PaddedProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn hashing(quick: bool) -> Result<Vec<Value>> {
+    let size = if quick { 32 << 20 } else { 256 << 20 };
+    let data = vec![0x5au8; size];
+    let start = Instant::now();
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &data);
+    let raw_mb_s = size as f64 / 1e6 / start.elapsed().as_secs_f64();
+    std::hint::black_box(digest);
+
+    let process = PaddedProcess::start(size)?;
+    let config = tessera_plugin_unix::UnixAttestorConfig {
+        max_binary_size: (size as u64) * 2,
+    };
+    let attestor = tessera_plugin_unix::UnixAttestor::new(config);
+    let start = Instant::now();
+    let selectors = attestor.attest(&process.workload)?;
+    let first_sight = start.elapsed();
+    anyhow::ensure!(
+        selectors.iter().any(|s| s.value().starts_with("sha256:")),
+        "no hash selector"
+    );
+    let first_mb_s = size as f64 / 1e6 / first_sight.as_secs_f64();
+
+    let n = if quick { 200 } else { 5000 };
+    let mut warm = Vec::with_capacity(n);
+    for _ in 0..n {
+        let start = Instant::now();
+        attestor.attest(&process.workload)?;
+        warm.push(start.elapsed());
+    }
+    Ok(vec![
+        json!({ "name": "sha256_raw", "unit": "MB/s", "value": raw_mb_s, "bytes": size }),
+        json!({
+            "name": "unix_attestor_first_sight",
+            "unit": "MB/s",
+            "value": first_mb_s,
+            "floor": "sha256_raw",
+            "ratio_to_floor": ratio(first_mb_s, raw_mb_s),
+            "note": "whole unix attestation (status, names, exe) of a process running a padded binary; dominated by hashing it"
+        }),
+        json!({
+            "name": "unix_attestor_warm_call",
+            "latency": latency(&warm)?,
+            "note": "hash served from the (dev, ino, size, mtime, ctime) cache; status and exe still read"
+        }),
+    ])
+}
+
+fn signing(quick: bool) -> Result<Vec<Value>> {
+    use aws_lc_rs::signature::{self, EcdsaKeyPair, KeyPair};
+    let n = if quick { 500 } else { 20_000 };
+    let rng = aws_lc_rs::rand::SystemRandom::new();
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+        .map_err(|_| anyhow::anyhow!("key generation"))?;
+    let key = EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref())
+        .map_err(|_| anyhow::anyhow!("key parse"))?;
+    let message = [7u8; 300];
+    let raw_sign = rate(n, || {
+        key.sign(&rng, &message)
+            .map(drop)
+            .map_err(|_| anyhow::anyhow!("sign"))
+    })?;
+    let signature = key
+        .sign(&rng, &message)
+        .map_err(|_| anyhow::anyhow!("sign"))?;
+    let public = signature::UnparsedPublicKey::new(
+        &signature::ECDSA_P256_SHA256_FIXED,
+        key.public_key().as_ref().to_vec(),
+    );
+    let raw_verify = rate(n, || {
+        public
+            .verify(&message, signature.as_ref())
+            .map_err(|_| anyhow::anyhow!("verify"))
+    })?;
+
+    let dir = tempfile::tempdir()?;
+    let td = TrustDomain::new("bench.example")?;
+    let ca = tessera_server::ca::CertificateAuthority::load_or_create(
+        &dir.path().join("ca"),
+        &td,
+        Duration::from_secs(86400 * 30),
+    )?;
+    let leaf_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let spki = rcgen::PublicKeyData::subject_public_key_info(&leaf_key);
+    let id = SpiffeId::parse("spiffe://bench.example/workload")?;
+    let x509 = rate(n, || {
+        ca.sign_x509_svid(&spki, &id, &[], Duration::from_secs(3600))
+            .map(drop)
+            .map_err(Into::into)
+    })?;
+
+    let signer = tessera_plugin_sdk::jwt::JwtSigner::generate("bench".into())?;
+    let audiences = vec!["service".to_owned()];
+    let jwt_sign = rate(n, || {
+        signer
+            .sign(&id, &audiences, Duration::from_secs(300), SystemTime::now())
+            .map(drop)
+            .map_err(Into::into)
+    })?;
+    let token = signer
+        .sign(&id, &audiences, Duration::from_secs(300), SystemTime::now())?
+        .token;
+    let bundle = tessera_plugin_sdk::jwt::JwtBundle::new(td, vec![signer.public_key()]);
+    let jwt_validate = rate(n, || {
+        tessera_plugin_sdk::jwt::validate(&token, "service", &bundle, SystemTime::now())
+            .map(drop)
+            .map_err(Into::into)
+    })?;
+    Ok(vec![
+        json!({ "name": "p256_sign_raw", "unit": "ops/s", "value": raw_sign }),
+        json!({ "name": "x509_svid_sign", "unit": "ops/s", "value": x509, "floor": "p256_sign_raw", "ratio_to_floor": ratio(x509, raw_sign),
+                "note": "server signs an X.509-SVID for a public key (no CSR), one core" }),
+        json!({ "name": "jwt_svid_sign", "unit": "ops/s", "value": jwt_sign, "floor": "p256_sign_raw", "ratio_to_floor": ratio(jwt_sign, raw_sign) }),
+        json!({ "name": "p256_verify_raw", "unit": "ops/s", "value": raw_verify }),
+        json!({ "name": "jwt_svid_validate", "unit": "ops/s", "value": jwt_validate, "floor": "p256_verify_raw", "ratio_to_floor": ratio(jwt_validate, raw_verify) }),
+    ])
+}
+
+/// Round trips of one byte over a Unix socket pair between two threads: the floor of
+/// any Workload API call (same wakeups across cores, no gRPC, no attestation).
+fn uds_ping_pong(n: usize) -> Result<Vec<Duration>> {
+    let (mut client, mut server) = UnixStream::pair()?;
+    let echo = std::thread::spawn(move || {
+        let mut byte = [0u8; 1];
+        while server.read_exact(&mut byte).is_ok() {
+            if server.write_all(&byte).is_err() {
+                break;
+            }
+        }
+    });
+    let mut samples = Vec::with_capacity(n);
+    let mut byte = [1u8; 1];
+    for _ in 0..n {
+        let start = Instant::now();
+        client.write_all(&byte)?;
+        client.read_exact(&mut byte)?;
+        samples.push(start.elapsed());
+    }
+    drop(client);
+    let _ = echo.join();
+    Ok(samples)
+}
+
+async fn workload_api(quick: bool) -> Result<Vec<Value>> {
+    use tessera_agent::cli::with_header;
+    use tessera_proto::workload::X509svidRequest;
+    use tessera_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+
+    let n = if quick { 200 } else { 5000 };
+    let floor = uds_ping_pong(n)?;
+    let h = tessera_tests::Harness::start().await;
+    let agent = h.start_agent("bench", Some(h.join_token(None).await)).await;
+    let selector = format!("unix:uid:{}", tessera_tests::my_uid());
+    h.create_entry(
+        agent.agent_id().as_str(),
+        "spiffe://example.org/bench",
+        &[&selector],
+        0,
+    )
+    .await
+    .map_err(|status| anyhow::anyhow!("entry: {status}"))?;
+    let socket = agent.socket_path().to_owned();
+
+    // Open connection: each call is a new FetchX509SVID stream whose first message is
+    // awaited (what a client does on every refresh).
+    let channel = tessera_proto::uds::connect(&socket).await?;
+    let mut client = SpiffeWorkloadApiClient::new(channel);
+    let mut open = Vec::with_capacity(n);
+    for i in 0..n + 50 {
+        let start = Instant::now();
+        let mut stream = client
+            .fetch_x509svid(with_header(X509svidRequest {}))
+            .await?
+            .into_inner();
+        stream.message().await?.context("no SVID")?;
+        if i >= 50 {
+            open.push(start.elapsed());
+        }
+    }
+    let fresh_n = n / 5;
+    let mut fresh = Vec::with_capacity(fresh_n);
+    for _ in 0..fresh_n {
+        let start = Instant::now();
+        let channel = tessera_proto::uds::connect(&socket).await?;
+        let mut client = SpiffeWorkloadApiClient::new(channel);
+        let mut stream = client
+            .fetch_x509svid(with_header(X509svidRequest {}))
+            .await?
+            .into_inner();
+        stream.message().await?.context("no SVID")?;
+        fresh.push(start.elapsed());
+    }
+    agent.stop().await?;
+    let floor_p50 = latency(&floor)?["p50"].as_f64().unwrap_or(0.0);
+    let open_latency = latency(&open)?;
+    let fresh_latency = latency(&fresh)?;
+    let open_p50 = open_latency["p50"].as_f64().unwrap_or(0.0);
+    let fresh_p50 = fresh_latency["p50"].as_f64().unwrap_or(0.0);
+    Ok(vec![
+        json!({ "name": "uds_ping_pong", "latency": latency(&floor)?, "note": "two threads, one byte each way" }),
+        json!({
+            "name": "fetch_x509svid_open_connection",
+            "latency": open_latency,
+            "floor": "uds_ping_pong",
+            "ratio_to_floor_p50": ratio(open_p50, floor_p50),
+            "note": "client and agent in one process on a 2-worker tokio runtime (they may share or cross cores); attestation runs on every call"
+        }),
+        json!({
+            "name": "fetch_x509svid_new_connection",
+            "latency": fresh_latency,
+            "floor": "uds_ping_pong",
+            "ratio_to_floor_p50": ratio(fresh_p50, floor_p50),
+        }),
+    ])
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let mut results = Vec::new();
+    results.extend(hashing(args.quick)?);
+    results.extend(signing(args.quick)?);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    results.extend(runtime.block_on(workload_api(args.quick))?);
+    let kernel = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let document = json!({
+        "tool": "tessera-bench",
+        "quick": args.quick,
+        "machine": {
+            "cores": std::thread::available_parallelism().map(usize::from).unwrap_or(0),
+            "kernel": kernel,
+            "profile": if cfg!(debug_assertions) { "debug" } else { "release" },
+        },
+        "results": results,
+    });
+    let text = serde_json::to_string_pretty(&document)?;
+    if let Some(path) = &args.output {
+        std::fs::write(path, &text)?;
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{text}")?;
+    Ok(())
+}
