@@ -329,6 +329,17 @@ fn jwt_bundles_push(
     Push::Send(JwtBundlesResponse { bundles }, bundle.sequence_number)
 }
 
+/// The entry's JWT audience policy as the server applies it: one audience per token
+/// unless multi-audience tokens are allowed, and only allowed audiences.
+fn audience_policy_allows(
+    entry: &tessera_plugin_sdk::RegistrationEntry,
+    audiences: &[String],
+) -> bool {
+    (audiences.len() == 1 || entry.jwt_multi_audience)
+        && (entry.jwt_audiences.is_empty()
+            || audiences.iter().all(|a| entry.jwt_audiences.contains(a)))
+}
+
 /// JSON claims as a protobuf `Struct`.
 fn json_object_to_struct(
     object: serde_json::Map<String, serde_json::Value>,
@@ -412,6 +423,22 @@ impl SpiffeWorkloadApi for WorkloadApi {
             .collect();
         if entries.is_empty() {
             return Err(Status::permission_denied("no identity issued"));
+        }
+        // Without a requested ID, identities whose audience policy forbids this request
+        // are skipped (a restricted second identity must not break the first); the
+        // server still decides for the ones asked for.
+        let entries: Vec<_> = if wanted.is_some() {
+            entries
+        } else {
+            entries
+                .into_iter()
+                .filter(|entry| audience_policy_allows(entry, &audiences))
+                .collect()
+        };
+        if entries.is_empty() {
+            return Err(Status::permission_denied(
+                "audience is not allowed for this identity",
+            ));
         }
         let mut svids = Vec::with_capacity(entries.len());
         for entry in entries {

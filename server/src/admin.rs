@@ -24,6 +24,10 @@ use crate::datastore::{NewEntry, NewJoinToken};
 use crate::error::ApiError;
 use crate::state::{RESERVED_PREFIX, ServerState, unix_seconds};
 
+/// How long a new JWT key is published before it signs: connected agents receive a
+/// bundle change within milliseconds; this leaves a wide margin.
+pub const JWT_KEY_PROPAGATION: Duration = Duration::from_secs(1);
+
 /// Longest join token lifetime an operator may ask for.
 pub const MAX_JOIN_TOKEN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Longest hint accepted on an entry.
@@ -385,8 +389,32 @@ impl Admin for AdminService {
         request: Request<RotateJwtAuthorityRequest>,
     ) -> Result<Response<RotateJwtAuthorityResponse>, Status> {
         self.authorize(&request, "authority rotate-jwt-key")?;
+        // Publish the next key first and give agents time to receive it, then sign
+        // with it: a token must never reach a verifier before its key does.
         let jwt = Arc::clone(&self.state.jwt);
-        let old = tokio::task::spawn_blocking(move || jwt.rotate())
+        let next = tokio::task::spawn_blocking(move || jwt.prepare())
+            .await
+            .map_err(|err| ApiError::Internal(err.to_string()))?
+            .map_err(|err| ApiError::Internal(format!("JWT key rotation: {err}")))?;
+        let current = self.state.jwt.current();
+        let keys = crate::JwtKeys {
+            current: &current,
+            prepared: Some(&next),
+            retired: None,
+        };
+        crate::publish_own_bundle(
+            self.state.datastore.as_ref(),
+            &self.state.config,
+            &self.state.ca,
+            keys,
+        )
+        .await
+        .map_err(|err| ApiError::Internal(err.to_string()))?;
+        self.state.publish_revision().await;
+        tokio::time::sleep(JWT_KEY_PROPAGATION).await;
+
+        let jwt = Arc::clone(&self.state.jwt);
+        let old = tokio::task::spawn_blocking(move || jwt.activate(next))
             .await
             .map_err(|err| ApiError::Internal(err.to_string()))?
             .map_err(|err| ApiError::Internal(format!("JWT key rotation: {err}")))?;
@@ -396,12 +424,16 @@ impl Admin for AdminService {
             self.state.config.max_jwt_svid_ttl,
             SystemTime::now(),
         );
+        let keys = crate::JwtKeys {
+            current: &current,
+            prepared: None,
+            retired: Some(&retired),
+        };
         crate::publish_own_bundle(
             self.state.datastore.as_ref(),
             &self.state.config,
             &self.state.ca,
-            &current,
-            Some(retired),
+            keys,
         )
         .await
         .map_err(|err| ApiError::Internal(err.to_string()))?;

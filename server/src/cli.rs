@@ -181,6 +181,12 @@ pub struct EntryFields {
     /// Hint given to workloads to tell several identities apart.
     #[arg(long, value_name = "HINT")]
     pub hint: Option<String>,
+    /// With `entry update`: remove every JWT audience (any audience allowed again).
+    #[arg(long = "clear-jwt-audiences", conflicts_with = "jwt_audiences")]
+    pub clear_jwt_audiences: bool,
+    /// With `entry update`: remove every DNS name.
+    #[arg(long = "clear-dns-names", conflicts_with = "dns_names")]
+    pub clear_dns_names: bool,
 }
 
 fn seconds(duration: Duration) -> i64 {
@@ -205,13 +211,13 @@ impl EntryFields {
         if let Some(ttl) = self.jwt_ttl {
             entry.jwt_svid_ttl_seconds = seconds(ttl);
         }
-        if !self.jwt_audiences.is_empty() {
+        if !self.jwt_audiences.is_empty() || self.clear_jwt_audiences {
             entry.jwt_audiences = self.jwt_audiences;
         }
         if let Some(multi) = self.jwt_multi_audience {
             entry.jwt_multi_audience = multi;
         }
-        if !self.dns_names.is_empty() {
+        if !self.dns_names.is_empty() || self.clear_dns_names {
             entry.dns_names = self.dns_names;
         }
         if let Some(hint) = self.hint {

@@ -92,6 +92,12 @@ impl JwtAuthority {
     fn create(dir: &Path) -> Result<JwtSigner, JwtAuthorityError> {
         let signer = JwtSigner::generate(random_kid()?)
             .map_err(|err| JwtAuthorityError::Corrupt(format!("key generation: {err}")))?;
+        Self::store(dir, &signer)?;
+        Ok(signer)
+    }
+
+    /// Writes `signer` and its kid in one atomic file replacement.
+    fn store(dir: &Path, signer: &JwtSigner) -> Result<(), JwtAuthorityError> {
         let contents = format!(
             "kid: {}\n{}",
             signer.kid(),
@@ -102,8 +108,7 @@ impl JwtAuthority {
                 path: dir.join(KEY_FILE),
                 source,
             }
-        })?;
-        Ok(signer)
+        })
     }
 
     /// The key that signs now.
@@ -114,39 +119,65 @@ impl JwtAuthority {
         }
     }
 
-    /// Replaces the signing key; returns the old one. Blocking (key generation, file
-    /// writes).
-    pub fn rotate(&self) -> Result<Arc<JwtSigner>, JwtAuthorityError> {
-        let fresh = Arc::new(Self::create(&self.dir)?);
+    /// A new key, not yet used or stored: publish it first, then [`Self::activate`].
+    /// Blocking (key generation).
+    pub fn prepare(&self) -> Result<JwtSigner, JwtAuthorityError> {
+        JwtSigner::generate(random_kid()?)
+            .map_err(|err| JwtAuthorityError::Corrupt(format!("key generation: {err}")))
+    }
+
+    /// Stores `next` and signs with it from now on; returns the key it replaces.
+    /// Blocking (file writes).
+    pub fn activate(&self, next: JwtSigner) -> Result<Arc<JwtSigner>, JwtAuthorityError> {
+        Self::store(&self.dir, &next)?;
+        let next = Arc::new(next);
         let old = match self.current.write() {
-            Ok(mut current) => std::mem::replace(&mut *current, fresh),
-            Err(poisoned) => std::mem::replace(&mut *poisoned.into_inner(), fresh),
+            Ok(mut current) => std::mem::replace(&mut *current, next),
+            Err(poisoned) => std::mem::replace(&mut *poisoned.into_inner(), next),
         };
         Ok(old)
     }
 }
 
-/// The JWT authorities to publish: the current key (no expiry) and every earlier key
-/// whose tokens may still be valid; `retired` are the earlier ones as stored.
+/// The JWT authorities to publish: the current key and a `prepared` next key (no
+/// expiry), and every earlier key whose tokens may still be valid. `earlier` are the
+/// keys as stored: one with an expiry is kept until then; one without an expiry that is
+/// neither current nor prepared (a key replaced without its retirement record, e.g. a
+/// crash mid-rotation, or a prepared key never activated) is retired now, published for
+/// `max_ttl` plus a minute, so no token it signed loses its key.
 pub fn published_authorities(
     current: &JwtSigner,
-    retired: &[StoredJwtAuthority],
+    prepared: Option<&JwtSigner>,
+    earlier: &[StoredJwtAuthority],
+    max_ttl: Duration,
     now: SystemTime,
 ) -> Vec<StoredJwtAuthority> {
-    let mut out = vec![StoredJwtAuthority {
-        kid: current.kid().to_owned(),
-        public_key: current.public_key().to_spki_der(),
-        expires_at: None,
-    }];
-    out.extend(
-        retired
-            .iter()
-            .filter(|a| a.kid != current.kid())
-            .filter(|a| a.expires_at.is_some_and(|at| at > now))
-            .cloned(),
-    );
+    let signing = std::iter::once(current).chain(prepared);
+    let mut out: Vec<StoredJwtAuthority> = signing
+        .map(|key| StoredJwtAuthority {
+            kid: key.kid().to_owned(),
+            public_key: key.public_key().to_spki_der(),
+            expires_at: None,
+        })
+        .collect();
+    for key in earlier {
+        if out.iter().any(|kept| kept.kid == key.kid) {
+            continue;
+        }
+        let expires_at = key.expires_at.unwrap_or(now + max_ttl + RETIREMENT_LEEWAY);
+        if expires_at > now {
+            out.push(StoredJwtAuthority {
+                expires_at: Some(expires_at),
+                ..key.clone()
+            });
+        }
+    }
     out
 }
+
+/// How long past the longest token lifetime a replaced key stays published (verifier
+/// clock leeway).
+pub const RETIREMENT_LEEWAY: Duration = Duration::from_secs(60);
 
 /// The retirement record of `old`: published until `max_ttl` (plus a minute of
 /// verifier leeway) after now.
@@ -154,7 +185,7 @@ pub fn retire(old: &JwtSigner, max_ttl: Duration, now: SystemTime) -> StoredJwtA
     StoredJwtAuthority {
         kid: old.kid().to_owned(),
         public_key: old.public_key().to_spki_der(),
-        expires_at: Some(now + max_ttl + Duration::from_secs(60)),
+        expires_at: Some(now + max_ttl + RETIREMENT_LEEWAY),
     }
 }
 
@@ -172,7 +203,8 @@ mod tests {
         let again = JwtAuthority::load_or_create(&dir).unwrap();
         assert_eq!(again.current().kid(), kid);
         assert_eq!(again.current().public_key(), first.current().public_key());
-        let old = again.rotate().unwrap();
+        let next = again.prepare().unwrap();
+        let old = again.activate(next).unwrap();
         assert_eq!(old.kid(), kid);
         assert_ne!(again.current().kid(), kid);
         let reloaded = JwtAuthority::load_or_create(&dir).unwrap();
@@ -190,14 +222,38 @@ mod tests {
         tessera_plugin_sdk::fs::ensure_private_dir(&dir).unwrap();
         let authority = JwtAuthority::load_or_create(&dir).unwrap();
         let now = SystemTime::now();
-        let old = authority.rotate().unwrap();
-        let retired = vec![retire(&old, Duration::from_secs(300), now)];
-        let published = published_authorities(&authority.current(), &retired, now);
+        let max = Duration::from_secs(300);
+        let next = authority.prepare().unwrap();
+        // Prepared: published beside the current key before it signs anything.
+        let before = published_authorities(&authority.current(), Some(&next), &[], max, now);
+        assert_eq!(before.len(), 2);
+        assert!(before.iter().all(|a| a.expires_at.is_none()));
+        let old = authority.activate(next).unwrap();
+        let retired = vec![retire(&old, max, now)];
+        let published = published_authorities(&authority.current(), None, &retired, max, now);
         assert_eq!(published.len(), 2);
         let later = now + Duration::from_secs(361);
         assert_eq!(
-            published_authorities(&authority.current(), &retired, later).len(),
+            published_authorities(&authority.current(), None, &retired, max, later).len(),
             1
         );
+    }
+
+    #[test]
+    fn a_replaced_key_without_retirement_record_is_retired_not_dropped() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ca");
+        tessera_plugin_sdk::fs::ensure_private_dir(&dir).unwrap();
+        let authority = JwtAuthority::load_or_create(&dir).unwrap();
+        let stale = StoredJwtAuthority {
+            kid: "old".into(),
+            public_key: vec![1, 2, 3],
+            expires_at: None,
+        };
+        let now = SystemTime::now();
+        let max = Duration::from_secs(300);
+        let published = published_authorities(&authority.current(), None, &[stale], max, now);
+        assert_eq!(published.len(), 2);
+        assert_eq!(published[1].expires_at, Some(now + max + RETIREMENT_LEEWAY));
     }
 }

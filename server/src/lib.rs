@@ -150,7 +150,13 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             datastore::open_sqlite(&config.data_dir.join("datastore.sqlite3")).await?
         }
     };
-    publish_own_bundle(datastore.as_ref(), &config, &ca, &jwt.current(), None).await?;
+    let current = jwt.current();
+    let keys = JwtKeys {
+        current: &current,
+        prepared: None,
+        retired: None,
+    };
+    publish_own_bundle(datastore.as_ref(), &config, &ca, keys).await?;
 
     let revision = datastore.current_revision().await?;
     let (revisions, _) = watch::channel(revision);
@@ -265,16 +271,26 @@ async fn tls_accept(
     Ok(())
 }
 
-/// Publishes the trust domain's bundle: the CA certificate, the current JWT key and the
-/// replaced JWT keys whose tokens may still be valid (plus `retired`, a key replaced
-/// just now). Stores it, bumping the sequence number, only when it changed; agents
-/// receive it through `Sync`. Returns whether it changed.
+/// The JWT keys a bundle publication is about.
+#[derive(Debug, Clone, Copy)]
+pub struct JwtKeys<'a> {
+    /// The key that signs now.
+    pub current: &'a tessera_plugin_sdk::jwt::JwtSigner,
+    /// The next key, published before it signs anything.
+    pub prepared: Option<&'a tessera_plugin_sdk::jwt::JwtSigner>,
+    /// A key replaced just now: published until its tokens have expired.
+    pub retired: Option<&'a StoredJwtAuthority>,
+}
+
+/// Publishes the trust domain's bundle: the CA certificate, the current (and prepared)
+/// JWT key and the replaced JWT keys whose tokens may still be valid. Stores it,
+/// bumping the sequence number, only when it changed; agents receive it through `Sync`.
+/// Returns whether it changed.
 pub async fn publish_own_bundle(
     datastore: &dyn Datastore,
     config: &ServerConfig,
     ca: &CertificateAuthority,
-    jwt: &tessera_plugin_sdk::jwt::JwtSigner,
-    retired: Option<StoredJwtAuthority>,
+    keys: JwtKeys<'_>,
 ) -> Result<bool, ServerError> {
     let td = config.trust_domain.name();
     let x509_authorities = vec![ca.certificate_der().to_vec()];
@@ -283,8 +299,14 @@ pub async fn publish_own_bundle(
         .as_ref()
         .map(|b| b.jwt_authorities.clone())
         .unwrap_or_default();
-    earlier.extend(retired);
-    let jwt_authorities = jwt_authority::published_authorities(jwt, &earlier, SystemTime::now());
+    earlier.splice(0..0, keys.retired.cloned());
+    let jwt_authorities = jwt_authority::published_authorities(
+        keys.current,
+        keys.prepared,
+        &earlier,
+        config.max_jwt_svid_ttl,
+        SystemTime::now(),
+    );
     if stored.as_ref().is_some_and(|b| {
         b.x509_authorities == x509_authorities && b.jwt_authorities == jwt_authorities
     }) {
@@ -342,7 +364,9 @@ async fn renew_server_svid(
             () = tokio::time::sleep(CA_EXPIRY_CHECK) => {
                 state.ca.warn_if_expiring();
                 // Drops replaced JWT keys whose tokens have all expired.
-                match publish_own_bundle(state.datastore.as_ref(), &state.config, &state.ca, &state.jwt.current(), None).await {
+                let current = state.jwt.current();
+                let keys = JwtKeys { current: &current, prepared: None, retired: None };
+                match publish_own_bundle(state.datastore.as_ref(), &state.config, &state.ca, keys).await {
                     Ok(true) => state.publish_revision().await,
                     Ok(false) => {}
                     Err(err) => tracing::warn!(error = %err, "cannot refresh the bundle"),

@@ -2,15 +2,21 @@
 //! only through the Rust `spiffe` crate's Workload API client, as a real SPIFFE client
 //! would. It prints one JSON line per result and never panics on a server answer.
 //!
-//! Usage: `tessera-test-workload fetch SOCKET` or
-//! `tessera-test-workload watch SOCKET COUNT`.
+//! Usage: `tessera-test-workload fetch SOCKET`,
+//! `tessera-test-workload watch SOCKET COUNT`,
+//! `tessera-test-workload fetch-jwt SOCKET [--spiffe-id=ID] AUDIENCE...` (every JWT-SVID
+//! of the caller, each verified offline with `JwtSvid::parse_and_validate` against the
+//! JWT bundles fetched from the agent),
+//! `tessera-test-workload validate-jwt SOCKET AUDIENCE TOKEN` (through the agent) or
+//! `tessera-test-workload jwt-bundles SOCKET [COUNT]` (COUNT updates of the JWT bundle
+//! stream; 1 by default).
 
 use std::process::ExitCode;
 
 use futures::StreamExt;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
 use serde_json::json;
-use spiffe::{WorkloadApiClient, WorkloadApiError, X509Context};
+use spiffe::{JwtBundleSet, JwtSvid, SpiffeId, WorkloadApiClient, WorkloadApiError, X509Context};
 
 fn error_kind(err: &WorkloadApiError) -> &'static str {
     let text = format!("{err:?}");
@@ -88,6 +94,60 @@ fn describe(context: &X509Context) -> Result<serde_json::Value, String> {
     Ok(json!({ "ok": true, "svids": svids }))
 }
 
+/// Each JWT-SVID with its claims as the `spiffe` crate parsed them, and whether it
+/// verifies offline against `bundles` for its first audience.
+fn describe_jwts(svids: &[JwtSvid], bundles: &JwtBundleSet) -> serde_json::Value {
+    let svids: Vec<_> = svids
+        .iter()
+        .map(|svid| {
+            let verified = match JwtSvid::parse_and_validate(
+                svid.token(),
+                bundles,
+                &svid.audience()[..svid.audience().len().min(1)],
+            ) {
+                Ok(checked) if checked.spiffe_id() == svid.spiffe_id() => json!(true),
+                Ok(checked) => json!(format!("verified as {}", checked.spiffe_id())),
+                Err(err) => json!(err.to_string()),
+            };
+            json!({
+                "spiffe_id": svid.spiffe_id().to_string(),
+                "token": svid.token(),
+                "hint": svid.hint(),
+                "audience": svid.audience(),
+                "kid": svid.key_id(),
+                "expiry": svid.expiry().unix_timestamp(),
+                "verified": verified,
+            })
+        })
+        .collect();
+    json!({ "ok": true, "svids": svids })
+}
+
+/// The JWT bundle set: per trust domain, its key ids (sorted) and the JWKs.
+fn describe_jwt_bundles(bundles: &JwtBundleSet) -> serde_json::Value {
+    let mut out = serde_json::Map::new();
+    for (td, bundle) in bundles.iter() {
+        let mut keys: Vec<(String, serde_json::Value)> = bundle
+            .jwt_authorities()
+            .map(|a| {
+                (
+                    a.key_id().to_owned(),
+                    serde_json::from_slice(a.jwk_json()).unwrap_or(serde_json::Value::Null),
+                )
+            })
+            .collect();
+        keys.sort_by(|a, b| a.0.cmp(&b.0));
+        out.insert(
+            td.to_string(),
+            json!({
+                "kids": keys.iter().map(|k| k.0.clone()).collect::<Vec<_>>(),
+                "jwks": keys.into_iter().map(|k| k.1).collect::<Vec<_>>(),
+            }),
+        );
+    }
+    json!({ "ok": true, "bundles": out })
+}
+
 fn print(value: &serde_json::Value) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
@@ -102,7 +162,12 @@ fn failure(err: &WorkloadApiError) -> serde_json::Value {
 async fn run(args: &[String]) -> Result<(), String> {
     let (mode, socket) = match args {
         [mode, socket, ..] => (mode.as_str(), socket.as_str()),
-        _ => return Err("usage: tessera-test-workload fetch|watch SOCKET [COUNT]".into()),
+        _ => {
+            return Err(
+                "usage: tessera-test-workload fetch|watch|fetch-jwt|validate-jwt|jwt-bundles SOCKET ..."
+                    .into(),
+            );
+        }
     };
     let client = match WorkloadApiClient::connect_to(format!("unix://{socket}")).await {
         Ok(client) => client,
@@ -138,6 +203,67 @@ async fn run(args: &[String]) -> Result<(), String> {
                         ));
                         seen += 1;
                     }
+                    Some(Err(err)) => {
+                        print(&failure(&err));
+                        return Ok(());
+                    }
+                    None => {
+                        print(&json!({ "ok": false, "kind": "ended", "error": "stream ended" }));
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        "fetch-jwt" => {
+            let mut spiffe_id = None;
+            let mut audiences = Vec::new();
+            for a in &args[2..] {
+                match a.strip_prefix("--spiffe-id=") {
+                    Some(id) => {
+                        spiffe_id = Some(id.parse::<SpiffeId>().map_err(|e| e.to_string())?);
+                    }
+                    None => audiences.push(a.clone()),
+                }
+            }
+            let outcome = match client
+                .fetch_all_jwt_svids(&audiences, spiffe_id.as_ref())
+                .await
+            {
+                Ok(svids) => match client.fetch_jwt_bundles().await {
+                    Ok(bundles) => describe_jwts(&svids, &bundles),
+                    Err(err) => failure(&err),
+                },
+                Err(err) => failure(&err),
+            };
+            print(&outcome);
+        }
+        "validate-jwt" => {
+            let [_, _, audience, token] = args else {
+                return Err("usage: validate-jwt SOCKET AUDIENCE TOKEN".into());
+            };
+            let outcome = match client.validate_jwt_token(audience, token).await {
+                Ok(svid) => json!({
+                    "ok": true,
+                    "spiffe_id": svid.spiffe_id().to_string(),
+                    "audience": svid.audience(),
+                    "expiry": svid.expiry().unix_timestamp(),
+                }),
+                Err(err) => failure(&err),
+            };
+            print(&outcome);
+        }
+        "jwt-bundles" => {
+            let count: usize = args.get(2).and_then(|c| c.parse().ok()).unwrap_or(1);
+            let mut stream = match client.stream_jwt_bundles().await {
+                Ok(stream) => stream,
+                Err(err) => {
+                    print(&failure(&err));
+                    return Ok(());
+                }
+            };
+            for _ in 0..count {
+                match stream.next().await {
+                    Some(Ok(bundles)) => print(&describe_jwt_bundles(&bundles)),
                     Some(Err(err)) => {
                         print(&failure(&err));
                         return Ok(());

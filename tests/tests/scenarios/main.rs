@@ -13,6 +13,7 @@
 
 mod cli;
 mod entries;
+mod jwt;
 mod node_api;
 mod support;
 mod workload_api;

@@ -360,3 +360,65 @@ pub async fn workload_credential(
         Item::Error(err) => panic!("no SVID for {entry_id}: {err:?}"),
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// The test workload (the `spiffe` crate's client in a child process) in any mode, and
+// CLI runs fed on standard input (jwt.rs).
+
+/// Runs the test workload with `args` (a mode, the socket, then the mode's arguments)
+/// as `uid` (None = this process's uid) and returns every JSON line it printed.
+pub async fn run_workload(args: &[&str], uid: Option<u32>) -> Vec<serde_json::Value> {
+    let mut command = tokio::process::Command::new(workload_bin());
+    command
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    if let Some(uid) = uid {
+        command.uid(uid).gid(uid);
+    }
+    let out = run_command(command).await;
+    let lines: Vec<serde_json::Value> = out
+        .stdout
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|err| {
+                panic!("`{}` printed a non-JSON line ({err}): {l}", out.command)
+            })
+        })
+        .collect();
+    assert!(
+        !lines.is_empty(),
+        "`{}` printed nothing (exit {}): {}",
+        out.command,
+        out.code,
+        out.stderr
+    );
+    lines
+}
+
+/// Runs `command` with `input` on its standard input (then closed), at most 20 s.
+pub async fn run_with_stdin(mut command: tokio::process::Command, input: &str) -> CliOutput {
+    use tokio::io::AsyncWriteExt;
+    let description = format!("{:?}", command.as_std());
+    command
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = command
+        .spawn()
+        .unwrap_or_else(|err| panic!("`{description}` did not start: {err}"));
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    stdin.write_all(input.as_bytes()).await.unwrap();
+    drop(stdin);
+    let output = tokio::time::timeout(std::time::Duration::from_secs(20), child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("`{description}` did not finish within 20 s"))
+        .unwrap();
+    CliOutput {
+        command: description,
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
