@@ -70,6 +70,12 @@ pub const DEFAULT_ATTESTATION_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum WorkloadAttestorConfig {
     /// The `unix` attestor.
     Unix(UnixAttestorConfig),
+    /// The `systemd` attestor.
+    Systemd(tessera_plugin_systemd::SystemdAttestorConfig),
+    /// The `cgroup` attestor.
+    Cgroup(tessera_plugin_cgroup::CgroupAttestorConfig),
+    /// The `container` attestor.
+    Container(tessera_plugin_container::ContainerAttestorConfig),
 }
 
 /// The validated agent configuration.
@@ -145,11 +151,56 @@ impl AgentConfig {
                             })?;
                     workload_attestors.push(WorkloadAttestorConfig::Unix(config));
                 }
+                "systemd" => {
+                    let data = plugin.data.unwrap_or_default();
+                    let config: tessera_plugin_systemd::SystemdAttestorConfig =
+                        toml::Value::Table(data)
+                            .try_into()
+                            .map_err(|err: toml::de::Error| {
+                                ConfigError::invalid(
+                                    path,
+                                    &format!("{key}.data"),
+                                    err.message().replace('\n', " "),
+                                )
+                            })?;
+                    workload_attestors.push(WorkloadAttestorConfig::Systemd(config));
+                }
+                "cgroup" => {
+                    let data = plugin.data.unwrap_or_default();
+                    let config: tessera_plugin_cgroup::CgroupAttestorConfig =
+                        toml::Value::Table(data)
+                            .try_into()
+                            .map_err(|err: toml::de::Error| {
+                                ConfigError::invalid(
+                                    path,
+                                    &format!("{key}.data"),
+                                    err.message().replace('\n', " "),
+                                )
+                            })?;
+                    workload_attestors.push(WorkloadAttestorConfig::Cgroup(config));
+                }
+                "container" => {
+                    let data = plugin.data.unwrap_or_default();
+                    let config: tessera_plugin_container::ContainerAttestorConfig =
+                        toml::Value::Table(data)
+                            .try_into()
+                            .map_err(|err: toml::de::Error| {
+                                ConfigError::invalid(
+                                    path,
+                                    &format!("{key}.data"),
+                                    err.message().replace('\n', " "),
+                                )
+                            })?;
+                    workload_attestors.push(WorkloadAttestorConfig::Container(config));
+                }
                 other => {
                     return Err(ConfigError::invalid(
                         path,
                         &format!("{key}.name"),
-                        format!("unknown workload attestor `{other}` (available: unix)"),
+                        format!(
+                            "unknown workload attestor `{other}` \
+                             (available: unix, systemd, cgroup, container)"
+                        ),
                     ));
                 }
             }

@@ -118,6 +118,26 @@ fn attestors(config: &AgentConfig) -> attest::Attestors {
                 Arc::new(tessera_plugin_unix::UnixAttestor::new(unix.clone()))
                     as Arc<dyn WorkloadAttestor>
             }
+            WorkloadAttestorConfig::Systemd(systemd) => Arc::new(
+                tessera_plugin_systemd::SystemdAttestor::new(systemd.clone()),
+            ),
+            WorkloadAttestorConfig::Cgroup(cgroup) => {
+                Arc::new(tessera_plugin_cgroup::CgroupAttestor::new(cgroup.clone()))
+            }
+            WorkloadAttestorConfig::Container(container) => {
+                // SECURITY.md §3.4 item 41: containers are only visible from the host
+                // cgroup namespace.
+                if let Some(warning) =
+                    tessera_plugin_container::ContainerAttestor::cgroup_namespace_warning(
+                        &config.proc_root,
+                    )
+                {
+                    tracing::warn!("container attestor: {warning}");
+                }
+                Arc::new(tessera_plugin_container::ContainerAttestor::new(
+                    container.clone(),
+                ))
+            }
         })
         .collect();
     attest::Attestors::new(plugins, config.attestation_timeout)

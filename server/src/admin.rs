@@ -105,9 +105,15 @@ impl AdminService {
             .selectors
             .iter()
             .map(|s| {
-                selector_from_proto(s).map_err(|err| ApiError::InvalidArgument(err.to_string()))
+                let selector = selector_from_proto(s)
+                    .map_err(|err| ApiError::InvalidArgument(err.to_string()))?;
+                // Only forms an attestor emits: a misspelt selector would never match
+                // (SECURITY.md §3.6 item 62).
+                tessera_plugin_sdk::selector_schema::validate(&selector)
+                    .map_err(|err| ApiError::InvalidArgument(err.to_string()))?;
+                Ok(selector)
             })
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect::<Result<Vec<_>, ApiError>>()?;
         selectors.sort();
         selectors.dedup();
         let x509_svid_ttl = ttl_from_proto("x509_svid_ttl", entry.x509_svid_ttl_seconds)

@@ -6,6 +6,7 @@
 //! of these traits and decide how to run them.
 
 pub mod attestor;
+pub mod cgroup;
 pub mod config;
 pub mod daemon;
 pub mod entry;
@@ -13,6 +14,7 @@ pub mod fs;
 pub mod id;
 pub mod jwt;
 pub mod selector;
+pub mod selector_schema;
 pub mod socket;
 pub mod workload;
 pub mod x509;

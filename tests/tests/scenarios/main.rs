@@ -15,5 +15,6 @@ mod cli;
 mod entries;
 mod jwt;
 mod node_api;
+mod selectors;
 mod support;
 mod workload_api;

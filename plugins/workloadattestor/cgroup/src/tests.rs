@@ -1,0 +1,257 @@
+//! Tests of the cgroup attestor: the fixture trees under `tests/fixtures/` (each a
+//! `cgroup` file and the `expected` selectors or `error: <text>`), served as the
+//! `/proc/<pid>/cgroup` of a real pinned child through a fixture proc root, and real
+//! processes in real cgroups where the machine allows.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tessera_plugin_sdk::workload::pidfd_open;
+
+use super::*;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn spawn_sleep() -> Child {
+    let child = Command::new("sleep")
+        .arg("30")
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read(format!("/proc/{}/status", child.id()))
+        .unwrap()
+        .starts_with(b"Name:\tsleep\n")
+    {
+        assert!(Instant::now() < deadline, "sleep did not start");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child
+}
+
+fn reap(mut child: Child) {
+    let _ = child.kill();
+    child.wait().unwrap();
+}
+
+/// Pins `child` with `proc_root` as the procfs mount.
+fn pin(child: &Child, proc_root: &Path) -> Workload {
+    let pid = i32::try_from(child.id()).unwrap();
+    let pidfd = pidfd_open(pid).unwrap();
+    Workload::pin(pid, 0, 0, pidfd, false, proc_root).unwrap()
+}
+
+/// A proc root whose `<pid>/cgroup` is `contents`.
+fn fake_proc(child: &Child, contents: &[u8]) -> tempfile::TempDir {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join(child.id().to_string());
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("cgroup"), contents).unwrap();
+    root
+}
+
+/// The `expected` file without comments: `Ok(selectors)` or `Err(error text)`.
+fn expected(case: &Path) -> Result<Vec<String>, String> {
+    let text = std::fs::read_to_string(case.join("expected")).unwrap();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .collect();
+    if let Some(err) = lines.first().and_then(|l| l.strip_prefix("error: ")) {
+        return Err(err.to_owned());
+    }
+    Ok(lines.iter().map(|l| (*l).to_owned()).collect())
+}
+
+#[test]
+fn fixture_trees() {
+    let child = spawn_sleep();
+    let attestor = CgroupAttestor::new(CgroupAttestorConfig::default());
+    assert_eq!(attestor.name(), "cgroup");
+    let mut cases: Vec<PathBuf> = std::fs::read_dir(fixtures())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    cases.sort();
+    assert!(cases.len() >= 10, "{cases:?}");
+    for case in &cases {
+        let name = case.file_name().unwrap().to_string_lossy();
+        let root = fake_proc(&child, &std::fs::read(case.join("cgroup")).unwrap());
+        let w = pin(&child, root.path());
+        let got = attestor
+            .attest(&w)
+            .map(|s| s.iter().map(ToString::to_string).collect::<Vec<_>>());
+        match (expected(case), got) {
+            (Ok(want), Ok(got)) => assert_eq!(got, want, "{name}"),
+            (Err(want), Err(err)) => {
+                assert!(err.to_string().contains(&want), "{name}: {err}");
+            }
+            (want, got) => panic!("{name}: expected {want:?}, got {got:?}"),
+        }
+    }
+    reap(child);
+}
+
+#[test]
+fn errors_do_not_quote_the_path() {
+    let child = spawn_sleep();
+    let attestor = CgroupAttestor::default();
+    for contents in [
+        &b"0::/../secret-cgroup\n"[..],
+        b"0::/secret-cgroup (deleted)\n",
+        b"0::/secret-cgroup/../x\n",
+    ] {
+        let root = fake_proc(&child, contents);
+        let err = attestor.attest(&pin(&child, root.path())).unwrap_err();
+        assert!(!err.to_string().contains("secret"), "{err}");
+    }
+    reap(child);
+}
+
+#[test]
+fn oversized_file_is_an_error() {
+    let child = spawn_sleep();
+    let mut big = Vec::new();
+    for i in 1..=2000 {
+        big.extend_from_slice(format!("{i}:c{i}:/{}\n", "a".repeat(40)).as_bytes());
+    }
+    big.extend_from_slice(b"0::/\n");
+    assert!(big.len() > tessera_plugin_sdk::cgroup::CGROUP_FILE_LIMIT);
+    let root = fake_proc(&child, &big);
+    let err = CgroupAttestor::default()
+        .attest(&pin(&child, root.path()))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            AttestError::Workload(tessera_plugin_sdk::WorkloadError::TooLarge { .. })
+        ),
+        "{err:?}"
+    );
+    reap(child);
+}
+
+#[test]
+fn missing_file_is_an_error_not_an_absent_selector() {
+    let child = spawn_sleep();
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir(root.path().join(child.id().to_string())).unwrap();
+    let err = CgroupAttestor::default()
+        .attest(&pin(&child, root.path()))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            AttestError::Workload(tessera_plugin_sdk::WorkloadError::Io { .. })
+        ),
+        "{err:?}"
+    );
+    reap(child);
+}
+
+#[test]
+fn config_has_no_keys() {
+    let c: CgroupAttestorConfig = toml::from_str("").unwrap();
+    assert_eq!(c, CgroupAttestorConfig::default());
+    assert!(toml::from_str::<CgroupAttestorConfig>("path = \"/\"").is_err());
+}
+
+/// The real `/proc`: the selector is the unified line of the child's own cgroup file
+/// (on this machine `0::/`, a hybrid host).
+#[test]
+fn real_process() {
+    let child = spawn_sleep();
+    let w = pin(&child, Path::new("/proc"));
+    let got = CgroupAttestor::default().attest(&w).unwrap();
+    let text = std::fs::read_to_string(format!("/proc/{}/cgroup", child.id())).unwrap();
+    match text.lines().find_map(|l| l.strip_prefix("0::")) {
+        Some(path) => {
+            assert_eq!(got.len(), 1);
+            assert_eq!(got[0].to_string(), format!("cgroup:path:{path}"));
+            if path == "/" {
+                assert_eq!(got[0].to_string(), "cgroup:path:/");
+            }
+        }
+        None => assert!(got.is_empty(), "{got:?}"),
+    }
+    reap(child);
+}
+
+/// A child moved into a fresh cgroup of the real unified hierarchy (needs root and a
+/// writable cgroup2 mount; skipped otherwise).
+#[test]
+fn real_process_in_a_created_cgroup() {
+    let Some(cg) = TestCgroup::create(&["tessera-cgtest.slice", "tessera-cgtest-x.service"]) else {
+        eprintln!("skipped: needs root and a writable cgroup2 mount");
+        return;
+    };
+    let child = spawn_sleep();
+    cg.add(&child);
+    let w = pin(&child, Path::new("/proc"));
+    let got = CgroupAttestor::default().attest(&w).unwrap();
+    assert_eq!(
+        got.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        [format!("cgroup:path:{}", cg.path())]
+    );
+    reap(child);
+}
+
+/// Directories created in the unified hierarchy for one test, removed (deepest first)
+/// on drop. Names get the test process's pid so parallel runs do not collide.
+struct TestCgroup {
+    dirs: Vec<PathBuf>,
+    rel: String,
+}
+
+impl TestCgroup {
+    fn create(names: &[&str]) -> Option<Self> {
+        if !nix::unistd::geteuid().is_root() {
+            return None;
+        }
+        let mount = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| {
+                nix::sys::statfs::statfs(p)
+                    .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
+            })?;
+        let pid = std::process::id();
+        let mut dir = mount;
+        let mut me = Self {
+            dirs: Vec::new(),
+            rel: String::new(),
+        };
+        for name in names {
+            let name = name.replacen("tessera-", &format!("tessera{pid}-"), 1);
+            dir = dir.join(&name);
+            std::fs::create_dir(&dir).ok()?;
+            me.dirs.push(dir.clone());
+            me.rel.push('/');
+            me.rel.push_str(&name);
+        }
+        Some(me)
+    }
+
+    fn path(&self) -> &str {
+        &self.rel
+    }
+
+    fn add(&self, child: &Child) {
+        let procs = self.dirs.last().unwrap().join("cgroup.procs");
+        std::fs::write(procs, child.id().to_string()).unwrap();
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        for dir in self.dirs.iter().rev() {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while std::fs::remove_dir(dir).is_err() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
