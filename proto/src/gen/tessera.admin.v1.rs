@@ -10,7 +10,7 @@ pub struct CreateJoinTokenRequest {
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct CreateJoinTokenResponse {
-    /// "<id>.<secret>": shown once; the server keeps only a hash of the secret.
+    /// `<id>.<secret>`: shown once; the server keeps only a hash of the secret.
     #[prost(string, tag = "1")]
     pub token: ::prost::alloc::string::String,
     #[prost(string, tag = "2")]

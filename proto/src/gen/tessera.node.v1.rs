@@ -20,7 +20,7 @@ pub struct AttestationParams {
     /// Node attestation method, e.g. "join_token".
     #[prost(string, tag = "1")]
     pub r#type: ::prost::alloc::string::String,
-    /// Method-specific payload (for join_token: the token "<id>.<secret>" as UTF-8).
+    /// Method-specific payload (for join_token: the token `<id>.<secret>` as UTF-8).
     #[prost(bytes = "vec", tag = "2")]
     pub payload: ::prost::alloc::vec::Vec<u8>,
     /// PKCS#10 CSR (DER) for the agent's own key. Only the public key is used.
