@@ -136,62 +136,14 @@ impl AgentConfig {
         let mut workload_attestors = Vec::new();
         for (index, plugin) in file.plugins.workload_attestor.into_iter().enumerate() {
             let key = format!("plugins.workload_attestor[{index}]");
-            match plugin.name.as_str() {
-                "unix" => {
-                    let data = plugin.data.unwrap_or_default();
-                    let config: UnixAttestorConfig =
-                        toml::Value::Table(data)
-                            .try_into()
-                            .map_err(|err: toml::de::Error| {
-                                ConfigError::invalid(
-                                    path,
-                                    &format!("{key}.data"),
-                                    err.message().replace('\n', " "),
-                                )
-                            })?;
-                    workload_attestors.push(WorkloadAttestorConfig::Unix(config));
-                }
-                "systemd" => {
-                    let data = plugin.data.unwrap_or_default();
-                    let config: tessera_plugin_systemd::SystemdAttestorConfig =
-                        toml::Value::Table(data)
-                            .try_into()
-                            .map_err(|err: toml::de::Error| {
-                                ConfigError::invalid(
-                                    path,
-                                    &format!("{key}.data"),
-                                    err.message().replace('\n', " "),
-                                )
-                            })?;
-                    workload_attestors.push(WorkloadAttestorConfig::Systemd(config));
-                }
-                "cgroup" => {
-                    let data = plugin.data.unwrap_or_default();
-                    let config: tessera_plugin_cgroup::CgroupAttestorConfig =
-                        toml::Value::Table(data)
-                            .try_into()
-                            .map_err(|err: toml::de::Error| {
-                                ConfigError::invalid(
-                                    path,
-                                    &format!("{key}.data"),
-                                    err.message().replace('\n', " "),
-                                )
-                            })?;
-                    workload_attestors.push(WorkloadAttestorConfig::Cgroup(config));
-                }
+            let data = plugin.data.unwrap_or_default();
+            let data_key = format!("{key}.data");
+            let attestor = match plugin.name.as_str() {
+                "unix" => WorkloadAttestorConfig::Unix(plugin_data(data, path, &data_key)?),
+                "systemd" => WorkloadAttestorConfig::Systemd(plugin_data(data, path, &data_key)?),
+                "cgroup" => WorkloadAttestorConfig::Cgroup(plugin_data(data, path, &data_key)?),
                 "container" => {
-                    let data = plugin.data.unwrap_or_default();
-                    let config: tessera_plugin_container::ContainerAttestorConfig =
-                        toml::Value::Table(data)
-                            .try_into()
-                            .map_err(|err: toml::de::Error| {
-                                ConfigError::invalid(
-                                    path,
-                                    &format!("{key}.data"),
-                                    err.message().replace('\n', " "),
-                                )
-                            })?;
-                    workload_attestors.push(WorkloadAttestorConfig::Container(config));
+                    WorkloadAttestorConfig::Container(plugin_data(data, path, &data_key)?)
                 }
                 other => {
                     return Err(ConfigError::invalid(
@@ -203,7 +155,8 @@ impl AgentConfig {
                         ),
                     ));
                 }
-            }
+            };
+            workload_attestors.push(attestor);
         }
         if workload_attestors.is_empty() {
             workload_attestors.push(WorkloadAttestorConfig::Unix(UnixAttestorConfig::default()));
@@ -224,6 +177,19 @@ impl AgentConfig {
             workload_attestors,
         })
     }
+}
+
+/// Parses a plugin's `data` table into its config type; errors name `key`.
+fn plugin_data<T: serde::de::DeserializeOwned>(
+    data: toml::Table,
+    path: &Path,
+    key: &str,
+) -> Result<T, ConfigError> {
+    toml::Value::Table(data)
+        .try_into()
+        .map_err(|err: toml::de::Error| {
+            ConfigError::invalid(path, key, err.message().replace('\n', " "))
+        })
 }
 
 #[cfg(test)]
