@@ -33,6 +33,12 @@ struct RawAgent {
     #[serde(default = "default_proc_root")]
     proc_root: PathBuf,
     attestation_timeout: Option<ConfigDuration>,
+    #[serde(default = "default_max_connections_per_uid")]
+    max_connections_per_uid: usize,
+    #[serde(default = "default_max_requests_per_second_per_uid")]
+    max_requests_per_second_per_uid: u32,
+    #[serde(default = "default_max_request_burst_per_uid")]
+    max_request_burst_per_uid: u32,
     #[serde(default)]
     log_level: LogLevel,
     #[serde(default)]
@@ -60,6 +66,18 @@ fn default_socket() -> PathBuf {
 
 fn default_proc_root() -> PathBuf {
     PathBuf::from("/proc")
+}
+
+fn default_max_connections_per_uid() -> usize {
+    crate::limits::DEFAULT_MAX_CONNECTIONS_PER_UID
+}
+
+fn default_max_requests_per_second_per_uid() -> u32 {
+    crate::limits::DEFAULT_MAX_REQUESTS_PER_SECOND_PER_UID
+}
+
+fn default_max_request_burst_per_uid() -> u32 {
+    crate::limits::DEFAULT_MAX_REQUEST_BURST_PER_UID
 }
 
 /// Default `attestation_timeout`: all workload attestors together must finish in 5 s.
@@ -98,8 +116,21 @@ pub struct AgentConfig {
     /// `join_token` (no default): join token for the first attestation; the
     /// `--join-token` flag overrides it. Not needed once the agent holds a valid SVID.
     pub join_token: Option<String>,
-    /// `proc_root` (default `/proc`): where procfs is mounted.
+    /// `proc_root` (default `/proc`): where procfs is mounted. Must be a procfs
+    /// (`statfs` magic `PROC_SUPER_MAGIC`) whose root is owned by root, else the
+    /// configuration is rejected: a plain directory would let anyone write the
+    /// `/proc/<pid>/status` the agent trusts.
     pub proc_root: PathBuf,
+    /// `max_connections_per_uid` (default 64, 0 = no limit): concurrent Workload API
+    /// connections per caller uid; further connections are closed at accept, before any
+    /// `/proc` access.
+    pub max_connections_per_uid: usize,
+    /// `max_requests_per_second_per_uid` (default 100, 0 = no limit): Workload API calls
+    /// per second per caller uid (token bucket); over it, calls get `ResourceExhausted`.
+    pub max_requests_per_second_per_uid: u32,
+    /// `max_request_burst_per_uid` (default 200): calls a uid may make at once before the
+    /// per-second rate applies (the bucket size). At least 1.
+    pub max_request_burst_per_uid: u32,
     /// `attestation_timeout` (default `5s`): deadline for all workload attestors of
     /// one call.
     pub attestation_timeout: Duration,
@@ -131,6 +162,16 @@ impl AgentConfig {
                 path,
                 "agent.server_address",
                 "must be host:port",
+            ));
+        }
+        if let Err(err) = crate::peer::ProcRoot::open(&raw.proc_root) {
+            return Err(ConfigError::invalid(path, "agent.proc_root", err));
+        }
+        if raw.max_request_burst_per_uid == 0 {
+            return Err(ConfigError::invalid(
+                path,
+                "agent.max_request_burst_per_uid",
+                "must be at least 1",
             ));
         }
         let mut workload_attestors = Vec::new();
@@ -169,6 +210,9 @@ impl AgentConfig {
             trust_bundle_path: raw.trust_bundle_path,
             join_token: raw.join_token,
             proc_root: raw.proc_root,
+            max_connections_per_uid: raw.max_connections_per_uid,
+            max_requests_per_second_per_uid: raw.max_requests_per_second_per_uid,
+            max_request_burst_per_uid: raw.max_request_burst_per_uid,
             attestation_timeout: raw
                 .attestation_timeout
                 .map_or(DEFAULT_ATTESTATION_TIMEOUT, |d| d.0),
@@ -217,5 +261,54 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("plugins.workload_attestor[0].name"), "{err}");
+    }
+
+    #[test]
+    fn limits_have_defaults_and_can_be_set() {
+        let c = AgentConfig::parse(MINIMAL, Path::new("a.toml")).unwrap();
+        assert_eq!(c.proc_root, PathBuf::from("/proc"));
+        assert_eq!(c.max_connections_per_uid, 64);
+        assert_eq!(c.max_requests_per_second_per_uid, 100);
+        assert_eq!(c.max_request_burst_per_uid, 200);
+        let text = format!(
+            "{MINIMAL}max_connections_per_uid = 3\nmax_requests_per_second_per_uid = 0\nmax_request_burst_per_uid = 1\n"
+        );
+        let c = AgentConfig::parse(&text, Path::new("a.toml")).unwrap();
+        assert_eq!(
+            (
+                c.max_connections_per_uid,
+                c.max_requests_per_second_per_uid,
+                c.max_request_burst_per_uid
+            ),
+            (3, 0, 1)
+        );
+        let err = AgentConfig::parse(
+            &format!("{MINIMAL}max_request_burst_per_uid = 0\n"),
+            Path::new("a.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("agent.max_request_burst_per_uid"), "{err}");
+    }
+
+    #[test]
+    fn proc_root_must_be_procfs_owned_by_root() {
+        let fake = tempfile::tempdir().unwrap();
+        for bad in [
+            fake.path(),
+            Path::new("/nonexistent"),
+            Path::new("/proc/self"),
+        ] {
+            let text = format!("{MINIMAL}proc_root = \"{}\"\n", bad.display());
+            let err = AgentConfig::parse(&text, Path::new("a.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("agent.proc_root"), "{err}");
+        }
+        let text = format!("{MINIMAL}proc_root = \"{}\"\n", fake.path().display());
+        let err = AgentConfig::parse(&text, Path::new("a.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a procfs mount"), "{err}");
     }
 }

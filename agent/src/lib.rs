@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod jwt_cache;
+pub mod limits;
 pub mod manager;
 pub mod node;
 pub mod peer;
@@ -29,7 +30,6 @@ use tessera_proto::node::{SyncRequest, SyncResponse};
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 pub use crate::config::AgentConfig;
@@ -157,6 +157,18 @@ pub async fn start(
     config: AgentConfig,
     join_token: Option<String>,
 ) -> Result<RunningAgent, AgentError> {
+    // Checked again here (the config check ran at load): from now on every `/proc`
+    // access goes through this descriptor, whatever the path names later.
+    let proc_root = Arc::new(
+        peer::ProcRoot::open(&config.proc_root)
+            .map_err(|err| AgentError::Config(format!("agent.proc_root: {err}")))?,
+    );
+    if let Some(limit) = limits::raise_open_file_limit() {
+        tracing::debug!(limit, "open-file limit");
+    }
+    // Refuse an unsafe socket directory or path before anything else (a join token is
+    // single-use: do not spend it and then fail on the socket).
+    check_workload_socket(&config.socket_path)?;
     let data_dir = config.data_dir.clone();
     let store = blocking(move || Store::open(&data_dir)).await?;
     let bootstrap = config.trust_bundle_path.clone();
@@ -287,27 +299,26 @@ pub async fn start(
         cache_rx.clone(),
         attestors(&config),
         connection,
+        limits::RateLimiter::new(
+            config.max_requests_per_second_per_uid,
+            config.max_request_burst_per_uid,
+        ),
         shutdown.clone(),
     );
     let (conn_tx, conn_rx) = mpsc::channel(128);
     let accept_shutdown = shutdown.clone();
-    let proc_root = config.proc_root.clone();
+    let acceptor = workload_api::Acceptor {
+        proc_root,
+        sys: Arc::new(peer::KernelPeerSys),
+        connections: limits::ConnectionLimiter::new(config.max_connections_per_uid),
+    };
     tasks.spawn(async move {
-        workload_api::accept_loop(listener, proc_root, conn_tx, accept_shutdown).await;
+        workload_api::accept_loop(listener, acceptor, conn_tx, accept_shutdown).await;
         Ok(())
     });
     let serve_shutdown = shutdown.clone();
     tasks.spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(
-                tessera_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer::new(
-                    api,
-                ),
-            )
-            .serve_with_incoming_shutdown(
-                ReceiverStream::new(conn_rx),
-                serve_shutdown.cancelled_owned(),
-            )
+        workload_api::serve(api, conn_rx, serve_shutdown)
             .await
             .map_err(|err| AgentError::Task(format!("Workload API: {err}")))
     });
@@ -377,16 +388,24 @@ async fn attest_agent(
     })
 }
 
-/// Binds the Workload API socket: directory created 0755 (or checked), stale socket of
-/// ours removed, socket 0777 (attestation is the gate, as in SPIRE).
-fn bind_workload_socket(path: &Path) -> Result<UnixListener, AgentError> {
+/// The checks of [`bind_workload_socket`] without binding: the directory is ours (or
+/// root's) and not writable by others, and nothing but a stale socket of ours is at the
+/// path (SECURITY.md §3.5 items 45, 46, 49).
+fn check_workload_socket(path: &Path) -> Result<(), AgentError> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     let what = format!("socket_path {}", path.display());
     prepare_socket_dir(dir, 0o755).map_err(AgentError::io(what.clone()))?;
-    remove_stale_socket(path).map_err(AgentError::io(what.clone()))?;
+    remove_stale_socket(path).map_err(AgentError::io(what))
+}
+
+/// Binds the Workload API socket: directory created 0755 (or checked), stale socket of
+/// ours removed, socket 0777 (attestation is the gate, as in SPIRE).
+fn bind_workload_socket(path: &Path) -> Result<UnixListener, AgentError> {
+    check_workload_socket(path)?;
+    let what = format!("socket_path {}", path.display());
     let listener = UnixListener::bind(path).map_err(AgentError::io(what.clone()))?;
     set_socket_mode(path, 0o777).map_err(AgentError::io(what))?;
     Ok(listener)

@@ -16,6 +16,8 @@ pub mod jwt;
 pub mod selector;
 pub mod selector_schema;
 pub mod socket;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod workload;
 pub mod x509;
 

@@ -55,7 +55,8 @@ pub fn prepare_socket_dir(dir: &Path, mode: u32) -> io::Result<()> {
 }
 
 /// Removes a leftover socket at `path` from an earlier run of ours. A regular file, a
-/// symlink, or a socket owned by another uid (a squatter) is refused, never unlinked.
+/// symlink, a socket owned by another uid (a squatter), or a socket some process still
+/// accepts connections on (another instance of ours) is refused, never unlinked.
 pub fn remove_stale_socket(path: &Path) -> io::Result<()> {
     let meta = match std::fs::symlink_metadata(path) {
         Ok(meta) => meta,
@@ -78,13 +79,44 @@ pub fn remove_stale_socket(path: &Path) -> io::Result<()> {
             ),
         ));
     }
+    // A socket of ours that still accepts connections belongs to a running instance:
+    // unlinking it would silently take over its clients.
+    if is_served(path)? {
+        return Err(refuse(
+            path,
+            "another process is serving on this socket; refusing to replace it",
+        ));
+    }
     std::fs::remove_file(path)
+}
+
+/// Whether something listens on the Unix socket at `path`: a non-blocking connect
+/// succeeds, or finds the listen queue full (`EAGAIN`), rather than being refused.
+fn is_served(path: &Path) -> io::Result<bool> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
+    let sock = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let addr = UnixAddr::new(path)?;
+    match connect(std::os::fd::AsRawFd::as_raw_fd(&sock), &addr) {
+        Ok(()) | Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINPROGRESS) => Ok(true),
+        Err(nix::errno::Errno::ECONNREFUSED | nix::errno::Errno::ENOENT) => Ok(false),
+        Err(errno) => Err(io::Error::new(
+            io::Error::from(errno).kind(),
+            format!("{}: cannot probe the socket: {errno}", path.display()),
+        )),
+    }
 }
 
 /// Sets the mode of the socket we just bound at `path`, relative to its directory fd.
 /// The name is checked to be a socket owned by us first (`fstatat` without following);
 /// since [`prepare_socket_dir`] made sure nobody else can write the directory, the
-/// entry cannot be swapped between the check and the `fchmodat`.
+/// entry cannot be swapped between the check and the `fchmodat`, and the `fchmodat`
+/// itself does not follow a symlink either (`AT_SYMLINK_NOFOLLOW`: `fchmodat2`, or the
+/// C library's `O_PATH` emulation), so no file outside the directory can change mode.
 pub fn set_socket_mode(path: &Path, mode: u32) -> io::Result<()> {
     let dir = path
         .parent()
@@ -110,7 +142,7 @@ pub fn set_socket_mode(path: &Path, mode: u32) -> io::Result<()> {
         &dirfd,
         name,
         Mode::from_bits_truncate(mode),
-        FchmodatFlags::FollowSymlink,
+        FchmodatFlags::NoFollowSymlink,
     )
     .map_err(io::Error::from)
 }
@@ -156,6 +188,38 @@ mod tests {
         let link = tmp.path().join("b.sock");
         std::os::unix::fs::symlink("/etc/passwd", &link).unwrap();
         assert!(remove_stale_socket(&link).is_err());
+        assert!(
+            std::fs::symlink_metadata(&link).is_ok(),
+            "symlink was removed"
+        );
+    }
+
+    #[test]
+    fn live_socket_is_not_replaced() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sock = tmp.path().join("a.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let err = remove_stale_socket(&sock).unwrap_err();
+        assert!(err.to_string().contains("serving"), "{err}");
+        assert!(sock.exists());
+        drop(listener);
+        remove_stale_socket(&sock).unwrap();
+        assert!(!sock.exists());
+    }
+
+    #[test]
+    fn squatter_socket_is_not_replaced() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root to create a socket owned by another uid");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let sock = tmp.path().join("a.sock");
+        drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+        std::os::unix::fs::lchown(&sock, Some(65534), Some(65534)).unwrap();
+        let err = remove_stale_socket(&sock).unwrap_err();
+        assert!(err.to_string().contains("owned by uid 65534"), "{err}");
+        assert!(sock.exists(), "squatter socket was removed");
     }
 
     #[test]
@@ -171,5 +235,14 @@ mod tests {
         std::os::unix::fs::symlink(&target, &link).unwrap();
         assert!(set_socket_mode(&link, 0o777).is_err());
         assert_ne!(std::fs::metadata(&target).unwrap().mode() & 0o777, 0o777);
+        // A symlink to a socket is refused too: only the entry itself counts.
+        let other = tmp.path().join("other.sock");
+        let _other = std::os::unix::net::UnixListener::bind(&other).unwrap();
+        std::fs::set_permissions(&other, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .unwrap();
+        let link = tmp.path().join("link2.sock");
+        std::os::unix::fs::symlink(&other, &link).unwrap();
+        assert!(set_socket_mode(&link, 0o777).is_err());
+        assert_eq!(std::fs::metadata(&other).unwrap().mode() & 0o777, 0o700);
     }
 }

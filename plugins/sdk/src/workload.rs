@@ -100,21 +100,42 @@ impl Workload {
         pidfd_degraded: bool,
         proc_root: &Path,
     ) -> Result<Self, WorkloadError> {
+        let root = open(
+            proc_root,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_PATH,
+            Mode::empty(),
+        )
+        .map_err(|errno| WorkloadError::io(format!("open {}", proc_root.display()), errno))?;
+        Self::pin_at(pid, uid, gid, pidfd, pidfd_degraded, root.as_fd())
+    }
+
+    /// [`Workload::pin`] with the procfs mount given as an open directory: the pid
+    /// directory is opened relative to `proc_root` (`openat`), so a path swapped after
+    /// the agent checked and opened its proc root cannot redirect the reads.
+    pub fn pin_at(
+        pid: i32,
+        uid: u32,
+        gid: u32,
+        pidfd: OwnedFd,
+        pidfd_degraded: bool,
+        proc_root: BorrowedFd<'_>,
+    ) -> Result<Self, WorkloadError> {
         if pid <= 0 {
             return Err(WorkloadError::InvalidPid(pid));
         }
         if !pidfd_is_alive(pidfd.as_fd())? {
             return Err(WorkloadError::ProcessExited);
         }
-        let dir = proc_root.join(pid.to_string());
-        let proc_dir = open(
-            &dir,
+        let name = pid.to_string();
+        let proc_dir = openat(
+            proc_root,
+            name.as_str(),
             OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
             Mode::empty(),
         )
         .map_err(|errno| match errno {
             Errno::ENOENT | Errno::ESRCH => WorkloadError::ProcessExited,
-            errno => WorkloadError::io(format!("open {}", dir.display()), errno),
+            errno => WorkloadError::io(format!("open /proc/{pid}"), errno),
         })?;
         // The pid may have been recycled between the pidfd and the open: while the pidfd's
         // process is alive its pid cannot be reused, so the directory is the caller's.
@@ -261,8 +282,10 @@ pub fn pidfd_open(pid: i32) -> Result<OwnedFd, Errno> {
     }
 }
 
-/// Liveness of the process behind `pidfd`: not readable => alive.
-fn pidfd_is_alive(pidfd: BorrowedFd<'_>) -> Result<bool, WorkloadError> {
+/// Liveness of the process behind `pidfd`: polls it for `POLLIN` with a zero timeout;
+/// not readable means alive. A readable pidfd (exited, zombies included), `POLLHUP` or
+/// `POLLERR` count as not alive.
+pub fn pidfd_is_alive(pidfd: BorrowedFd<'_>) -> Result<bool, WorkloadError> {
     loop {
         let mut fds = [PollFd::new(pidfd, PollFlags::POLLIN)];
         match poll(&mut fds, PollTimeout::ZERO) {

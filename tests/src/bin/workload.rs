@@ -159,7 +159,91 @@ fn failure(err: &WorkloadApiError) -> serde_json::Value {
     json!({ "ok": false, "kind": error_kind(err), "error": err.to_string() })
 }
 
+/// Modes `inherit-stdin-fetch` and `inherit-stdin-watch COUNT`: the Workload API
+/// connection is standard input, a socket another process connected and handed down
+/// (fork + exec), so the caller the agent pinned is that process, not this one
+/// (SECURITY.md §3.2 items 13-15, 21-25). Speaks through the generated client and prints
+/// one JSON line per message or status: `{"ok":true,"spiffe_ids":[...],"serials":[...]}`
+/// or `{"ok":false,"code":"PermissionDenied","message":...}`.
+async fn inherit_stdin(mode: &str, args: &[String]) -> Result<(), String> {
+    use std::os::fd::AsFd;
+    use tessera_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+    let fd = std::io::stdin()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| e.to_string())?;
+    let stream = std::os::unix::net::UnixStream::from(fd);
+    stream.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let stream = tokio::net::UnixStream::from_std(stream).map_err(|e| e.to_string())?;
+    let slot = std::sync::Arc::new(std::sync::Mutex::new(Some(stream)));
+    let status_line = |status: &tonic::Status| json!({ "ok": false, "code": format!("{:?}", status.code()), "message": status.message() });
+    let channel = tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let taken = slot.lock().ok().and_then(|mut s| s.take());
+            async move {
+                taken
+                    .map(hyper_util::rt::TokioIo::new)
+                    .ok_or_else(|| std::io::Error::other("the inherited connection is gone"))
+            }
+        }))
+        .await;
+    let channel = match channel {
+        Ok(channel) => channel,
+        Err(err) => {
+            print(&json!({ "ok": false, "code": "Connect", "message": format!("{err:?}") }));
+            return Ok(());
+        }
+    };
+    let mut client = SpiffeWorkloadApiClient::new(channel);
+    let count: usize = match mode {
+        "fetch" => 1,
+        "watch" => args.first().and_then(|c| c.parse().ok()).unwrap_or(1),
+        other => return Err(format!("unknown mode inherit-stdin-{other}")),
+    };
+    let mut stream = match client
+        .fetch_x509svid(tessera_agent::cli::with_header(
+            tessera_proto::workload::X509svidRequest {},
+        ))
+        .await
+    {
+        Ok(response) => response.into_inner(),
+        Err(status) => {
+            print(&status_line(&status));
+            return Ok(());
+        }
+    };
+    for _ in 0..count {
+        match stream.message().await {
+            Ok(Some(message)) => {
+                let ids: Vec<_> = message.svids.iter().map(|s| s.spiffe_id.clone()).collect();
+                let serials: Vec<_> = message
+                    .svids
+                    .iter()
+                    .map(|s| {
+                        x509_parser::parse_x509_certificate(&s.x509_svid)
+                            .map(|(_, c)| c.raw_serial_as_string())
+                            .unwrap_or_default()
+                    })
+                    .collect();
+                print(&json!({ "ok": true, "spiffe_ids": ids, "serials": serials }));
+            }
+            Ok(None) => {
+                print(&json!({ "ok": false, "code": "Ended", "message": "stream ended" }));
+                return Ok(());
+            }
+            Err(status) => {
+                print(&status_line(&status));
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
 async fn run(args: &[String]) -> Result<(), String> {
+    if let Some(mode) = args.first().and_then(|m| m.strip_prefix("inherit-stdin-")) {
+        return inherit_stdin(mode, &args[1..]).await;
+    }
     let (mode, socket) = match args {
         [mode, socket, ..] => (mode.as_str(), socket.as_str()),
         _ => {

@@ -13,6 +13,7 @@
 
 mod cli;
 mod entries;
+mod hardening;
 mod jwt;
 mod node_api;
 mod selectors;

@@ -422,3 +422,239 @@ pub async fn run_with_stdin(mut command: tokio::process::Command, input: &str) -
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Caller races and agent hardening (hardening.rs): descriptor counts, and a Python
+// process that holds one Workload API connection and hands it to a child.
+
+/// Open file descriptors of this process (the agents run in it).
+pub fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// Waits (at most 5 s) until this process has no more than `baseline` open
+/// descriptors again, for work the agent finishes after a client left.
+pub async fn settle_fds(baseline: usize, what: &str) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let now = open_fds();
+        if now <= baseline {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: {now} descriptors open, {baseline} before"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// A Python 3 script that connects to the socket (argv 1), waits until the agent has
+/// accepted and identified it (the agent's HTTP/2 preface arrives; peeked, so it is
+/// still there for whoever speaks gRPC on the connection), prints `connected`, then obeys
+/// commands on stdin:
+///
+/// - `fork-client FLAG ARGS...`: fork; the child waits until the file FLAG exists, puts
+///   the connection on its stdin and execs the test workload (argv 2) with ARGS (an
+///   `inherit-stdin-*` mode). Prints `child <pid>`.
+/// - `exec PATH ARGS...`: exec PATH (the connection is close-on-exec; the forked
+///   client keeps its copy).
+/// - `exit`: exit at once.
+///
+/// With `HOLDER_NOT_DUMPABLE=1` in its environment it first makes itself non-dumpable.
+pub const HOLDER_PY: &str = r#"
+import os, socket, sys, time
+sock_path, workload = sys.argv[1], sys.argv[2]
+if os.environ.get("HOLDER_NOT_DUMPABLE"):
+    import ctypes
+    if ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE
+        sys.exit("prctl failed")
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sock_path)
+first = s.recv(1, socket.MSG_PEEK)
+print("connected" if first else "refused", flush=True)
+while True:
+    line = sys.stdin.readline()
+    if not line:
+        os._exit(0)
+    cmd = line.split()
+    if not cmd:
+        continue
+    if cmd[0] == "fork-client":
+        flag, args = cmd[1], cmd[2:]
+        pid = os.fork()
+        if pid == 0:
+            deadline = time.time() + 20
+            while not os.path.exists(flag):
+                if time.time() > deadline:
+                    os._exit(3)
+                time.sleep(0.005)
+            os.dup2(s.fileno(), 0)
+            os.execv(workload, [workload] + args)
+        print("child %d" % pid, flush=True)
+    elif cmd[0] == "exec":
+        os.execv(cmd[1], cmd[1:])
+    elif cmd[0] == "exit":
+        os._exit(0)
+"#;
+
+/// A Python script: a non-leader thread connects (argv 1); then the thread-group leader
+/// exits with the raw `exit` system call (the process lives on in the thread); once the
+/// leader is a zombie the thread prints `leader-gone`, forks, and the child execs the
+/// test workload (argv 2) `inherit-stdin-fetch` on the connection (SECURITY.md §3.2
+/// item 23).
+pub const THREAD_HOLDER_PY: &str = r#"
+import ctypes, os, socket, sys, threading, time
+sock_path, workload = sys.argv[1], sys.argv[2]
+libc = ctypes.CDLL(None, use_errno=True)
+SYS_exit = {"x86_64": 60, "aarch64": 93}[os.uname().machine]
+tgid = os.getpid()
+connected = threading.Event()
+def worker():
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(sock_path)
+    s.recv(1, socket.MSG_PEEK)
+    connected.set()
+    deadline = time.time() + 10
+    while True:
+        with open("/proc/%d/task/%d/stat" % (tgid, tgid)) as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        if state in ("Z", "X"):
+            break
+        if time.time() > deadline:
+            os._exit(3)
+        time.sleep(0.005)
+    print("leader-gone", flush=True)
+    pid = os.fork()
+    if pid == 0:
+        os.dup2(s.fileno(), 0)
+        os.execv(workload, [workload, "inherit-stdin-fetch"])
+    os.waitpid(pid, 0)
+    print("client-done", flush=True)
+    time.sleep(30)
+threading.Thread(target=worker).start()
+connected.wait()
+libc.syscall(SYS_exit, 0)
+"#;
+
+/// A Python process running `script` with the agent `socket` and the test workload as
+/// arguments, as `uid` (None = ours), with extra `env`; its stdout lines (its own and its
+/// forked clients') arrive on a channel. Killed and reaped when dropped. Uses std's
+/// process API: std never reaps a child behind our back (the zombie scenario needs it).
+pub struct Holder {
+    pub child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
+impl Holder {
+    pub fn spawn(script: &str, socket: &Path, uid: Option<u32>, env: &[(&str, &str)]) -> Self {
+        use std::io::BufRead as _;
+        use std::os::unix::process::CommandExt as _;
+        let mut command = std::process::Command::new("/usr/bin/python3");
+        command
+            .arg("-c")
+            .arg(script)
+            .arg(socket)
+            .arg(workload_bin())
+            .envs(env.iter().copied())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped());
+        if let Some(uid) = uid {
+            command.uid(uid).gid(uid);
+        }
+        let mut child = command.spawn().expect("python3 starts");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Self {
+            child,
+            stdin,
+            lines,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends one command line.
+    pub fn send(&mut self, command: &str) {
+        use std::io::Write as _;
+        writeln!(self.stdin, "{command}").unwrap();
+        self.stdin.flush().unwrap();
+    }
+
+    /// The next stdout line (10 s at most).
+    pub async fn line(&mut self) -> String {
+        tokio::time::timeout(std::time::Duration::from_secs(10), self.lines.recv())
+            .await
+            .expect("a line within 10 s")
+            .expect("the holder and its clients printed a line")
+    }
+
+    /// The next line that is JSON (what a forked client printed).
+    pub async fn json(&mut self) -> serde_json::Value {
+        loop {
+            let line = self.line().await;
+            if line.starts_with('{') {
+                return serde_json::from_str(&line).unwrap();
+            }
+        }
+    }
+
+    /// Waits for `connected` (the agent accepted and identified the holder).
+    pub async fn connected(&mut self) {
+        assert_eq!(self.line().await, "connected");
+    }
+
+    /// Forks a client that waits for `flag` and runs the workload with `args`.
+    pub async fn fork_client(&mut self, flag: &Path, args: &str) -> u32 {
+        self.send(&format!("fork-client {} {args}", flag.display()));
+        let line = self.line().await;
+        line.strip_prefix("child ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected holder output {line:?}"))
+    }
+
+    /// Waits for the holder to exit and reaps it.
+    pub fn reap(&mut self) {
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Field 3 (state) of `/proc/<pid>/stat`, `None` once the process is gone.
+pub fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+/// Waits (10 s at most) until `condition` holds, checking every 5 ms on a blocking
+/// thread.
+pub async fn poll_until(what: &str, condition: impl Fn() -> bool + Send + 'static) {
+    let what = what.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !condition() {
+            assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    })
+    .await
+    .unwrap();
+}

@@ -4,10 +4,10 @@
 //! processes in real cgroups where the machine allows.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
-use tessera_plugin_sdk::workload::pidfd_open;
+use tessera_plugin_sdk::testing::{
+    TestCgroup, expected, fake_proc, fixture_cases, pin, reap, spawn_sleep,
+};
 
 use super::*;
 
@@ -15,67 +15,12 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
-fn spawn_sleep() -> Child {
-    let child = Command::new("sleep")
-        .arg("30")
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !std::fs::read(format!("/proc/{}/status", child.id()))
-        .unwrap()
-        .starts_with(b"Name:\tsleep\n")
-    {
-        assert!(Instant::now() < deadline, "sleep did not start");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    child
-}
-
-fn reap(mut child: Child) {
-    let _ = child.kill();
-    child.wait().unwrap();
-}
-
-/// Pins `child` with `proc_root` as the procfs mount.
-fn pin(child: &Child, proc_root: &Path) -> Workload {
-    let pid = i32::try_from(child.id()).unwrap();
-    let pidfd = pidfd_open(pid).unwrap();
-    Workload::pin(pid, 0, 0, pidfd, false, proc_root).unwrap()
-}
-
-/// A proc root whose `<pid>/cgroup` is `contents`.
-fn fake_proc(child: &Child, contents: &[u8]) -> tempfile::TempDir {
-    let root = tempfile::tempdir().unwrap();
-    let dir = root.path().join(child.id().to_string());
-    std::fs::create_dir(&dir).unwrap();
-    std::fs::write(dir.join("cgroup"), contents).unwrap();
-    root
-}
-
-/// The `expected` file without comments: `Ok(selectors)` or `Err(error text)`.
-fn expected(case: &Path) -> Result<Vec<String>, String> {
-    let text = std::fs::read_to_string(case.join("expected")).unwrap();
-    let lines: Vec<&str> = text
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .collect();
-    if let Some(err) = lines.first().and_then(|l| l.strip_prefix("error: ")) {
-        return Err(err.to_owned());
-    }
-    Ok(lines.iter().map(|l| (*l).to_owned()).collect())
-}
-
 #[test]
 fn fixture_trees() {
     let child = spawn_sleep();
     let attestor = CgroupAttestor::new(CgroupAttestorConfig::default());
     assert_eq!(attestor.name(), "cgroup");
-    let mut cases: Vec<PathBuf> = std::fs::read_dir(fixtures())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    cases.sort();
+    let cases = fixture_cases(&fixtures());
     assert!(cases.len() >= 10, "{cases:?}");
     for case in &cases {
         let name = case.file_name().unwrap().to_string_lossy();
@@ -197,61 +142,4 @@ fn real_process_in_a_created_cgroup() {
         [format!("cgroup:path:{}", cg.path())]
     );
     reap(child);
-}
-
-/// Directories created in the unified hierarchy for one test, removed (deepest first)
-/// on drop. Names get the test process's pid so parallel runs do not collide.
-struct TestCgroup {
-    dirs: Vec<PathBuf>,
-    rel: String,
-}
-
-impl TestCgroup {
-    fn create(names: &[&str]) -> Option<Self> {
-        if !nix::unistd::geteuid().is_root() {
-            return None;
-        }
-        let mount = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
-            .into_iter()
-            .map(PathBuf::from)
-            .find(|p| {
-                nix::sys::statfs::statfs(p)
-                    .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
-            })?;
-        let pid = std::process::id();
-        let mut dir = mount;
-        let mut me = Self {
-            dirs: Vec::new(),
-            rel: String::new(),
-        };
-        for name in names {
-            let name = name.replacen("tessera-", &format!("tessera{pid}-"), 1);
-            dir = dir.join(&name);
-            std::fs::create_dir(&dir).ok()?;
-            me.dirs.push(dir.clone());
-            me.rel.push('/');
-            me.rel.push_str(&name);
-        }
-        Some(me)
-    }
-
-    fn path(&self) -> &str {
-        &self.rel
-    }
-
-    fn add(&self, child: &Child) {
-        let procs = self.dirs.last().unwrap().join("cgroup.procs");
-        std::fs::write(procs, child.id().to_string()).unwrap();
-    }
-}
-
-impl Drop for TestCgroup {
-    fn drop(&mut self) {
-        for dir in self.dirs.iter().rev() {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while std::fs::remove_dir(dir).is_err() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
 }

@@ -7,11 +7,12 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tessera_plugin_sdk::workload::pidfd_open;
+use tessera_plugin_sdk::testing::{
+    TestCgroup, expected, fake_proc, fixture_cases, pin, reap, spawn_sleep, strings,
+};
 
 use super::*;
 
@@ -19,46 +20,6 @@ const ID: &str = "0123456789abcdef0123456789abcdef";
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn spawn_sleep() -> Child {
-    let child = Command::new("sleep")
-        .arg("30")
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !std::fs::read(format!("/proc/{}/status", child.id()))
-        .unwrap()
-        .starts_with(b"Name:\tsleep\n")
-    {
-        assert!(Instant::now() < deadline, "sleep did not start");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    child
-}
-
-fn reap(mut child: Child) {
-    let _ = child.kill();
-    child.wait().unwrap();
-}
-
-fn pin(child: &Child, proc_root: &Path) -> Workload {
-    let pid = i32::try_from(child.id()).unwrap();
-    let pidfd = pidfd_open(pid).unwrap();
-    Workload::pin(pid, 0, 0, pidfd, false, proc_root).unwrap()
-}
-
-fn fake_proc(child: &Child, contents: &[u8]) -> tempfile::TempDir {
-    let root = tempfile::tempdir().unwrap();
-    let dir = root.path().join(child.id().to_string());
-    std::fs::create_dir(&dir).unwrap();
-    std::fs::write(dir.join("cgroup"), contents).unwrap();
-    root
-}
-
-fn strings(selectors: &[Selector]) -> Vec<String> {
-    selectors.iter().map(ToString::to_string).collect()
 }
 
 /// A fake cgroupfs: answers from a table, records the calls, and can run a hook (to
@@ -138,26 +99,10 @@ fn attestor(ids: Arc<FakeIds>, require: bool) -> SystemdAttestor {
     )
 }
 
-fn expected(case: &Path) -> Result<Vec<String>, String> {
-    let text = std::fs::read_to_string(case.join("expected")).unwrap();
-    let lines: Vec<&str> = text
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .collect();
-    if let Some(err) = lines.first().and_then(|l| l.strip_prefix("error: ")) {
-        return Err(err.to_owned());
-    }
-    Ok(lines.iter().map(|l| (*l).to_owned()).collect())
-}
-
 #[test]
 fn fixture_trees() {
     let child = spawn_sleep();
-    let mut cases: Vec<PathBuf> = std::fs::read_dir(fixtures())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    cases.sort();
+    let cases = fixture_cases(&fixtures());
     assert!(cases.len() >= 20, "{cases:?}");
     for case in &cases {
         let name = case.file_name().unwrap().to_string_lossy();
@@ -336,7 +281,7 @@ fn real_unit_cgroup_with_invocation_id() {
     )
     .unwrap();
     let child = spawn_sleep();
-    cg.add(&child, 1);
+    cg.add(&child);
     let w = pin(&child, Path::new("/proc"));
     let a = SystemdAttestor::new(SystemdAttestorConfig::default());
     let got = strings(&a.attest(&w).unwrap());
@@ -407,7 +352,7 @@ fn real_delegated_subcgroup() {
         .unwrap();
     }
     let child = spawn_sleep();
-    cg.add(&child, 2);
+    cg.add(&child);
     let w = pin(&child, Path::new("/proc"));
     let got = strings(
         &SystemdAttestor::new(SystemdAttestorConfig::default())
@@ -423,67 +368,4 @@ fn real_delegated_subcgroup() {
         ]
     );
     reap(child);
-}
-
-/// Directories created in the unified hierarchy for one test, removed (deepest first)
-/// on drop. Names starting with `tessera-` get the test process's pid.
-struct TestCgroup {
-    dirs: Vec<PathBuf>,
-    names: Vec<String>,
-}
-
-impl TestCgroup {
-    fn create(names: &[&str]) -> Option<Self> {
-        if !nix::unistd::geteuid().is_root() {
-            return None;
-        }
-        let mount = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
-            .into_iter()
-            .map(PathBuf::from)
-            .find(|p| {
-                nix::sys::statfs::statfs(p)
-                    .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
-            })?;
-        let pid = std::process::id();
-        let mut dir = mount;
-        let mut me = Self {
-            dirs: Vec::new(),
-            names: Vec::new(),
-        };
-        for name in names {
-            let name = name.replacen("tessera-", &format!("tessera{pid}-"), 1);
-            dir = dir.join(&name);
-            std::fs::create_dir(&dir).ok()?;
-            me.dirs.push(dir.clone());
-            me.names.push(name);
-        }
-        Some(me)
-    }
-
-    fn dir(&self, level: usize) -> &Path {
-        &self.dirs[level]
-    }
-
-    fn name(&self, level: usize) -> &str {
-        &self.names[level]
-    }
-
-    fn add(&self, child: &Child, level: usize) {
-        std::fs::write(
-            self.dirs[level].join("cgroup.procs"),
-            child.id().to_string(),
-        )
-        .unwrap();
-    }
-}
-
-impl Drop for TestCgroup {
-    fn drop(&mut self) {
-        for dir in self.dirs.iter().rev() {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while std::fs::remove_dir(dir).is_err() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
 }

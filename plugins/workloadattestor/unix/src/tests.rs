@@ -2,9 +2,12 @@
 //! tests that depend on root skip themselves otherwise).
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use tessera_plugin_sdk::testing::{
+    pin_as, reap, sleep_binary, spawn, spawn_sleep, wait_until_exec,
+};
 use tessera_plugin_sdk::workload::pidfd_open;
 
 use super::*;
@@ -23,53 +26,6 @@ fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
-/// Spawns `cmd`, retrying while the kernel says ETXTBSY (a freshly written binary can
-/// still be open for writing in a sibling test's forked child).
-fn spawn(cmd: &mut Command) -> Child {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match cmd.stdin(Stdio::null()).spawn() {
-            Ok(child) => return child,
-            Err(e)
-                if e.raw_os_error() == Some(Errno::ETXTBSY as i32) && Instant::now() < deadline =>
-            {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => panic!("spawn: {e}"),
-        }
-    }
-}
-
-/// Spawns `sleep 30` and waits until the exec is complete (`spawn` can return before
-/// the kernel has switched the `exe` link and the command name).
-fn spawn_sleep() -> Child {
-    let child = spawn(Command::new(sleep_binary()).arg("30"));
-    wait_until_exec(&child, "sleep");
-    child
-}
-
-fn pin(child: &Child, uid: u32, gid: u32) -> Workload {
-    let pid = i32::try_from(child.id()).unwrap();
-    let pidfd = pidfd_open(pid).unwrap();
-    Workload::pin(pid, uid, gid, pidfd, false, Path::new("/proc")).unwrap()
-}
-
-fn wait_until_exec(child: &Child, expected_exe: &str) {
-    // `spawn` returns after exec, but be tolerant of slow /proc updates.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let link = std::fs::read_link(format!("/proc/{}/exe", child.id())).unwrap();
-        if link.to_string_lossy().contains(expected_exe) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "child did not exec {expected_exe}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 fn wait_dead(w: &Workload) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while w.is_alive().unwrap() {
@@ -78,23 +34,12 @@ fn wait_dead(w: &Workload) {
     }
 }
 
-fn reap(mut child: Child) {
-    let _ = child.kill();
-    child.wait().unwrap();
-}
-
-fn sleep_binary() -> std::path::PathBuf {
-    std::fs::canonicalize("/usr/bin/sleep")
-        .or_else(|_| std::fs::canonicalize("/bin/sleep"))
-        .unwrap()
-}
-
 #[test]
 fn attests_a_running_process() {
     let me_uid = nix::unistd::geteuid().as_raw();
     let me_gid = nix::unistd::getegid().as_raw();
     let child = spawn_sleep();
-    let w = pin(&child, me_uid, me_gid);
+    let w = pin_as(&child, me_uid, me_gid);
     let attestor = UnixAttestor::new(UnixAttestorConfig::default());
     assert_eq!(attestor.name(), "unix");
     let got = values(&attestor.attest(&w).unwrap());
@@ -142,13 +87,13 @@ fn credentials_must_match_the_socket() {
     let child = spawn_sleep();
     let attestor = UnixAttestor::new(UnixAttestorConfig::default());
 
-    let w = pin(&child, me_uid.wrapping_add(1), me_gid);
+    let w = pin_as(&child, me_uid.wrapping_add(1), me_gid);
     let err = attestor.attest(&w).unwrap_err();
     assert!(
         matches!(err, AttestError::CredentialMismatch { field: "euid", .. }),
         "{err:?}"
     );
-    let w = pin(&child, me_uid, me_gid.wrapping_add(1));
+    let w = pin_as(&child, me_uid, me_gid.wrapping_add(1));
     let err = attestor.attest(&w).unwrap_err();
     assert!(
         matches!(err, AttestError::CredentialMismatch { field: "egid", .. }),
@@ -182,7 +127,7 @@ fn attests_another_users_process_by_its_effective_ids() {
         }
     };
     wait_until_exec(&child, "sleep");
-    let w = pin(&child, 65534, 65533);
+    let w = pin_as(&child, 65534, 65533);
     let attestor = UnixAttestor::new(UnixAttestorConfig::default());
     let got = values(&attestor.attest(&w).unwrap());
     assert!(got.contains(&"uid:65534".to_owned()), "{got:?}");
@@ -208,7 +153,7 @@ fn attests_another_users_process_by_its_effective_ids() {
         g12345.is_some() || Group::from_gid(Gid::from_raw(65533)).unwrap().is_some()
     );
     // The root-owned socket view would be a mismatch.
-    let w = pin(&child, 0, 0);
+    let w = pin_as(&child, 0, 0);
     assert!(matches!(
         attestor.attest(&w),
         Err(AttestError::CredentialMismatch { .. })
@@ -224,7 +169,7 @@ fn deleted_executable_has_a_hash_but_no_path() {
     let child = spawn(Command::new(&copy).arg("30"));
     wait_until_exec(&child, "sleepy");
     std::fs::remove_file(&copy).unwrap();
-    let w = pin(
+    let w = pin_as(
         &child,
         nix::unistd::geteuid().as_raw(),
         nix::unistd::getegid().as_raw(),
@@ -259,7 +204,7 @@ fn memfd_executable_has_a_hash_but_no_path() {
     );
     let child = spawn(Command::new(python).arg("-c").arg(script));
     wait_until_exec(&child, "/memfd:");
-    let w = pin(
+    let w = pin_as(
         &child,
         nix::unistd::geteuid().as_raw(),
         nix::unistd::getegid().as_raw(),
@@ -285,7 +230,7 @@ fn which(name: &str) -> Result<std::path::PathBuf, ()> {
 #[test]
 fn binary_over_the_limit_gets_no_hash_selector() {
     let child = spawn_sleep();
-    let w = pin(
+    let w = pin_as(
         &child,
         nix::unistd::geteuid().as_raw(),
         nix::unistd::getegid().as_raw(),
@@ -317,7 +262,7 @@ fn binary_over_the_limit_gets_no_hash_selector() {
 #[test]
 fn zombie_fails_attestation() {
     let mut child = spawn_sleep();
-    let w = pin(
+    let w = pin_as(
         &child,
         nix::unistd::geteuid().as_raw(),
         nix::unistd::getegid().as_raw(),
@@ -353,7 +298,7 @@ fn exited_process_is_not_alive_and_cannot_be_pinned() {
     ));
 
     let mut child = spawn_sleep();
-    let w = pin(
+    let w = pin_as(
         &child,
         nix::unistd::geteuid().as_raw(),
         nix::unistd::getegid().as_raw(),
