@@ -398,6 +398,28 @@ fn bind_admin_socket(path: &Path, shared: bool) -> Result<UnixListener, ServerEr
         .unwrap_or(Path::new("."));
     let what = format!("admin socket {}", path.display());
     prepare_socket_dir(dir, if shared { 0o711 } else { 0o700 }).map_err(io_error(what.clone()))?;
+    // The admin socket needs a directory of its own: one others may list or enter
+    // (the Workload API's 0755 directory, SECURITY.md §3.5 item 48) is refused.
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::symlink_metadata(dir)
+            .map_err(io_error(what.clone()))?
+            .permissions(),
+    );
+    let allowed = if shared { 0o711 } else { 0o700 };
+    if mode & 0o777 & !allowed != 0 {
+        return Err(ServerError::Io {
+            what: what.clone(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "directory {} is mode {:o}: give the admin socket its own directory \
+                     (mode {allowed:o}), never the Workload API socket's",
+                    dir.display(),
+                    mode & 0o777
+                ),
+            ),
+        });
+    }
     remove_stale_socket(path).map_err(io_error(what.clone()))?;
     let listener = UnixListener::bind(path).map_err(io_error(what.clone()))?;
     set_socket_mode(path, if shared { 0o666 } else { 0o600 }).map_err(io_error(what))?;

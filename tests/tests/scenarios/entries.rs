@@ -603,3 +603,23 @@ async fn configured_admin_uid_may_list_entries() {
     assert_eq!(listed[0]["id"], created.id.as_str());
     assert_eq!(listed[0]["spiffe_id"], "spiffe://example.org/listed");
 }
+
+/// SECURITY.md §3.5 item 48: an admin socket configured inside a directory others can
+/// enter (such as the Workload API socket directory, 0755) is refused at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_socket_in_a_shared_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let shared = dir.path().join("workload-sockets");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let text = format!(
+        "[server]\ntrust_domain = \"example.org\"\nbind_address = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nadmin_socket_path = \"{}\"\n",
+        dir.path().join("data").display(),
+        shared.join("admin.sock").display()
+    );
+    let config =
+        tessera_server::config::ServerConfig::parse(&text, std::path::Path::new("s.toml")).unwrap();
+    let err = tessera_server::start(config).await.unwrap_err().to_string();
+    assert!(err.contains("its own directory"), "{err}");
+    assert!(!shared.join("admin.sock").exists());
+}

@@ -189,6 +189,37 @@ fn deleted_executable_has_a_hash_but_no_path() {
     reap(child);
 }
 
+/// SECURITY.md §3.3 item 29: a new file renamed over the path after exec. The hash is
+/// the running image's, and the path (whose inode is gone) no longer matches.
+#[test]
+fn file_renamed_over_the_path_does_not_change_the_hash() {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("sleepy");
+    std::fs::copy(sleep_binary(), &copy).unwrap();
+    let child = spawn(Command::new(&copy).arg("30"));
+    wait_until_exec(&child, "sleepy");
+    let impostor = dir.path().join("impostor");
+    std::fs::write(&impostor, b"#!/bin/sh\necho not the running image\n").unwrap();
+    std::fs::rename(&impostor, &copy).unwrap();
+    let w = pin_as(
+        &child,
+        nix::unistd::geteuid().as_raw(),
+        nix::unistd::getegid().as_raw(),
+    );
+    let attestor = UnixAttestor::new(UnixAttestorConfig::default());
+    let got = values(&attestor.attest(&w).unwrap());
+    assert!(
+        got.contains(&format!("sha256:{}", sha256_hex(&sleep_binary()))),
+        "{got:?}"
+    );
+    assert!(
+        !got.contains(&format!("sha256:{}", sha256_hex(&copy))),
+        "{got:?}"
+    );
+    assert!(!got.iter().any(|v| v.starts_with("path:")), "{got:?}");
+    reap(child);
+}
+
 #[test]
 fn memfd_executable_has_a_hash_but_no_path() {
     let Ok(python) = which("python3") else {
