@@ -10,6 +10,7 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod interpreters;
 pub mod jwt_cache;
 pub mod limits;
 pub mod manager;

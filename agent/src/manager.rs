@@ -78,6 +78,8 @@ impl SvidManager {
         let mut entries = (*state.entries).clone();
         let mut svids = (*state.svids).clone();
         let mut retry_at: HashMap<String, (Instant, Duration)> = HashMap::new();
+        // Hashes the host's interpreters in the background (SECURITY.md §3.3 item 34).
+        let mut interpreter_lint = crate::interpreters::InterpreterLint::start();
         loop {
             let now = SystemTime::now();
             let instant_now = Instant::now();
@@ -147,6 +149,7 @@ impl SvidManager {
                     while let Ok(more) = updates.try_recv() {
                         self.apply(more, &mut state, &mut entries).await;
                     }
+                    interpreter_lint.check(&entries).await;
                     retry_at.retain(|id, _| entries.contains_key(id));
                     svids.retain(|id, _| entries.contains_key(id));
                     state.entries = Arc::new(entries.clone());

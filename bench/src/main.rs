@@ -126,6 +126,7 @@ fn hashing(quick: bool) -> Result<Vec<Value>> {
     let process = PaddedProcess::start(size)?;
     let config = tessera_plugin_unix::UnixAttestorConfig {
         max_binary_size: (size as u64) * 2,
+        ..Default::default()
     };
     let attestor = tessera_plugin_unix::UnixAttestor::new(config);
     let start = Instant::now();

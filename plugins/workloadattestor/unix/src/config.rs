@@ -13,6 +13,7 @@ pub const DEFAULT_MAX_BINARY_SIZE: u64 = 256 * 1024 * 1024;
 /// | key | type | default | meaning |
 /// |---|---|---|---|
 /// | `max_binary_size` | integer (bytes) or string (`"256MiB"`, units `B`, `KiB`, `MiB`, `GiB`, `TiB`) | `"256MiB"` | Largest executable hashed for the `sha256` selector; a larger one gets no `sha256` selector (its other selectors stay). Must be > 0. |
+/// | `network_fs_hash` | `"omit"` or `"allow"` | `"omit"` | What to do with an executable on a network or FUSE filesystem (SECURITY.md §3.3 item 31): `omit` gives it no `sha256` selector, `allow` hashes it like any other (never cached). |
 ///
 /// Unknown keys are rejected.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
@@ -22,14 +23,33 @@ pub struct UnixAttestorConfig {
     /// is read. Default [`DEFAULT_MAX_BINARY_SIZE`].
     #[serde(deserialize_with = "deserialize_size")]
     pub max_binary_size: u64,
+    /// Policy for executables on FUSE and network filesystems. Default
+    /// [`NetworkFsHash::Omit`].
+    pub network_fs_hash: NetworkFsHash,
 }
 
 impl Default for UnixAttestorConfig {
     fn default() -> Self {
         Self {
             max_binary_size: DEFAULT_MAX_BINARY_SIZE,
+            network_fs_hash: NetworkFsHash::default(),
         }
     }
+}
+
+/// What the `sha256` selector is for an executable on a FUSE or network filesystem
+/// (NFS, CIFS/SMB, 9P, AFS, Ceph). The file server, not the kernel, supplies the bytes
+/// and the attributes: it can serve different contents to different readers (the agent
+/// and the kernel loading the image), so the hash proves little about what runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkFsHash {
+    /// No `sha256` selector (the default); the other selectors stay.
+    #[default]
+    Omit,
+    /// Hash as usual, but never from the cache (the attributes the cache key is made of
+    /// come from the file server too).
+    Allow,
 }
 
 /// Parses a byte size: decimal digits with an optional unit `B`, `KiB`, `MiB`, `GiB` or
@@ -140,6 +160,27 @@ mod tests {
             "max_binary_size = \"lots\"",
             "max_binary_size = 1.5",
             "other = 1",
+        ] {
+            assert!(toml::from_str::<UnixAttestorConfig>(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn deserializes_network_fs_hash() {
+        let c: UnixAttestorConfig = toml::from_str("").unwrap();
+        assert_eq!(c.network_fs_hash, NetworkFsHash::Omit);
+        let c: UnixAttestorConfig = toml::from_str("network_fs_hash = \"omit\"").unwrap();
+        assert_eq!(c.network_fs_hash, NetworkFsHash::Omit);
+        let c: UnixAttestorConfig =
+            toml::from_str("network_fs_hash = \"allow\"\nmax_binary_size = 10").unwrap();
+        assert_eq!(c.network_fs_hash, NetworkFsHash::Allow);
+        assert_eq!(c.max_binary_size, 10);
+        for bad in [
+            "network_fs_hash = \"Allow\"",
+            "network_fs_hash = \"deny\"",
+            "network_fs_hash = \"\"",
+            "network_fs_hash = true",
+            "network_fs_hash = 1",
         ] {
             assert!(toml::from_str::<UnixAttestorConfig>(bad).is_err(), "{bad}");
         }

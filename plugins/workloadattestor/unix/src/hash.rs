@@ -12,13 +12,35 @@ use aws_lc_rs::digest;
 use nix::errno::Errno;
 use nix::fcntl::{OFlag, openat};
 use nix::sys::stat::{FileStat, Mode, SFlag, fstat};
+use nix::sys::statfs::fstatfs;
 use tessera_plugin_sdk::{AttestError, Workload, WorkloadError};
+
+use crate::config::NetworkFsHash;
 
 /// Most cached hashes; when full an arbitrary entry is evicted.
 pub(crate) const CACHE_CAPACITY: usize = 4096;
 
 /// Read buffer size for hashing.
 const CHUNK: usize = 64 * 1024;
+
+/// `f_type` magic numbers of filesystems whose contents come from a file server or a
+/// user-space daemon rather than the kernel (SECURITY.md §3.3 item 31): FUSE, NFS, CIFS,
+/// SMB2, 9P, AFS, Ceph.
+const NETWORK_FS_MAGICS: [u64; 7] = [
+    0x6573_5546, // FUSE_SUPER_MAGIC
+    0x6969,      // NFS_SUPER_MAGIC
+    0xFF53_4D42, // CIFS_SUPER_MAGIC
+    0xFE53_4D42, // SMB2_SUPER_MAGIC
+    0x0102_1997, // V9FS_MAGIC
+    0x5346_414F, // AFS_SUPER_MAGIC
+    0x00C3_6400, // CEPH_SUPER_MAGIC
+];
+
+/// Whether `f_type` (from `statfs`) names a FUSE or network filesystem. Only the low 32
+/// bits are compared: `f_type` is a signed word on some ABIs, and every magic is 32 bits.
+pub(crate) fn is_network_fs(fs_type: u64) -> bool {
+    NETWORK_FS_MAGICS.contains(&(fs_type & 0xFFFF_FFFF))
+}
 
 /// The identity of one version of a file: (dev, ino, size, mtime, ctime). A write changes
 /// mtime and ctime, and ctime cannot be set from user space.
@@ -50,6 +72,7 @@ impl From<&FileStat> for FileKey {
 /// Hashes executables and remembers the result per [`FileKey`].
 pub(crate) struct ExeHasher {
     limit: u64,
+    network_fs: NetworkFsHash,
     cache: Mutex<HashMap<FileKey, [u8; 32]>>,
 }
 
@@ -58,28 +81,32 @@ impl fmt::Debug for ExeHasher {
         let cached = self.cache.lock().map(|c| c.len()).unwrap_or_default();
         f.debug_struct("ExeHasher")
             .field("limit", &self.limit)
+            .field("network_fs", &self.network_fs)
             .field("cached", &cached)
             .finish()
     }
 }
 
 impl ExeHasher {
-    pub(crate) fn new(limit: u64) -> Self {
+    pub(crate) fn new(limit: u64, network_fs: NetworkFsHash) -> Self {
         Self {
             limit,
+            network_fs,
             cache: Mutex::new(HashMap::new()),
         }
     }
 
-    /// SHA-256 of the running image of `workload`.
+    /// SHA-256 of the running image of `workload`, or `None` when the image is on a
+    /// FUSE or network filesystem and the policy is [`NetworkFsHash::Omit`].
     ///
     /// `cacheable` is false for executables without a stable file behind them (memfd,
-    /// deleted files): those are always hashed in full.
+    /// deleted files): those are always hashed in full. So are executables on network
+    /// filesystems, whose attributes (the cache key) come from the file server.
     pub(crate) fn hash(
         &self,
         workload: &Workload,
         cacheable: bool,
-    ) -> Result<[u8; 32], AttestError> {
+    ) -> Result<Option<[u8; 32]>, AttestError> {
         // Follows the magic link to the running inode, even when deleted or a memfd.
         let fd = openat(
             workload.proc_dir(),
@@ -94,9 +121,30 @@ impl ExeHasher {
                 "executable is not a regular file".to_owned(),
             ));
         }
+        let fs = fstatfs(fd.as_fd()).map_err(|errno| exe_error(workload, "statfs", errno))?;
+        #[allow(
+            clippy::cast_sign_loss,
+            clippy::unnecessary_cast,
+            reason = "f_type is a signed or unsigned word depending on the ABI; only its low 32 bits are a magic"
+        )]
+        let fs_type = fs.filesystem_type().0 as u64;
+        let network = is_network_fs(fs_type);
+        if network {
+            let omit = self.network_fs == NetworkFsHash::Omit;
+            tracing::info!(
+                pid = workload.pid(),
+                fs_type = format_args!("{fs_type:#x}"),
+                policy = if omit { "omit" } else { "allow" },
+                "executable on a FUSE or network filesystem (network_fs_hash)"
+            );
+            if omit {
+                return Ok(None);
+            }
+        }
+        let cacheable = cacheable && !network;
         let key = FileKey::from(&before);
         if cacheable && let Some(hash) = self.cached(&key) {
-            return Ok(hash);
+            return Ok(Some(hash));
         }
         let size = u64::try_from(before.st_size)
             .map_err(|_| AttestError::Failed("executable has a negative size".to_owned()))?;
@@ -115,7 +163,7 @@ impl ExeHasher {
         if cacheable {
             self.insert(key, hash);
         }
-        Ok(hash)
+        Ok(Some(hash))
     }
 
     /// Reads at most `limit + 1` bytes of `file`; returns the digest and the bytes read.
@@ -198,7 +246,7 @@ mod tests {
 
     #[test]
     fn cache_is_bounded() {
-        let h = ExeHasher::new(10);
+        let h = ExeHasher::new(10, NetworkFsHash::Omit);
         for i in 0..(CACHE_CAPACITY as u64 + 100) {
             let key = FileKey {
                 dev: 1,
@@ -213,5 +261,38 @@ mod tests {
             assert!(h.cached_len() <= CACHE_CAPACITY);
         }
         assert_eq!(h.cached_len(), CACHE_CAPACITY);
+    }
+
+    /// The classification of `f_type` values. A real FUSE or NFS mount is not available
+    /// in the test environment (no `/dev/fuse`, no NFS server), so the `network_fs_hash`
+    /// path of [`ExeHasher::hash`] is covered only through this pure function and the
+    /// local-filesystem tests, which must keep their hash.
+    #[test]
+    fn classifies_network_filesystems() {
+        for magic in [
+            0x6573_5546_u64,
+            0x6969,
+            0xFF53_4D42,
+            0xFE53_4D42,
+            0x0102_1997,
+            0x5346_414F,
+            0x00C3_6400,
+        ] {
+            assert!(is_network_fs(magic), "{magic:#x}");
+        }
+        // A sign-extended 32-bit magic (f_type as a negative signed word) still counts.
+        assert!(is_network_fs(0xFFFF_FFFF_FF53_4D42));
+        for local in [
+            0xEF53_u64,  // ext4
+            0x5846_5342, // xfs
+            0x9123_683E, // btrfs
+            0x0102_1994, // tmpfs
+            0x794C_7630, // overlayfs
+            0x2FC1_2FC1, // zfs
+            0x9FA0,      // proc
+            0,
+        ] {
+            assert!(!is_network_fs(local), "{local:#x}");
+        }
     }
 }

@@ -15,11 +15,13 @@
 //! | `uid:<euid>`, `gid:<egid>` | `status` `Uid:`/`Gid:`, required equal to `SO_PEERCRED` |
 //! | `user:<name>`, `group:<name>` | NSS lookup of euid/egid; omitted when there is no name |
 //! | `supplementary_gid:<g>`, `supplementary_group:<name>` | each gid of `status` `Groups:` |
-//! | `path:<path>` | target of `exe`; omitted for deleted files and memfds |
-//! | `sha256:<hex>` | SHA-256 of the running image through `exe` |
+//! | `path:<path>` | target of `exe`; omitted for deleted files and memfds, and when the workload is in another mount namespace than the agent |
+//! | `sha256:<hex>` | SHA-256 of the running image through `exe`; omitted over `max_binary_size` and (by default) on FUSE/network filesystems |
 //!
-//! The path is relative to the workload's mount namespace: only meaningful together with a
-//! container or mount-namespace selector for containerised workloads.
+//! The `exe` link names a path in the workload's mount namespace, which for a
+//! containerised workload is a path in the container's filesystem view: such workloads
+//! get no `path` selector at all (SECURITY.md §3.3 item 36) and are matched by
+//! `container:id` and `sha256`.
 
 mod config;
 mod hash;
@@ -28,11 +30,12 @@ mod status;
 use std::os::unix::ffi::OsStrExt as _;
 
 use nix::errno::Errno;
-use nix::fcntl::readlinkat;
+use nix::fcntl::{AtFlags, readlinkat};
+use nix::sys::stat::{fstatat, stat};
 use nix::unistd::{Gid, Group, Uid, User};
 use tessera_plugin_sdk::{AttestError, Selector, Workload, WorkloadAttestor, WorkloadError};
 
-pub use config::{DEFAULT_MAX_BINARY_SIZE, UnixAttestorConfig, parse_size};
+pub use config::{DEFAULT_MAX_BINARY_SIZE, NetworkFsHash, UnixAttestorConfig, parse_size};
 
 use hash::ExeHasher;
 use status::parse_status;
@@ -46,18 +49,41 @@ const STATUS_LIMIT: usize = 1 << 20;
 /// Suffix the kernel appends to the `exe` link of an executable that was unlinked.
 const DELETED_SUFFIX: &str = " (deleted)";
 
+/// The agent's own mount namespace, read once at construction.
+const SELF_MNT_NS: &str = "/proc/self/ns/mnt";
+
+/// The identity of a mount namespace: (device, inode) of its `nsfs` file.
+type NsId = (u64, u64);
+
 /// The unix workload attestor. Cheap to share; the binary hash cache is internal.
 #[derive(Debug)]
 pub struct UnixAttestor {
     config: UnixAttestorConfig,
     hasher: ExeHasher,
+    /// The agent's mount namespace; `None` when it could not be read, and then no
+    /// workload gets a `path` selector (the path cannot be shown to be in our view).
+    own_mnt_ns: Option<NsId>,
 }
 
 impl UnixAttestor {
     /// Builds the attestor from its configuration.
     pub fn new(config: UnixAttestorConfig) -> Self {
-        let hasher = ExeHasher::new(config.max_binary_size);
-        Self { config, hasher }
+        let hasher = ExeHasher::new(config.max_binary_size, config.network_fs_hash);
+        let own_mnt_ns = match stat(SELF_MNT_NS) {
+            Ok(st) => Some((st.st_dev, st.st_ino)),
+            Err(errno) => {
+                tracing::warn!(
+                    error = %errno,
+                    "cannot read {SELF_MNT_NS}: no workload will get a unix:path selector"
+                );
+                None
+            }
+        };
+        Self {
+            config,
+            hasher,
+            own_mnt_ns,
+        }
     }
 
     /// The configuration in use.
@@ -105,13 +131,14 @@ impl WorkloadAttestor for UnixAttestor {
             }
         }
 
+        let same_mnt_ns = self.same_mount_namespace(workload)?;
         let link = exe_link(workload)?;
         let path = exe_path(&link);
         // A binary over `max_binary_size` gets no sha256 selector (the read is never
         // longer than the limit), but keeps its uid/gid/path selectors: the hash is
         // supplementary, and refusing every identity to large binaries would be worse.
         let hash = match self.hasher.hash(workload, path.is_some()) {
-            Ok(hash) => Some(hash),
+            Ok(hash) => hash,
             Err(AttestError::BinaryTooLarge { size, limit }) => {
                 tracing::info!(
                     pid = workload.pid(),
@@ -129,7 +156,14 @@ impl WorkloadAttestor for UnixAttestor {
             return Err(AttestError::BinaryChanged);
         }
         if let Some(path) = path {
-            push(&mut out, &format!("path:{path}"));
+            if same_mnt_ns {
+                push(&mut out, &format!("path:{path}"));
+            } else {
+                tracing::debug!(
+                    pid = workload.pid(),
+                    "workload in another mount namespace: no path selector"
+                );
+            }
         }
         if let Some(hash) = hash {
             push(&mut out, &format!("sha256:{}", hex::encode(hash)));
@@ -140,6 +174,26 @@ impl WorkloadAttestor for UnixAttestor {
             "unix attestation done"
         );
         Ok(out)
+    }
+}
+
+impl UnixAttestor {
+    /// Whether `workload` shares the agent's mount namespace, by the (dev, ino) of
+    /// `ns/mnt` read through the pinned directory. A read error fails attestation like
+    /// any other; an unknown own namespace answers false.
+    fn same_mount_namespace(&self, workload: &Workload) -> Result<bool, AttestError> {
+        let theirs = fstatat(workload.proc_dir(), "ns/mnt", AtFlags::empty()).map_err(|errno| {
+            if errno == Errno::ESRCH {
+                AttestError::from(WorkloadError::ProcessExited)
+            } else {
+                WorkloadError::Io {
+                    what: format!("stat /proc/{}/ns/mnt", workload.pid()),
+                    source: errno.into(),
+                }
+                .into()
+            }
+        })?;
+        Ok(self.own_mnt_ns == Some((theirs.st_dev, theirs.st_ino)))
     }
 }
 

@@ -270,6 +270,7 @@ fn binary_over_the_limit_gets_no_hash_selector() {
 
     let attestor = UnixAttestor::new(UnixAttestorConfig {
         max_binary_size: size - 1,
+        ..Default::default()
     });
     let got = values(&attestor.attest(&w).unwrap());
     assert!(!got.iter().any(|v| v.starts_with("sha256:")), "{got:?}");
@@ -284,6 +285,7 @@ fn binary_over_the_limit_gets_no_hash_selector() {
     // Exactly at the limit is fine.
     let attestor = UnixAttestor::new(UnixAttestorConfig {
         max_binary_size: size,
+        ..Default::default()
     });
     let got = values(&attestor.attest(&w).unwrap());
     assert!(got.iter().any(|v| v.starts_with("sha256:")));
@@ -338,6 +340,82 @@ fn exited_process_is_not_alive_and_cannot_be_pinned() {
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(!w.is_alive().unwrap());
+}
+
+/// Starts `unshare --mount <sleep> 30` and waits until it runs `sleep` in its new mount
+/// namespace; `None` (with the reason printed) when `unshare` is missing or fails.
+fn spawn_in_new_mount_namespace() -> Option<std::process::Child> {
+    let Ok(unshare) = which("unshare") else {
+        eprintln!("skipped: no unshare");
+        return None;
+    };
+    let mut child = match Command::new(unshare)
+        .arg("--mount")
+        .arg(sleep_binary())
+        .arg("30")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    {
+        Ok(child) => child,
+        Err(e) => {
+            eprintln!("skipped: cannot run unshare: {e}");
+            return None;
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            if let Some(mut stderr) = child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut stderr, &mut err);
+            }
+            eprintln!("skipped: unshare --mount failed ({status}): {}", err.trim());
+            return None;
+        }
+        let ns_differs = std::fs::read_link(format!("/proc/{}/ns/mnt", child.id())).ok()
+            != std::fs::read_link("/proc/self/ns/mnt").ok();
+        let runs_sleep = std::fs::read_link(format!("/proc/{}/exe", child.id()))
+            .is_ok_and(|l| l.to_string_lossy().contains("sleep"));
+        if ns_differs && runs_sleep {
+            return Some(child);
+        }
+        assert!(Instant::now() < deadline, "unshare did not exec sleep");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// SECURITY.md §3.3 item 36: the `exe` path of a process in another mount namespace is
+/// a path in another filesystem view, so it yields no `path` selector; a process in the
+/// agent's namespace running the same binary does get one. Hash and ids stay.
+#[test]
+fn other_mount_namespace_gets_no_path_selector() {
+    let Some(other) = spawn_in_new_mount_namespace() else {
+        return;
+    };
+    let same = spawn_sleep();
+    let (uid, gid) = (
+        nix::unistd::geteuid().as_raw(),
+        nix::unistd::getegid().as_raw(),
+    );
+    let attestor = UnixAttestor::new(UnixAttestorConfig::default());
+    let sleep = sleep_binary();
+    let hash = format!("sha256:{}", sha256_hex(&sleep));
+
+    let got = values(&attestor.attest(&pin_as(&other, uid, gid)).unwrap());
+    assert!(!got.iter().any(|v| v.starts_with("path:")), "{got:?}");
+    assert!(got.contains(&hash), "{got:?}");
+    assert!(got.contains(&format!("uid:{uid}")), "{got:?}");
+    assert!(got.contains(&format!("gid:{gid}")), "{got:?}");
+
+    let got = values(&attestor.attest(&pin_as(&same, uid, gid)).unwrap());
+    assert!(
+        got.contains(&format!("path:{}", sleep.display())),
+        "{got:?}"
+    );
+    assert!(got.contains(&hash), "{got:?}");
+    reap(other);
+    reap(same);
 }
 
 #[test]
