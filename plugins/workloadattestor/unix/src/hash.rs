@@ -42,6 +42,21 @@ pub(crate) fn is_network_fs(fs_type: u64) -> bool {
     NETWORK_FS_MAGICS.contains(&(fs_type & 0xFFFF_FFFF))
 }
 
+/// SECURITY.md §3.3 item 30: the file hashed must be the file stat'ed before the read,
+/// byte for byte as many as it said. A write in between changes mtime/ctime (or the
+/// size), so the hash is refused rather than attributed to the wrong version.
+fn ensure_unchanged(
+    before: &FileKey,
+    after: &FileKey,
+    read: u64,
+    size: u64,
+) -> Result<(), AttestError> {
+    if before != after || read != size {
+        return Err(AttestError::BinaryChanged);
+    }
+    Ok(())
+}
+
 /// The identity of one version of a file: (dev, ino, size, mtime, ctime). A write changes
 /// mtime and ctime, and ctime cannot be set from user space.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -157,9 +172,7 @@ impl ExeHasher {
         let file = std::fs::File::from(fd);
         let (hash, read) = self.read_bounded(workload, &file)?;
         let after = fstat(file.as_fd()).map_err(|errno| exe_error(workload, "stat", errno))?;
-        if FileKey::from(&after) != key || read != size {
-            return Err(AttestError::BinaryChanged);
-        }
+        ensure_unchanged(&key, &FileKey::from(&after), read, size)?;
         if cacheable {
             self.insert(key, hash);
         }
@@ -243,6 +256,59 @@ fn exe_error(workload: &Workload, op: &str, errno: Errno) -> AttestError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Item 30, the decision itself. (The race cannot be staged for real: Linux refuses
+    /// to open a running executable for writing, ETXTBSY, which the scenario below also
+    /// shows; the check guards filesystems and kernels that allow it.)
+    #[test]
+    fn a_file_changed_while_hashed_is_refused() {
+        let key = |mtime_nsec, size| FileKey {
+            dev: 1,
+            ino: 2,
+            size,
+            mtime_sec: 3,
+            mtime_nsec,
+            ctime_sec: 3,
+            ctime_nsec: mtime_nsec,
+        };
+        assert!(ensure_unchanged(&key(0, 10), &key(0, 10), 10, 10).is_ok());
+        assert!(matches!(
+            ensure_unchanged(&key(0, 10), &key(5, 10), 10, 10),
+            Err(AttestError::BinaryChanged)
+        ));
+        assert!(matches!(
+            ensure_unchanged(&key(0, 10), &key(0, 12), 10, 10),
+            Err(AttestError::BinaryChanged)
+        ));
+        assert!(matches!(
+            ensure_unchanged(&key(0, 10), &key(0, 10), 9, 10),
+            Err(AttestError::BinaryChanged)
+        ));
+    }
+
+    #[test]
+    fn a_running_executable_cannot_be_opened_for_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        let copy = dir.path().join("sleepy");
+        std::fs::copy(tessera_plugin_sdk::testing::sleep_binary(), &copy).unwrap();
+        let mut child = std::process::Command::new(&copy).arg("30").spawn().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::fs::read_link(format!("/proc/{}/exe", child.id()))
+            .ok()
+            .as_deref()
+            != Some(copy.as_path())
+        {
+            assert!(std::time::Instant::now() < deadline, "child did not exec");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let err = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&copy)
+            .unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(nix::errno::Errno::ETXTBSY as i32));
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
 
     #[test]
     fn cache_is_bounded() {
