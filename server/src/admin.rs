@@ -20,7 +20,7 @@ use tessera_proto::types::{Bundle, Entry};
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
-use crate::datastore::{NewEntry, NewJoinToken};
+use crate::datastore::{MAX_JWT_AUDIENCE_LEN, NewEntry, NewJoinToken};
 use crate::error::ApiError;
 use crate::state::{RESERVED_PREFIX, ServerState, unix_seconds};
 
@@ -132,12 +132,10 @@ impl AdminService {
                 self.state.config.max_jwt_svid_ttl.as_secs()
             )));
         }
-        let mut jwt_audiences = entry.jwt_audiences.clone();
-        for audience in &jwt_audiences {
+        // Sorting and deduplication happen once, in the datastore.
+        for audience in &entry.jwt_audiences {
             validate_audience(audience).map_err(ApiError::InvalidArgument)?;
         }
-        jwt_audiences.sort();
-        jwt_audiences.dedup();
         for name in &entry.dns_names {
             validate_dns_name(name).map_err(ApiError::InvalidArgument)?;
         }
@@ -152,7 +150,7 @@ impl AdminService {
             selectors,
             x509_svid_ttl,
             jwt_svid_ttl,
-            jwt_audiences,
+            jwt_audiences: entry.jwt_audiences.clone(),
             jwt_multi_audience: entry.jwt_multi_audience,
             dns_names: entry.dns_names.clone(),
             hint: entry.hint.clone(),
@@ -160,17 +158,15 @@ impl AdminService {
     }
 }
 
-/// Longest audience accepted.
-pub const MAX_AUDIENCE_LEN: usize = 256;
-
-/// A JWT audience: 1 to 256 bytes, no control characters.
+/// A JWT audience: 1 to [`MAX_JWT_AUDIENCE_LEN`] bytes, no control characters (the
+/// datastore's rule for entries, applied to requests too).
 pub fn validate_audience(audience: &str) -> Result<(), String> {
     if audience.is_empty()
-        || audience.len() > MAX_AUDIENCE_LEN
+        || audience.len() > MAX_JWT_AUDIENCE_LEN
         || audience.chars().any(char::is_control)
     {
         return Err(format!(
-            "audiences must be 1 to {MAX_AUDIENCE_LEN} bytes without control characters"
+            "audiences must be 1 to {MAX_JWT_AUDIENCE_LEN} bytes without control characters"
         ));
     }
     Ok(())

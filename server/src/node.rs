@@ -24,13 +24,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::ca::{self, CaError};
-use crate::datastore::{AttestedAgent, ChangeKind, ChangeSet, TokenOutcome};
+use crate::datastore::{AttestedAgent, ChangeKind, ChangeSet, MAX_JWT_AUDIENCES, TokenOutcome};
 use crate::error::ApiError;
 use crate::state::{ServerState, unix_seconds};
 use crate::tls::NodePeer;
-
-/// Most audiences one JWT-SVID may carry.
-pub const MAX_AUDIENCES: usize = 32;
 
 /// Most SVIDs one `BatchNewX509SVID` call may ask for.
 pub const MAX_BATCH: usize = 1000;
@@ -448,9 +445,9 @@ impl Node for NodeService {
                 "at least one audience is required",
             ));
         }
-        if request.audiences.len() > MAX_AUDIENCES {
+        if request.audiences.len() > MAX_JWT_AUDIENCES {
             return Err(Status::invalid_argument(format!(
-                "at most {MAX_AUDIENCES} audiences"
+                "at most {MAX_JWT_AUDIENCES} audiences"
             )));
         }
         for audience in &request.audiences {
