@@ -183,7 +183,7 @@ mod tests {
     fn entry(id: &str, revision: u64, selectors: &[(&str, &str)]) -> RegistrationEntry {
         RegistrationEntry {
             id: id.to_owned(),
-            spiffe_id: "spiffe://example.org/w".parse::<SpiffeId>().unwrap(),
+            spiffe_id: "spiffe://example.org/w".parse::<SpiffeId>().unwrap().into(),
             parent_id: "spiffe://example.org/agent".parse::<SpiffeId>().unwrap(),
             selectors: selectors
                 .iter()

@@ -95,6 +95,7 @@ impl JwtCache {
                 .new_jwtsvid(NewJwtsvidRequest {
                     entry_id: entry.id.clone(),
                     audiences: audiences.to_vec(),
+                    template_values: Default::default(),
                 })
                 .await?
                 .into_inner();

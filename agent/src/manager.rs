@@ -265,6 +265,7 @@ impl SvidManager {
             .map(|(id, (_, spki))| NewX509svidParams {
                 entry_id: id.clone(),
                 public_key: spki.clone(),
+                template_values: Default::default(),
             })
             .collect();
         let response = match self
@@ -323,7 +324,7 @@ fn build_svid(
 ) -> Result<WorkloadSvid, String> {
     let leaf = cert_chain.first().ok_or("empty certificate chain")?;
     let info = tessera_plugin_sdk::x509::leaf_info(leaf).map_err(|err| err.to_string())?;
-    if info.spiffe_id != entry.spiffe_id {
+    if entry.spiffe_id.as_fixed() != Some(&info.spiffe_id) {
         return Err(format!(
             "server signed {} for an entry of {}",
             info.spiffe_id, entry.spiffe_id

@@ -724,7 +724,11 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let entries: Vec<_> = snapshot
             .matching_entries(&attested.selectors)
             .into_iter()
-            .filter(|entry| wanted.as_ref().is_none_or(|id| entry.spiffe_id == *id))
+            .filter(|entry| {
+                wanted
+                    .as_ref()
+                    .is_none_or(|id| entry.spiffe_id.as_fixed() == Some(id))
+            })
             .collect();
         if entries.is_empty() {
             return Err(Status::permission_denied("no identity issued"));

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use tessera_plugin_sdk::{RegistrationEntry, Selector, SpiffeId};
+use tessera_plugin_sdk::{RegistrationEntry, Selector, SpiffeId, SpiffeIdTemplate};
 
 use crate::types;
 
@@ -76,7 +76,8 @@ pub fn ttl_from_proto(field: &'static str, secs: i64) -> Result<Option<Duration>
 
 /// Parses a wire entry as sent by the server (ids and revisions included).
 pub fn entry_from_proto(entry: &types::Entry) -> Result<RegistrationEntry, ConvertError> {
-    let spiffe_id = SpiffeId::parse(&entry.spiffe_id).map_err(|err| invalid("spiffe_id", err))?;
+    let spiffe_id =
+        SpiffeIdTemplate::parse(&entry.spiffe_id).map_err(|err| invalid("spiffe_id", err))?;
     let parent_id = SpiffeId::parse(&entry.parent_id).map_err(|err| invalid("parent_id", err))?;
     let selectors = entry
         .selectors

@@ -7,12 +7,14 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tessera_plugin_join_token::{JoinToken, agent_path_segments};
-use tessera_plugin_sdk::SpiffeId;
+use tessera_plugin_sdk::{SpiffeId, SpiffeIdTemplate};
 use tessera_proto::admin::admin_server::Admin;
 use tessera_proto::admin::{
-    Agent, CreateEntryRequest, CreateJoinTokenRequest, CreateJoinTokenResponse, DeleteEntryRequest,
-    DeleteEntryResponse, GetBundleRequest, GetEntryRequest, HealthRequest, HealthResponse,
+    Agent, BanAgentRequest, CreateEntryRequest, CreateJoinTokenRequest, CreateJoinTokenResponse,
+    DeleteEntryRequest, DeleteEntryResponse, EvictAgentRequest, EvictAgentResponse,
+    GetAgentRequest, GetBundleRequest, GetEntryRequest, HealthRequest, HealthResponse,
     ListAgentsRequest, ListAgentsResponse, ListEntriesRequest, ListEntriesResponse,
+    ListRevocationsRequest, ListRevocationsResponse, RevokeInstanceRequest, RevokeInstanceResponse,
     RotateJwtAuthorityRequest, RotateJwtAuthorityResponse, UpdateEntryRequest,
 };
 use tessera_proto::convert::{entry_to_proto, selector_from_proto, ttl_from_proto};
@@ -22,7 +24,7 @@ use tonic::{Request, Response, Status};
 
 use crate::datastore::{MAX_JWT_AUDIENCE_LEN, NewEntry, NewJoinToken};
 use crate::error::ApiError;
-use crate::state::{RESERVED_PREFIX, ServerState, unix_seconds};
+use crate::state::{RESERVED_PREFIX, ServerState, is_reserved_path, unix_seconds};
 
 /// How long a new JWT key is published before it signs: connected agents receive a
 /// bundle change within milliseconds; this leaves a wide margin.
@@ -84,13 +86,21 @@ impl AdminService {
     }
 
     fn validate_entry(&self, entry: &Entry) -> Result<NewEntry, ApiError> {
-        let spiffe_id = self.parse_id("spiffe_id", &entry.spiffe_id)?;
-        if spiffe_id.is_trust_domain_id() {
+        let spiffe_id = SpiffeIdTemplate::parse(&entry.spiffe_id).map_err(|err| {
+            ApiError::InvalidArgument(format!(
+                "spiffe_id `{}`: {err}",
+                entry.spiffe_id.escape_debug()
+            ))
+        })?;
+        if spiffe_id.trust_domain_name() != self.state.trust_domain().name() {
             return Err(ApiError::InvalidArgument(format!(
-                "spiffe_id {spiffe_id} has no path; a trust domain ID cannot be a workload identity"
+                "spiffe_id {spiffe_id} is not in trust domain {}",
+                self.state.trust_domain()
             )));
         }
-        if spiffe_id.has_path_prefix(RESERVED_PREFIX) {
+        // A rendered ID is checked again at signing, for placeholders in the first
+        // segment.
+        if is_reserved_path(spiffe_id.literal_path_prefix()) {
             return Err(ApiError::InvalidArgument(format!(
                 "spiffe_id {spiffe_id}: the path prefix {RESERVED_PREFIX}/ is reserved for tessera"
             )));
@@ -373,9 +383,45 @@ impl Admin for AdminService {
                     aliases: agent.aliases.iter().map(ToString::to_string).collect(),
                     first_attested_at: unix_seconds(agent.first_attested_at),
                     last_seen_at: unix_seconds(agent.last_seen_at),
+                    banned_at: 0,
                 })
                 .collect(),
         }))
+    }
+
+    async fn get_agent(
+        &self,
+        _request: Request<GetAgentRequest>,
+    ) -> Result<Response<Agent>, Status> {
+        Err(Status::unimplemented("WIP"))
+    }
+
+    async fn ban_agent(
+        &self,
+        _request: Request<BanAgentRequest>,
+    ) -> Result<Response<Agent>, Status> {
+        Err(Status::unimplemented("WIP"))
+    }
+
+    async fn evict_agent(
+        &self,
+        _request: Request<EvictAgentRequest>,
+    ) -> Result<Response<EvictAgentResponse>, Status> {
+        Err(Status::unimplemented("WIP"))
+    }
+
+    async fn revoke_instance(
+        &self,
+        _request: Request<RevokeInstanceRequest>,
+    ) -> Result<Response<RevokeInstanceResponse>, Status> {
+        Err(Status::unimplemented("WIP"))
+    }
+
+    async fn list_revocations(
+        &self,
+        _request: Request<ListRevocationsRequest>,
+    ) -> Result<Response<ListRevocationsResponse>, Status> {
+        Err(Status::unimplemented("WIP"))
     }
 
     async fn get_bundle(

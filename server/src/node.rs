@@ -10,7 +10,7 @@ use std::time::SystemTime;
 
 use futures::Stream;
 use tessera_plugin_join_token::{JoinToken, agent_path_segments};
-use tessera_plugin_sdk::{RegistrationEntry, SpiffeId};
+use tessera_plugin_sdk::{RegistrationEntry, SpiffeId, TemplateValues};
 use tessera_proto::convert::entry_to_proto;
 use tessera_proto::node::node_server::Node;
 use tessera_proto::node::{
@@ -26,7 +26,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::ca::{self, CaError};
 use crate::datastore::{AttestedAgent, ChangeKind, ChangeSet, MAX_JWT_AUDIENCES, TokenOutcome};
 use crate::error::ApiError;
-use crate::state::{ServerState, unix_seconds};
+use crate::state::{ServerState, is_reserved_path, unix_seconds};
 use crate::tls::NodePeer;
 
 /// Most SVIDs one `BatchNewX509SVID` call may ask for.
@@ -225,6 +225,7 @@ impl NodeService {
                     entries: entries.iter().map(entry_to_proto).collect(),
                     deleted_entry_ids: Vec::new(),
                     bundle: Some(self.state.bundle().await?),
+                    ..SyncResponse::default()
                 }));
             }
         };
@@ -403,7 +404,9 @@ impl Node for NodeService {
         let mut work = Vec::with_capacity(params.len());
         for param in params {
             let entry = match self.state.datastore.get_entry(&param.entry_id).await {
-                Ok(Some(entry)) if agent.may_serve(&entry) => Ok(entry),
+                Ok(Some(entry)) if agent.may_serve(&entry) => {
+                    render_spiffe_id(&entry, &param.template_values).map(|id| (entry, id))
+                }
                 Ok(_) => Err(Status::not_found("entry not found or not authorized")),
                 Err(err) => Err(ApiError::from(err).into()),
             };
@@ -415,9 +418,13 @@ impl Node for NodeService {
             work.into_iter()
                 .map(|(param, entry)| {
                     let result = match entry {
-                        Ok(entry) => {
-                            sign_workload_svid(&state, &agent_id, &entry, &param.public_key)
-                        }
+                        Ok((entry, spiffe_id)) => sign_workload_svid(
+                            &state,
+                            &agent_id,
+                            &entry,
+                            &spiffe_id,
+                            &param.public_key,
+                        ),
                         Err(status) => item_error(status),
                     };
                     X509svidResult {
@@ -463,6 +470,7 @@ impl Node for NodeService {
             Some(entry) if agent.may_serve(&entry) => entry,
             _ => return Err(Status::not_found("entry not found or not authorized")),
         };
+        let spiffe_id = render_spiffe_id(&entry, &request.template_values)?;
         let mut audiences = request.audiences;
         audiences.sort();
         audiences.dedup();
@@ -488,22 +496,44 @@ impl Node for NodeService {
             .state
             .jwt
             .current()
-            .sign(
-                &entry.spiffe_id,
-                &audiences,
-                ttl,
-                std::time::SystemTime::now(),
-            )
+            .sign(&spiffe_id, &audiences, ttl, std::time::SystemTime::now())
             .map_err(|err| ApiError::Internal(format!("JWT signing: {err}")))?;
         self.state.jwt_svids_signed.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(agent_id = %agent.id, spiffe_id = %entry.spiffe_id, jti = %signed.jti, "signed JWT-SVID");
+        tracing::debug!(agent_id = %agent.id, %spiffe_id, jti = %signed.jti, "signed JWT-SVID");
         Ok(Response::new(NewJwtsvidResponse {
-            spiffe_id: entry.spiffe_id.to_string(),
+            spiffe_id: spiffe_id.to_string(),
             token: signed.token,
             issued_at: unix_seconds(signed.issued_at),
             expires_at: unix_seconds(signed.expires_at),
         }))
     }
+}
+
+/// The SPIFFE ID to sign for an entry: the entry's own ID, or its template rendered
+/// with the caller's values as sent by the agent. Each value is checked against its
+/// placeholder's shape (a path segment, SECURITY.md §3.6 item 61); a value the template
+/// does not use, or a rendered ID in the reserved prefix, is refused.
+fn render_spiffe_id(
+    entry: &RegistrationEntry,
+    wire_values: &std::collections::HashMap<String, String>,
+) -> Result<SpiffeId, Status> {
+    let values = TemplateValues::from_map(wire_values)
+        .map_err(|err| Status::invalid_argument(format!("template_values: {err}")))?;
+    if values.restricted_to(&entry.spiffe_id) != values {
+        return Err(Status::invalid_argument(
+            "template_values: a value for a placeholder the entry does not use",
+        ));
+    }
+    let id = entry
+        .spiffe_id
+        .render(&values)
+        .map_err(|err| Status::invalid_argument(format!("template_values: {err}")))?;
+    if is_reserved_path(id.path()) {
+        return Err(Status::invalid_argument(
+            "template_values: the rendered ID lies in the reserved path prefix",
+        ));
+    }
+    Ok(id)
 }
 
 /// Signs one workload X.509-SVID: ID, DNS names and TTL from the entry, only the key
@@ -512,6 +542,7 @@ fn sign_workload_svid(
     state: &ServerState,
     agent_id: &SpiffeId,
     entry: &RegistrationEntry,
+    spiffe_id: &SpiffeId,
     public_key: &[u8],
 ) -> x509svid_result::Result {
     let ttl = entry
@@ -519,13 +550,13 @@ fn sign_workload_svid(
         .unwrap_or(state.config.default_x509_svid_ttl);
     match state
         .ca
-        .sign_x509_svid(public_key, &entry.spiffe_id, &entry.dns_names, ttl)
+        .sign_x509_svid(public_key, spiffe_id, &entry.dns_names, ttl)
     {
         Ok(cert) => {
             state.x509_svids_signed.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(agent_id = %agent_id, spiffe_id = %entry.spiffe_id, serial = %cert.serial_hex, "signed X.509-SVID");
+            tracing::debug!(agent_id = %agent_id, %spiffe_id, serial = %cert.serial_hex, "signed X.509-SVID");
             x509svid_result::Result::Svid(X509Svid {
-                spiffe_id: entry.spiffe_id.to_string(),
+                spiffe_id: spiffe_id.to_string(),
                 cert_chain: vec![cert.der],
                 expires_at: unix_seconds(cert.not_after),
             })

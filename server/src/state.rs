@@ -18,6 +18,13 @@ use crate::jwt_authority::JwtAuthority;
 /// Path prefix reserved for IDs tessera assigns itself (agents, the server).
 pub const RESERVED_PREFIX: &str = "/tessera";
 
+/// True when a SPIFFE ID path (or the literal start of a template's path) lies in the
+/// reserved [`RESERVED_PREFIX`].
+pub fn is_reserved_path(path: &str) -> bool {
+    path.strip_prefix(RESERVED_PREFIX)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
 /// Refresh hint published with the bundle.
 pub const BUNDLE_REFRESH_HINT_SECS: i64 = 300;
 

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use crate::id::SpiffeId;
 use crate::selector::Selector;
+use crate::template::SpiffeIdTemplate;
 
 /// A registration entry as stored by the server and pushed to agents.
 ///
@@ -14,8 +15,9 @@ use crate::selector::Selector;
 pub struct RegistrationEntry {
     /// Opaque unique id assigned by the server (32 lowercase hex characters).
     pub id: String,
-    /// The SPIFFE ID the workload receives.
-    pub spiffe_id: SpiffeId,
+    /// The SPIFFE ID the workload receives, or a template (`{instance}`, `{uid}`,
+    /// `{systemd_unit}`) the agent renders per caller.
+    pub spiffe_id: SpiffeIdTemplate,
     /// The agent ID (or node alias) allowed to serve this entry.
     pub parent_id: SpiffeId,
     /// Every selector the workload must present; never empty.

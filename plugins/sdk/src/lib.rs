@@ -16,6 +16,7 @@ pub mod jwt;
 pub mod selector;
 pub mod selector_schema;
 pub mod socket;
+pub mod template;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod workload;
@@ -25,4 +26,5 @@ pub use attestor::{AttestError, WorkloadAttestor};
 pub use entry::RegistrationEntry;
 pub use id::{IdError, SpiffeId, TrustDomain};
 pub use selector::{Selector, SelectorError};
+pub use template::{Placeholder, SpiffeIdTemplate, TemplateError, TemplateValues};
 pub use workload::{Workload, WorkloadError};

@@ -88,19 +88,58 @@ pub struct SyncResponse {
     /// The trust domain's bundle, when it changed (always present in a snapshot).
     #[prost(message, optional, tag = "5")]
     pub bundle: ::core::option::Option<super::super::types::v1::Bundle>,
+    /// Identities revoked since the last message (in a snapshot: every revocation still
+    /// in force). The agent stops serving them at once and refuses their JWT-SVIDs.
+    #[prost(message, repeated, tag = "6")]
+    pub revoked: ::prost::alloc::vec::Vec<RevokedIdentity>,
+    /// The certificate revocation lists of the trust domain, when they changed (always
+    /// present in a snapshot), for the Workload API's `crl` field.
+    #[prost(message, optional, tag = "7")]
+    pub crls: ::core::option::Option<CrlSet>,
+    /// Set on the last message of a stream when the agent may no longer act: the agent
+    /// stops serving, deletes its SVID and exits.
+    #[prost(enumeration = "AgentStatus", tag = "8")]
+    pub agent_status: i32,
+}
+/// An identity (rendered SPIFFE ID) that no agent may serve any more.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RevokedIdentity {
+    #[prost(string, tag = "1")]
+    pub spiffe_id: ::prost::alloc::string::String,
+    /// Unix seconds of the revocation.
+    #[prost(int64, tag = "2")]
+    pub revoked_at: i64,
+    /// Unix seconds after which no SVID of the identity can still be valid; the agent may
+    /// forget the revocation then.
+    #[prost(int64, tag = "3")]
+    pub expires_at: i64,
+}
+/// DER-encoded CRLs, one per CA that revoked something (may be empty).
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct CrlSet {
+    #[prost(bytes = "vec", repeated, tag = "1")]
+    pub crls: ::prost::alloc::vec::Vec<::prost::alloc::vec::Vec<u8>>,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct BatchNewX509svidRequest {
     #[prost(message, repeated, tag = "1")]
     pub params: ::prost::alloc::vec::Vec<NewX509svidParams>,
 }
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct NewX509svidParams {
     #[prost(string, tag = "1")]
     pub entry_id: ::prost::alloc::string::String,
     /// SubjectPublicKeyInfo, DER.
     #[prost(bytes = "vec", tag = "2")]
     pub public_key: ::prost::alloc::vec::Vec<u8>,
+    /// Placeholder values of the caller, by placeholder name ("instance", "uid",
+    /// "systemd_unit"), when the entry's SPIFFE ID is a template. The server checks each
+    /// value and renders the ID itself.
+    #[prost(map = "string, string", tag = "3")]
+    pub template_values: ::std::collections::HashMap<
+        ::prost::alloc::string::String,
+        ::prost::alloc::string::String,
+    >,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct BatchNewX509svidResponse {
@@ -143,13 +182,20 @@ pub struct ItemError {
     #[prost(string, tag = "2")]
     pub message: ::prost::alloc::string::String,
 }
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct NewJwtsvidRequest {
     #[prost(string, tag = "1")]
     pub entry_id: ::prost::alloc::string::String,
     /// One audience, or several when the entry allows multi-audience tokens.
     #[prost(string, repeated, tag = "2")]
     pub audiences: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Placeholder values of the caller when the entry's SPIFFE ID is a template (as in
+    /// NewX509SVIDParams).
+    #[prost(map = "string, string", tag = "3")]
+    pub template_values: ::std::collections::HashMap<
+        ::prost::alloc::string::String,
+        ::prost::alloc::string::String,
+    >,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct NewJwtsvidResponse {
@@ -162,6 +208,37 @@ pub struct NewJwtsvidResponse {
     pub issued_at: i64,
     #[prost(int64, tag = "4")]
     pub expires_at: i64,
+}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum AgentStatus {
+    Active = 0,
+    /// Banned by an operator: may not re-attest with the same identity.
+    Banned = 1,
+    /// Evicted by an operator: must attest again (with a new join token).
+    Evicted = 2,
+}
+impl AgentStatus {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Active => "AGENT_STATUS_ACTIVE",
+            Self::Banned => "AGENT_STATUS_BANNED",
+            Self::Evicted => "AGENT_STATUS_EVICTED",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "AGENT_STATUS_ACTIVE" => Some(Self::Active),
+            "AGENT_STATUS_BANNED" => Some(Self::Banned),
+            "AGENT_STATUS_EVICTED" => Some(Self::Evicted),
+            _ => None,
+        }
+    }
 }
 /// Generated client implementations.
 pub mod node_client {

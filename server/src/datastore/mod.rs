@@ -23,7 +23,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tessera_plugin_sdk::{RegistrationEntry, Selector, SpiffeId};
+use tessera_plugin_sdk::{RegistrationEntry, Selector, SpiffeId, SpiffeIdTemplate};
 
 /// A boxed error kept as the source of a [`DatastoreError`].
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -182,8 +182,8 @@ pub trait Datastore: Send + Sync + std::fmt::Debug {
 /// assigns id and revisions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewEntry {
-    /// The SPIFFE ID the workload receives.
-    pub spiffe_id: SpiffeId,
+    /// The SPIFFE ID the workload receives, or a template rendered per caller.
+    pub spiffe_id: SpiffeIdTemplate,
     /// The agent ID (or node alias) allowed to serve the entry.
     pub parent_id: SpiffeId,
     /// Selectors the workload must all present.
@@ -393,7 +393,7 @@ pub(crate) fn new_entry_id() -> Result<String, DatastoreError> {
 /// The key that makes two entries "the same" (SPIRE's similarity rule): spiffe_id,
 /// parent_id and the selector set, independent of order and duplicates.
 pub(crate) fn similarity_key(
-    spiffe_id: &SpiffeId,
+    spiffe_id: &SpiffeIdTemplate,
     parent_id: &SpiffeId,
     selectors: &[Selector],
 ) -> Result<String, DatastoreError> {
@@ -552,6 +552,14 @@ pub(crate) fn stored_spiffe_id(s: &str, what: &str) -> Result<SpiffeId, Datastor
 }
 
 /// A stored JSON array of strings, each parsed by `parse`.
+pub(crate) fn stored_spiffe_id_template(
+    s: &str,
+    what: &str,
+) -> Result<SpiffeIdTemplate, DatastoreError> {
+    SpiffeIdTemplate::parse(s)
+        .map_err(|e| DatastoreError::Corrupt(format!("{what}: invalid SPIFFE ID template: {e}")))
+}
+
 pub(crate) fn stored_json_list<T, E: std::fmt::Display>(
     json: &str,
     what: &str,

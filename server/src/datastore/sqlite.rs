@@ -37,8 +37,8 @@ use super::{
     AttestedAgent, Change, ChangeKind, ChangeSet, Datastore, DatastoreError, NewEntry,
     NewJoinToken, StoredBundle, TokenOutcome, from_unix_secs, json_list, jwt_authorities_json,
     new_entry_id, normalize_jwt_audiences, now_unix_secs, similarity_key, stored_bool,
-    stored_json_list, stored_jwt_authorities, stored_spiffe_id, stored_u64, to_unix_secs,
-    ttl_to_secs,
+    stored_json_list, stored_jwt_authorities, stored_spiffe_id, stored_spiffe_id_template,
+    stored_u64, to_unix_secs, ttl_to_secs,
 };
 
 /// The migrations, in version order: (version, description, SQL). Every file of
@@ -276,7 +276,8 @@ async fn upsert_agent_in(
 fn entry_from_row(row: &SqliteRow) -> Result<RegistrationEntry, DatastoreError> {
     let id: String = row.try_get("id")?;
     let what = |col: &str| format!("entries[{id}].{col}");
-    let spiffe_id = stored_spiffe_id(&row.try_get::<String, _>("spiffe_id")?, &what("spiffe_id"))?;
+    let spiffe_id =
+        stored_spiffe_id_template(&row.try_get::<String, _>("spiffe_id")?, &what("spiffe_id"))?;
     let parent_id = stored_spiffe_id(&row.try_get::<String, _>("parent_id")?, &what("parent_id"))?;
     let selectors = stored_json_list(
         &row.try_get::<String, _>("selectors")?,
@@ -974,7 +975,7 @@ mod tests {
 
     fn new_entry(path: &str, parent: &str, selectors: &[&str]) -> NewEntry {
         NewEntry {
-            spiffe_id: id(&format!("spiffe://example.org/{path}")),
+            spiffe_id: id(&format!("spiffe://example.org/{path}")).into(),
             parent_id: id(parent),
             selectors: selectors
                 .iter()
@@ -1987,7 +1988,7 @@ mod tests {
         assert_eq!(ds.current_revision().await.unwrap(), 2);
 
         let new = NewEntry {
-            spiffe_id: id("spiffe://example.org/ai/renamed"),
+            spiffe_id: id("spiffe://example.org/ai/renamed").into(),
             parent_id: id(AGENT_B),
             selectors: vec![
                 Selector::parse("unix:uid:3").unwrap(),

@@ -1786,6 +1786,7 @@ async fn node_api_refuses_jwt_svids_for_entries_of_other_agents() {
             .new_jwtsvid(NewJwtsvidRequest {
                 entry_id: entry_id.to_owned(),
                 audiences: vec!["a".into()],
+                template_values: Default::default(),
             })
             .await
             .unwrap_err();

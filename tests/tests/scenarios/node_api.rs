@@ -482,16 +482,19 @@ async fn workload_keys_outside_the_policy_are_refused_per_item() {
         .map(|(_, key)| NewX509svidParams {
             entry_id: entry.id.clone(),
             public_key: key.clone(),
+            template_values: Default::default(),
         })
         .collect();
     params.push(NewX509svidParams {
         entry_id: entry.id.clone(),
         public_key: p256.clone(),
+        template_values: Default::default(),
     });
     // Control: the hand-built DER is right; only the size decides.
     params.push(NewX509svidParams {
         entry_id: entry.id.clone(),
         public_key: rsa_spki(2048),
+        template_values: Default::default(),
     });
     let mut client = node_client(&h, Some(&agent));
     let started = Instant::now();
@@ -519,6 +522,7 @@ async fn workload_keys_outside_the_policy_are_refused_per_item() {
         .map(|_| NewX509svidParams {
             entry_id: entry.id.clone(),
             public_key: Vec::new(),
+            template_values: Default::default(),
         })
         .collect();
     assert_status(
@@ -741,6 +745,7 @@ async fn workload_svid_cannot_use_the_node_api() {
                     public_key: rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
                         .unwrap()
                         .subject_public_key_info(),
+                    template_values: Default::default(),
                 }],
             })
             .await,

@@ -329,6 +329,7 @@ pub async fn new_x509_svid(
             params: vec![NewX509svidParams {
                 entry_id: entry_id.to_owned(),
                 public_key,
+                template_values: Default::default(),
             }],
         })
         .await?
