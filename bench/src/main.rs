@@ -7,7 +7,8 @@
 //! attestor's warm call (hash cache hit); P-256 signing (raw) vs X.509-SVID and JWT-SVID
 //! signing; P-256 verification (raw) vs JWT-SVID validation; a raw Unix-socket
 //! ping-pong vs `FetchX509SVID` on an open connection and on a new one, through a real
-//! server and agent.
+//! server and agent; entry create/delete propagation to an open stream vs an admin round
+//! trip.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -338,6 +339,113 @@ async fn workload_api(quick: bool) -> Result<Vec<Value>> {
     ])
 }
 
+/// Entry create -> SVID on an open `FetchX509SVID` stream, and entry delete -> the
+/// identity gone from it, through a real server and agent (admin API, datastore write,
+/// `Sync` push over mutual TLS, signing, Workload API push). Floor: the admin
+/// `CreateEntry` round trip alone, which every propagation includes.
+async fn propagation(quick: bool) -> Result<Vec<Value>> {
+    use tessera_agent::cli::with_header;
+    use tessera_proto::admin::{DeleteEntryRequest, GetEntryRequest};
+    use tessera_proto::workload::X509svidRequest;
+    use tessera_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+
+    let n = if quick { 10 } else { 100 };
+    let h = tessera_tests::Harness::start().await;
+    let agent = tessera_agent::start(
+        h.agent_config("propagation"),
+        Some(h.join_token(None).await),
+    )
+    .await?;
+    tessera_tests::wait_until("agent synced", Duration::from_secs(10), || {
+        agent.is_synced()
+    })
+    .await;
+    let parent = agent.agent_id().as_str().to_owned();
+    let selector = format!("unix:uid:{}", tessera_tests::my_uid());
+    h.create_entry(&parent, "spiffe://example.org/bench/base", &[&selector], 0)
+        .await
+        .map_err(|status| anyhow::anyhow!("entry: {status}"))?;
+    let channel = tessera_proto::uds::connect(agent.socket_path()).await?;
+    let mut client = SpiffeWorkloadApiClient::new(channel);
+    // The stream opens once the base SVID exists.
+    let mut stream = loop {
+        let mut stream = client
+            .fetch_x509svid(with_header(X509svidRequest {}))
+            .await?
+            .into_inner();
+        if let Ok(Some(message)) = stream.message().await {
+            if message.svids.len() == 1 {
+                break stream;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut admin = h.admin().await;
+    let mut create = Vec::with_capacity(n);
+    let mut delete = Vec::with_capacity(n);
+    let mut admin_floor = Vec::with_capacity(n);
+    for i in 0..n {
+        let start = Instant::now();
+        let entry = h
+            .create_entry(
+                &parent,
+                &format!("spiffe://example.org/bench/p{i}"),
+                &[&selector],
+                0,
+            )
+            .await
+            .map_err(|status| anyhow::anyhow!("entry: {status}"))?;
+        loop {
+            let message = stream.message().await?.context("stream ended")?;
+            if message.svids.len() == 2 {
+                break;
+            }
+        }
+        create.push(start.elapsed());
+        let start = Instant::now();
+        admin
+            .delete_entry(DeleteEntryRequest { id: entry.id })
+            .await?;
+        loop {
+            let message = stream.message().await?.context("stream ended")?;
+            if message.svids.len() == 1 {
+                break;
+            }
+        }
+        delete.push(start.elapsed());
+        // The floor: one admin round trip that reads the datastore.
+        let start = Instant::now();
+        let _ = admin
+            .get_entry(GetEntryRequest { id: "0".repeat(32) })
+            .await;
+        admin_floor.push(start.elapsed());
+    }
+    agent.stop().await?;
+    let floor = latency(&admin_floor)?;
+    let floor_p50 = floor["p50"].as_f64().unwrap_or(0.0);
+    let create_latency = latency(&create)?;
+    let delete_latency = latency(&delete)?;
+    let create_p50 = create_latency["p50"].as_f64().unwrap_or(0.0);
+    let delete_p50 = delete_latency["p50"].as_f64().unwrap_or(0.0);
+    Ok(vec![
+        json!({ "name": "admin_round_trip", "latency": floor, "note": "admin GetEntry over the admin Unix socket (datastore read)" }),
+        json!({
+            "name": "propagation_entry_create",
+            "latency": create_latency,
+            "floor": "admin_round_trip",
+            "ratio_to_floor_p50": ratio(create_p50, floor_p50),
+            "note": "entry create -> the new SVID on an open FetchX509SVID stream (Sync push, signing, Workload API push)"
+        }),
+        json!({
+            "name": "propagation_entry_delete",
+            "latency": delete_latency,
+            "floor": "admin_round_trip",
+            "ratio_to_floor_p50": ratio(delete_p50, floor_p50),
+            "note": "entry delete -> the identity gone from the open stream"
+        }),
+    ])
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let mut results = Vec::new();
@@ -348,6 +456,7 @@ fn main() -> Result<()> {
         .enable_all()
         .build()?;
     results.extend(runtime.block_on(workload_api(args.quick))?);
+    results.extend(runtime.block_on(propagation(args.quick))?);
     let kernel = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_default();

@@ -16,6 +16,7 @@ mod entries;
 mod hardening;
 mod jwt;
 mod node_api;
+mod propagation;
 mod selectors;
 mod support;
 mod workload_api;
