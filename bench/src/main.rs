@@ -373,10 +373,10 @@ async fn propagation(quick: bool) -> Result<Vec<Value>> {
             .fetch_x509svid(with_header(X509svidRequest {}))
             .await?
             .into_inner();
-        if let Ok(Some(message)) = stream.message().await {
-            if message.svids.len() == 1 {
-                break stream;
-            }
+        if let Ok(Some(message)) = stream.message().await
+            && message.svids.len() == 1
+        {
+            break stream;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };

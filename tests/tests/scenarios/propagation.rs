@@ -28,10 +28,10 @@ async fn open_stream(socket: &Path, want: usize) -> Streaming<X509svidResponse> 
         let mut client = raw_workload_client(socket).await;
         if let Ok(response) = client.fetch_x509svid(with_header(X509svidRequest {})).await {
             let mut stream = response.into_inner();
-            if let Ok(Some(first)) = stream.message().await {
-                if first.svids.len() == want {
-                    return stream;
-                }
+            if let Ok(Some(first)) = stream.message().await
+                && first.svids.len() == want
+            {
+                return stream;
             }
         }
         assert!(Instant::now() < deadline, "no stream with {want} SVIDs");
