@@ -1,7 +1,9 @@
 //! The admin API (`tessera.admin.v1.Admin`) on a local Unix socket, authorized by the
 //! caller's uid (root, the server's own uid, or a configured admin uid). Every request
 //! is validated here, at the boundary: IDs, selectors, TTLs and DNS names are parsed
-//! before anything reaches the datastore.
+//! before anything reaches the datastore. Every call is audited (`admin_call`, with the
+//! caller's uid, the action as the CLI names it, e.g. `entry create`, the object and
+//! the outcome); bans, evictions and revocations get their own records too.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -22,9 +24,10 @@ use tessera_proto::types::{Bundle, Entry};
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
-use crate::datastore::{MAX_JWT_AUDIENCE_LEN, NewEntry, NewJoinToken};
+use crate::datastore::{AttestedAgent, MAX_JWT_AUDIENCE_LEN, NewEntry, NewJoinToken, Revocation};
 use crate::error::ApiError;
 use crate::state::{RESERVED_PREFIX, ServerState, is_reserved_path, unix_seconds};
+use tessera_audit::{Outcome, ServerEvent};
 
 /// How long a new JWT key is published before it signs: connected agents receive a
 /// bundle change within milliseconds; this leaves a wide margin.
@@ -54,21 +57,33 @@ impl AdminService {
         }
     }
 
-    fn authorize<T>(&self, request: &Request<T>, action: &str) -> Result<(), Status> {
+    /// Checks the caller's uid; a refused call is audited here, an allowed one by
+    /// [`AdminService::finish`].
+    fn authorize<T>(&self, request: &Request<T>, action: &'static str) -> Result<Caller, Status> {
         let uid = request
             .extensions()
             .get::<UdsConnectInfo>()
             .and_then(|info| info.peer_cred)
             .map(|cred| cred.uid());
         match uid {
-            Some(uid) if self.allowed_uids.contains(&uid) => Ok(()),
+            Some(uid) if self.allowed_uids.contains(&uid) => Ok(Caller { uid, action }),
             Some(uid) => {
                 tracing::warn!(uid, action, "admin API call refused: uid not authorized");
-                Err(Status::permission_denied(format!(
-                    "uid {uid} may not use the admin API"
-                )))
+                let err =
+                    ApiError::PermissionDenied(format!("uid {uid} may not use the admin API"));
+                self.state.audit.record(ServerEvent::AdminCall {
+                    caller_uid: uid,
+                    action: action.to_owned(),
+                    object: None,
+                    result: Outcome::Error,
+                    reason: Some(err.to_string()),
+                });
+                Err(err.into())
             }
-            None => Err(Status::permission_denied("caller credentials unavailable")),
+            None => {
+                tracing::warn!(action, "admin API call refused: no peer credentials");
+                Err(ApiError::PermissionDenied("caller credentials unavailable".into()).into())
+            }
         }
     }
 
@@ -215,230 +230,468 @@ pub fn validate_dns_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// An authorized admin caller, for the audit record of its call.
+#[derive(Debug, Clone, Copy)]
+struct Caller {
+    uid: u32,
+    action: &'static str,
+}
+
+impl AdminService {
+    /// Audits the outcome of an admin call and converts it for the gRPC edge: the one
+    /// place admin errors become a `Status`.
+    fn finish<T>(
+        &self,
+        caller: Caller,
+        object: Option<String>,
+        result: Result<T, ApiError>,
+    ) -> Result<Response<T>, Status> {
+        let (outcome, reason) = match &result {
+            Ok(_) => (Outcome::Ok, None),
+            Err(err) => (Outcome::Error, Some(err.to_string())),
+        };
+        self.state.audit.record(ServerEvent::AdminCall {
+            caller_uid: caller.uid,
+            action: caller.action.to_owned(),
+            object,
+            result: outcome,
+            reason,
+        });
+        result.map(Response::new).map_err(Status::from)
+    }
+
+    /// An agent ID named by an operator: a SPIFFE ID in our trust domain.
+    fn parse_agent_id(&self, text: &str) -> Result<SpiffeId, ApiError> {
+        self.parse_id("spiffe_id", text)
+    }
+
+    async fn get_agent_record(&self, id: &SpiffeId) -> Result<AttestedAgent, ApiError> {
+        self.state
+            .datastore
+            .get_agent(id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(AGENT_NOT_FOUND.into()))
+    }
+
+    /// `instance revoke`: checks that `text` names an instance of a templated entry
+    /// (never a fixed entry ID), stores the revocation for as long as any SVID of it can
+    /// live, rebuilds the CRL, wakes `Sync` streams, and records `instance_revoked`
+    /// with `caller_uid`. Revoking again returns the revocation in force.
+    pub(crate) async fn revoke(&self, caller_uid: u32, text: &str) -> Result<Revocation, ApiError> {
+        let id = self.parse_id("spiffe_id", text)?;
+        if id.is_trust_domain_id() {
+            return Err(ApiError::InvalidArgument(format!(
+                "spiffe_id {id} is a trust domain ID; name one instance's SPIFFE ID"
+            )));
+        }
+        if is_reserved_path(id.path()) {
+            return Err(ApiError::InvalidArgument(format!(
+                "spiffe_id {id} is a tessera identity; use `agent ban` or `agent evict` for agents"
+            )));
+        }
+        let entries = self.state.datastore.list_entries().await?;
+        if let Some(entry) = entries.iter().find(|e| e.spiffe_id.as_fixed() == Some(&id)) {
+            return Err(ApiError::InvalidArgument(format!(
+                "{id} is the fixed SPIFFE ID of entry {}, not an instance of a template; \
+                 to stop serving it, delete or update that entry instead",
+                entry.id
+            )));
+        }
+        let matching: Vec<_> = entries
+            .iter()
+            .filter(|e| e.spiffe_id.is_template() && e.spiffe_id.matches(&id))
+            .collect();
+        if matching.is_empty() {
+            return Err(ApiError::InvalidArgument(format!(
+                "{id} is not an instance of any templated entry (one whose SPIFFE ID holds \
+                 {{instance}}, {{uid}} or {{systemd_unit}}); to stop serving an identity \
+                 that is not such an instance, delete or update its entry instead"
+            )));
+        }
+        // Long enough for every SVID of the identity that can exist to expire.
+        let config = &self.state.config;
+        let longest_x509 = matching
+            .iter()
+            .map(|e| e.x509_svid_ttl.unwrap_or(config.default_x509_svid_ttl))
+            .max()
+            .unwrap_or(config.default_x509_svid_ttl);
+        let lifetime = longest_x509.max(config.max_jwt_svid_ttl) + REVOCATION_SKEW;
+        let scope: Vec<SpiffeId> = matching.iter().map(|e| e.parent_id.clone()).collect();
+        let now = SystemTime::now();
+        let (revocation, created) = self
+            .state
+            .datastore
+            .revoke_identity(&id, now, now + lifetime, &scope)
+            .await?;
+        if created {
+            // The CRL first, then the wake-up: the delta that tells agents about the
+            // revocation carries the CRL listing its serials.
+            if let Err(err) = self.state.refresh_crl().await {
+                tracing::error!(error = %err, "revocation stored but the CRL cannot be rebuilt");
+            }
+            self.state.publish_revision().await;
+            self.state.audit.record(ServerEvent::InstanceRevoked {
+                spiffe_id: id.to_string(),
+                caller_uid,
+                serials: revocation.serials.clone(),
+            });
+            tracing::info!(spiffe_id = %id, serials = revocation.serials.len(), "identity revoked");
+        }
+        Ok(revocation)
+    }
+}
+
+/// `NotFound` message for an unknown agent.
+const AGENT_NOT_FOUND: &str = "agent not found";
+
+/// Added to the longest SVID lifetime of a revoked identity: clock skew between the
+/// server, agents and verifiers.
+pub const REVOCATION_SKEW: Duration = Duration::from_secs(10);
+
+fn agent_to_proto(agent: AttestedAgent) -> Agent {
+    Agent {
+        spiffe_id: agent.spiffe_id.to_string(),
+        attestation_type: agent.attestation_type,
+        serial: agent.serial,
+        expires_at: unix_seconds(agent.expires_at),
+        aliases: agent.aliases.iter().map(ToString::to_string).collect(),
+        first_attested_at: unix_seconds(agent.first_attested_at),
+        last_seen_at: unix_seconds(agent.last_seen_at),
+        banned_at: agent.banned_at.map_or(0, unix_seconds),
+    }
+}
+
+fn revocation_to_proto(revocation: Revocation) -> tessera_proto::admin::Revocation {
+    tessera_proto::admin::Revocation {
+        spiffe_id: revocation.spiffe_id.to_string(),
+        revoked_at: unix_seconds(revocation.revoked_at),
+        expires_at: unix_seconds(revocation.expires_at),
+        serials: revocation.serials,
+    }
+}
+
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn create_join_token(
         &self,
         request: Request<CreateJoinTokenRequest>,
     ) -> Result<Response<CreateJoinTokenResponse>, Status> {
-        self.authorize(&request, "token generate")?;
+        let caller = self.authorize(&request, "token generate")?;
         let request = request.into_inner();
-        let ttl = match request.ttl_seconds {
-            0 => self.state.config.join_token_ttl,
-            secs if secs < 0 => return Err(Status::invalid_argument("ttl must not be negative")),
-            secs => Duration::from_secs(secs.unsigned_abs()),
-        };
-        if ttl > MAX_JOIN_TOKEN_TTL {
-            return Err(Status::invalid_argument("ttl must be at most 720h"));
-        }
-        let alias = match request.alias_spiffe_id.as_str() {
-            "" => None,
-            text => {
-                let alias = self.parse_id("spiffe_id", text)?;
-                if alias.is_trust_domain_id() || alias.has_path_prefix(RESERVED_PREFIX) {
-                    return Err(Status::invalid_argument(format!(
-                        "alias {alias} must have a path outside {RESERVED_PREFIX}/"
-                    )));
+        let result = async {
+            let ttl = match request.ttl_seconds {
+                0 => self.state.config.join_token_ttl,
+                secs if secs < 0 => {
+                    return Err(ApiError::InvalidArgument("ttl must not be negative".into()));
                 }
-                Some(alias)
+                secs => Duration::from_secs(secs.unsigned_abs()),
+            };
+            if ttl > MAX_JOIN_TOKEN_TTL {
+                return Err(ApiError::InvalidArgument("ttl must be at most 720h".into()));
             }
-        };
-        let token = JoinToken::generate();
-        let agent_id =
-            SpiffeId::from_segments(self.state.trust_domain(), &agent_path_segments(token.id()))
-                .map_err(|err| ApiError::Internal(format!("agent id: {err}")))?;
-        let expires_at = SystemTime::now() + ttl;
-        self.state
-            .datastore
-            .create_join_token(NewJoinToken {
-                id: token.id().to_owned(),
-                secret_hash: token.secret_hash(),
-                alias,
-                expires_at,
+            let alias = match request.alias_spiffe_id.as_str() {
+                "" => None,
+                text => {
+                    let alias = self.parse_id("spiffe_id", text)?;
+                    if alias.is_trust_domain_id() || alias.has_path_prefix(RESERVED_PREFIX) {
+                        return Err(ApiError::InvalidArgument(format!(
+                            "alias {alias} must have a path outside {RESERVED_PREFIX}/"
+                        )));
+                    }
+                    Some(alias)
+                }
+            };
+            let token = JoinToken::generate();
+            let agent_id = SpiffeId::from_segments(
+                self.state.trust_domain(),
+                &agent_path_segments(token.id()),
+            )
+            .map_err(|err| ApiError::Internal(format!("agent id: {err}")))?;
+            let expires_at = SystemTime::now() + ttl;
+            self.state
+                .datastore
+                .create_join_token(NewJoinToken {
+                    id: token.id().to_owned(),
+                    secret_hash: token.secret_hash(),
+                    alias,
+                    expires_at,
+                })
+                .await?;
+            tracing::info!(token_id = token.id(), "join token created");
+            Ok(CreateJoinTokenResponse {
+                token: token.expose(),
+                token_id: token.id().to_owned(),
+                agent_spiffe_id: agent_id.to_string(),
+                expires_at: unix_seconds(expires_at),
             })
-            .await
-            .map_err(ApiError::from)?;
-        tracing::info!(token_id = token.id(), "join token created");
-        Ok(Response::new(CreateJoinTokenResponse {
-            token: token.expose(),
-            token_id: token.id().to_owned(),
-            agent_spiffe_id: agent_id.to_string(),
-            expires_at: unix_seconds(expires_at),
-        }))
+        }
+        .await;
+        // The token id only: the value never reaches the audit log.
+        let object = result.as_ref().ok().map(|r| r.token_id.clone());
+        self.finish(caller, object, result)
     }
 
     async fn create_entry(
         &self,
         request: Request<CreateEntryRequest>,
     ) -> Result<Response<Entry>, Status> {
-        self.authorize(&request, "entry create")?;
-        let entry = request
-            .into_inner()
-            .entry
-            .ok_or_else(|| Status::invalid_argument("entry is required"))?;
-        let new = self.validate_entry(&entry)?;
-        let created = self
-            .state
-            .datastore
-            .create_entry(new)
-            .await
-            .map_err(ApiError::from)?;
-        self.state.publish_revision().await;
-        tracing::info!(entry_id = %created.id, spiffe_id = %created.spiffe_id, "entry created");
-        Ok(Response::new(entry_to_proto(&created)))
+        let caller = self.authorize(&request, "entry create")?;
+        let result = async {
+            let entry = request
+                .into_inner()
+                .entry
+                .ok_or_else(|| ApiError::InvalidArgument("entry is required".into()))?;
+            let new = self.validate_entry(&entry)?;
+            let created = self.state.datastore.create_entry(new).await?;
+            self.state.publish_revision().await;
+            tracing::info!(entry_id = %created.id, spiffe_id = %created.spiffe_id, "entry created");
+            Ok(entry_to_proto(&created))
+        }
+        .await;
+        let object = result.as_ref().ok().map(|e| e.id.clone());
+        self.finish(caller, object, result)
     }
 
     async fn update_entry(
         &self,
         request: Request<UpdateEntryRequest>,
     ) -> Result<Response<Entry>, Status> {
-        self.authorize(&request, "entry update")?;
-        let entry = request
-            .into_inner()
-            .entry
-            .ok_or_else(|| Status::invalid_argument("entry is required"))?;
-        let new = self.validate_entry(&entry)?;
-        let updated = self
-            .state
-            .datastore
-            .update_entry(&entry.id, new)
-            .await
-            .map_err(ApiError::from)?
-            .ok_or_else(|| Status::not_found("entry not found"))?;
-        self.state.publish_revision().await;
-        tracing::info!(entry_id = %updated.id, spiffe_id = %updated.spiffe_id, "entry updated");
-        Ok(Response::new(entry_to_proto(&updated)))
+        let caller = self.authorize(&request, "entry update")?;
+        let entry = request.into_inner().entry;
+        let object = entry.as_ref().map(|e| e.id.clone());
+        let result = async {
+            let entry =
+                entry.ok_or_else(|| ApiError::InvalidArgument("entry is required".into()))?;
+            let new = self.validate_entry(&entry)?;
+            let updated = self
+                .state
+                .datastore
+                .update_entry(&entry.id, new)
+                .await?
+                .ok_or_else(|| ApiError::NotFound("entry not found".into()))?;
+            self.state.publish_revision().await;
+            tracing::info!(entry_id = %updated.id, spiffe_id = %updated.spiffe_id, "entry updated");
+            Ok(entry_to_proto(&updated))
+        }
+        .await;
+        self.finish(caller, object, result)
     }
 
     async fn get_entry(
         &self,
         request: Request<GetEntryRequest>,
     ) -> Result<Response<Entry>, Status> {
-        self.authorize(&request, "entry show")?;
-        let entry = self
-            .state
-            .datastore
-            .get_entry(&request.get_ref().id)
-            .await
-            .map_err(ApiError::from)?
-            .ok_or_else(|| Status::not_found("entry not found"))?;
-        Ok(Response::new(entry_to_proto(&entry)))
+        let caller = self.authorize(&request, "entry show")?;
+        let id = request.into_inner().id;
+        let result = async {
+            let entry = self
+                .state
+                .datastore
+                .get_entry(&id)
+                .await?
+                .ok_or_else(|| ApiError::NotFound("entry not found".into()))?;
+            Ok(entry_to_proto(&entry))
+        }
+        .await;
+        self.finish(caller, Some(id), result)
     }
 
     async fn list_entries(
         &self,
         request: Request<ListEntriesRequest>,
     ) -> Result<Response<ListEntriesResponse>, Status> {
-        self.authorize(&request, "entry list")?;
-        let entries = self
-            .state
-            .datastore
-            .list_entries()
-            .await
-            .map_err(ApiError::from)?;
-        Ok(Response::new(ListEntriesResponse {
-            entries: entries.iter().map(entry_to_proto).collect(),
-        }))
+        let caller = self.authorize(&request, "entry list")?;
+        let result = async {
+            let entries = self.state.datastore.list_entries().await?;
+            Ok(ListEntriesResponse {
+                entries: entries.iter().map(entry_to_proto).collect(),
+            })
+        }
+        .await;
+        self.finish(caller, None, result)
     }
 
     async fn delete_entry(
         &self,
         request: Request<DeleteEntryRequest>,
     ) -> Result<Response<DeleteEntryResponse>, Status> {
-        self.authorize(&request, "entry delete")?;
-        let id = &request.get_ref().id;
-        if !self
-            .state
-            .datastore
-            .delete_entry(id)
-            .await
-            .map_err(ApiError::from)?
-        {
-            return Err(Status::not_found("entry not found"));
+        let caller = self.authorize(&request, "entry delete")?;
+        let id = request.into_inner().id;
+        let result = async {
+            if !self.state.datastore.delete_entry(&id).await? {
+                return Err(ApiError::NotFound("entry not found".into()));
+            }
+            self.state.publish_revision().await;
+            tracing::info!(entry_id = %id, "entry deleted");
+            Ok(DeleteEntryResponse {})
         }
-        self.state.publish_revision().await;
-        tracing::info!(entry_id = %id, "entry deleted");
-        Ok(Response::new(DeleteEntryResponse {}))
+        .await;
+        self.finish(caller, Some(id), result)
     }
 
     async fn list_agents(
         &self,
         request: Request<ListAgentsRequest>,
     ) -> Result<Response<ListAgentsResponse>, Status> {
-        self.authorize(&request, "agent list")?;
-        let agents = self
-            .state
-            .datastore
-            .list_agents()
-            .await
-            .map_err(ApiError::from)?;
-        Ok(Response::new(ListAgentsResponse {
-            agents: agents
-                .into_iter()
-                .map(|agent| Agent {
-                    spiffe_id: agent.spiffe_id.to_string(),
-                    attestation_type: agent.attestation_type,
-                    serial: agent.serial,
-                    expires_at: unix_seconds(agent.expires_at),
-                    aliases: agent.aliases.iter().map(ToString::to_string).collect(),
-                    first_attested_at: unix_seconds(agent.first_attested_at),
-                    last_seen_at: unix_seconds(agent.last_seen_at),
-                    banned_at: 0,
-                })
-                .collect(),
-        }))
+        let caller = self.authorize(&request, "agent list")?;
+        let result = async {
+            let agents = self.state.datastore.list_agents().await?;
+            Ok(ListAgentsResponse {
+                agents: agents.into_iter().map(agent_to_proto).collect(),
+            })
+        }
+        .await;
+        self.finish(caller, None, result)
     }
 
     async fn get_agent(
         &self,
-        _request: Request<GetAgentRequest>,
+        request: Request<GetAgentRequest>,
     ) -> Result<Response<Agent>, Status> {
-        Err(Status::unimplemented("WIP"))
+        let caller = self.authorize(&request, "agent show")?;
+        let text = request.into_inner().spiffe_id;
+        let result = async {
+            let id = self.parse_agent_id(&text)?;
+            Ok(agent_to_proto(self.get_agent_record(&id).await?))
+        }
+        .await;
+        self.finish(caller, Some(text), result)
     }
 
     async fn ban_agent(
         &self,
-        _request: Request<BanAgentRequest>,
+        request: Request<BanAgentRequest>,
     ) -> Result<Response<Agent>, Status> {
-        Err(Status::unimplemented("WIP"))
+        let caller = self.authorize(&request, "agent ban")?;
+        let text = request.into_inner().spiffe_id;
+        let result = async {
+            let id = self.parse_agent_id(&text)?;
+            let agent = self
+                .state
+                .datastore
+                .ban_agent(&id, SystemTime::now())
+                .await?
+                .ok_or_else(|| ApiError::NotFound(AGENT_NOT_FOUND.into()))?;
+            self.state.publish_revision().await;
+            self.state.audit.record(ServerEvent::AgentBanned {
+                agent_id: id.to_string(),
+                caller_uid: caller.uid,
+            });
+            tracing::warn!(agent_id = %id, caller_uid = caller.uid, "agent banned");
+            Ok(agent_to_proto(agent))
+        }
+        .await;
+        self.finish(caller, Some(text), result)
     }
 
     async fn evict_agent(
         &self,
-        _request: Request<EvictAgentRequest>,
+        request: Request<EvictAgentRequest>,
     ) -> Result<Response<EvictAgentResponse>, Status> {
-        Err(Status::unimplemented("WIP"))
+        let caller = self.authorize(&request, "agent evict")?;
+        let text = request.into_inner().spiffe_id;
+        let result = async {
+            let id = self.parse_agent_id(&text)?;
+            if !self.state.datastore.evict_agent(&id).await? {
+                return Err(ApiError::NotFound(AGENT_NOT_FOUND.into()));
+            }
+            self.state.publish_revision().await;
+            self.state.audit.record(ServerEvent::AgentEvicted {
+                agent_id: id.to_string(),
+                caller_uid: caller.uid,
+            });
+            tracing::warn!(agent_id = %id, caller_uid = caller.uid, "agent evicted");
+            Ok(EvictAgentResponse {})
+        }
+        .await;
+        self.finish(caller, Some(text), result)
     }
 
     async fn revoke_instance(
         &self,
-        _request: Request<RevokeInstanceRequest>,
+        request: Request<RevokeInstanceRequest>,
     ) -> Result<Response<RevokeInstanceResponse>, Status> {
-        Err(Status::unimplemented("WIP"))
+        let caller = self.authorize(&request, "instance revoke")?;
+        let text = request.into_inner().spiffe_id;
+        let result = self
+            .revoke(caller.uid, &text)
+            .await
+            .map(|r| RevokeInstanceResponse {
+                revocation: Some(revocation_to_proto(r)),
+            });
+        self.finish(caller, Some(text), result)
     }
 
     async fn list_revocations(
         &self,
-        _request: Request<ListRevocationsRequest>,
+        request: Request<ListRevocationsRequest>,
     ) -> Result<Response<ListRevocationsResponse>, Status> {
-        Err(Status::unimplemented("WIP"))
+        let caller = self.authorize(&request, "instance list")?;
+        let result = async {
+            let now = SystemTime::now();
+            let revocations = self.state.datastore.list_revocations().await?;
+            Ok(ListRevocationsResponse {
+                revocations: revocations
+                    .into_iter()
+                    .filter(|r| r.expires_at > now)
+                    .map(revocation_to_proto)
+                    .collect(),
+            })
+        }
+        .await;
+        self.finish(caller, None, result)
     }
 
     async fn get_bundle(
         &self,
         request: Request<GetBundleRequest>,
     ) -> Result<Response<Bundle>, Status> {
-        self.authorize(&request, "bundle show")?;
-        Ok(Response::new(self.state.bundle().await?))
+        let caller = self.authorize(&request, "bundle show")?;
+        let result = self.state.bundle().await;
+        self.finish(caller, None, result)
     }
 
     async fn rotate_jwt_authority(
         &self,
         request: Request<RotateJwtAuthorityRequest>,
     ) -> Result<Response<RotateJwtAuthorityResponse>, Status> {
-        self.authorize(&request, "authority rotate-jwt-key")?;
-        // Publish the next key first and give agents time to receive it, then sign
-        // with it: a token must never reach a verifier before its key does.
+        let caller = self.authorize(&request, "authority rotate-jwt-key")?;
+        let result = self.rotate_jwt().await;
+        let object = result.as_ref().ok().map(|r| r.kid.clone());
+        self.finish(caller, object, result)
+    }
+
+    async fn health(
+        &self,
+        request: Request<HealthRequest>,
+    ) -> Result<Response<HealthResponse>, Status> {
+        let caller = self.authorize(&request, "healthcheck")?;
+        let result = async {
+            self.state.datastore.ping().await?;
+            Ok(HealthResponse {
+                trust_domain: self.state.trust_domain().to_string(),
+                revision: self.state.datastore.current_revision().await?,
+                ca_not_after: unix_seconds(self.state.ca.not_after()),
+                x509_svids_signed: self
+                    .state
+                    .x509_svids_signed
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                jwt_svids_signed: self
+                    .state
+                    .jwt_svids_signed
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            })
+        }
+        .await;
+        self.finish(caller, None, result)
+    }
+}
+
+impl AdminService {
+    /// `authority rotate-jwt-key`: publish the next key first and give agents time to
+    /// receive it, then sign with it; a token must never reach a verifier before its
+    /// key does.
+    async fn rotate_jwt(&self) -> Result<RotateJwtAuthorityResponse, ApiError> {
         let jwt = Arc::clone(&self.state.jwt);
         let next = tokio::task::spawn_blocking(move || jwt.prepare())
             .await
@@ -491,41 +744,222 @@ impl Admin for AdminService {
             new_kid = current.kid(),
             "JWT signing key replaced"
         );
-        Ok(Response::new(RotateJwtAuthorityResponse {
+        Ok(RotateJwtAuthorityResponse {
             kid: current.kid().to_owned(),
-        }))
-    }
-
-    async fn health(
-        &self,
-        request: Request<HealthRequest>,
-    ) -> Result<Response<HealthResponse>, Status> {
-        self.authorize(&request, "healthcheck")?;
-        self.state.datastore.ping().await.map_err(ApiError::from)?;
-        Ok(Response::new(HealthResponse {
-            trust_domain: self.state.trust_domain().to_string(),
-            revision: self
-                .state
-                .datastore
-                .current_revision()
-                .await
-                .map_err(ApiError::from)?,
-            ca_not_after: unix_seconds(self.state.ca.not_after()),
-            x509_svids_signed: self
-                .state
-                .x509_svids_signed
-                .load(std::sync::atomic::Ordering::Relaxed),
-            jwt_svids_signed: self
-                .state
-                .jwt_svids_signed
-                .load(std::sync::atomic::Ordering::Relaxed),
-        }))
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::validate_dns_name;
+    use std::path::Path;
+
+    use tessera_plugin_sdk::Selector;
+    use tessera_plugin_sdk::template::instance_value;
+
+    use super::*;
+
+    async fn service(dir: &Path) -> AdminService {
+        let text = format!(
+            "[server]\ntrust_domain = \"example.org\"\ndata_dir = \"{}\"\n\
+             audit_log_path = \"{}\"\ndefault_x509_svid_ttl = \"1h\"\n\
+             max_jwt_svid_ttl = \"10m\"\n",
+            dir.join("data").display(),
+            dir.join("audit.jsonl").display()
+        );
+        let config = crate::config::ServerConfig::parse(&text, Path::new("t.toml")).unwrap();
+        AdminService::new(crate::prepare_state(config).await.unwrap())
+    }
+
+    async fn entry(
+        admin: &AdminService,
+        spiffe_id: &str,
+        parent: &str,
+        ttl: Option<u64>,
+    ) -> String {
+        admin
+            .state
+            .datastore
+            .create_entry(NewEntry {
+                spiffe_id: SpiffeIdTemplate::parse(spiffe_id).unwrap(),
+                parent_id: SpiffeId::parse(parent).unwrap(),
+                selectors: vec![Selector::parse("unix:uid:1000").unwrap()],
+                x509_svid_ttl: ttl.map(Duration::from_secs),
+                jwt_svid_ttl: None,
+                jwt_audiences: Vec::new(),
+                jwt_multi_audience: false,
+                dns_names: Vec::new(),
+                hint: String::new(),
+            })
+            .await
+            .unwrap()
+            .id
+    }
+
+    fn invalid(result: Result<Revocation, ApiError>) -> String {
+        match result {
+            Err(ApiError::InvalidArgument(message)) => message,
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        }
+    }
+
+    const NODE_1: &str = "spiffe://example.org/node/1";
+    const NODE_2: &str = "spiffe://example.org/node/2";
+
+    #[tokio::test]
+    async fn revoke_accepts_only_instances_of_templated_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let admin = service(dir.path()).await;
+        let fixed = entry(&admin, "spiffe://example.org/web", NODE_1, None).await;
+        entry(
+            &admin,
+            "spiffe://example.org/ai/bot/{instance}",
+            NODE_1,
+            Some(300),
+        )
+        .await;
+        entry(
+            &admin,
+            "spiffe://example.org/ai/bot/{instance}",
+            NODE_2,
+            None,
+        )
+        .await;
+        entry(&admin, "spiffe://example.org/u/{uid}", NODE_2, Some(60)).await;
+
+        // A fixed entry ID: delete or update the entry instead.
+        let message = invalid(admin.revoke(0, "spiffe://example.org/web").await);
+        assert!(
+            message.contains(&fixed) && message.contains("delete or update"),
+            "{message}"
+        );
+        // Matches no template.
+        for not_an_instance in [
+            "spiffe://example.org/ai/bot/research",
+            "spiffe://example.org/ai/bot",
+            "spiffe://example.org/u/007",
+            "spiffe://example.org/elsewhere",
+        ] {
+            let message = invalid(admin.revoke(0, not_an_instance).await);
+            assert!(
+                message.contains("not an instance of any templated entry"),
+                "{message}"
+            );
+        }
+        // Not ours, not a leaf, reserved, malformed.
+        for bad in [
+            "spiffe://other.org/ai/bot/x",
+            "spiffe://example.org",
+            "spiffe://example.org/tessera/agent/join_token/a",
+            "spiffe://example.org/ai/../bot",
+            "",
+        ] {
+            invalid(admin.revoke(0, bad).await);
+        }
+        assert!(
+            admin
+                .state
+                .datastore
+                .list_revocations()
+                .await
+                .unwrap()
+                .is_empty()
+        );
+
+        // An instance of two entries (two parents): both parents are in scope; it lasts
+        // for the longest SVID either could have (1 h default X.509 TTL of the second
+        // entry, beyond the 10 min JWT maximum) plus 10 s.
+        let x = instance_value("boot", 1, 2, None);
+        let x_id = format!("spiffe://example.org/ai/bot/{x}");
+        let revocation = admin.revoke(0, &x_id).await.unwrap();
+        assert_eq!(
+            revocation.scope,
+            vec![
+                SpiffeId::parse(NODE_1).unwrap(),
+                SpiffeId::parse(NODE_2).unwrap()
+            ]
+        );
+        assert_eq!(
+            revocation
+                .expires_at
+                .duration_since(revocation.revoked_at)
+                .unwrap(),
+            Duration::from_secs(3600 + 10)
+        );
+        // A `{uid}` instance whose entry has a short TTL: the JWT maximum decides.
+        let uid = admin
+            .revoke(0, "spiffe://example.org/u/1000")
+            .await
+            .unwrap();
+        assert_eq!(
+            uid.expires_at.duration_since(uid.revoked_at).unwrap(),
+            Duration::from_secs(600 + 10)
+        );
+        // Idempotent.
+        assert_eq!(admin.revoke(0, &x_id).await.unwrap(), revocation);
+        assert_eq!(
+            admin
+                .state
+                .datastore
+                .list_revocations()
+                .await
+                .unwrap()
+                .len(),
+            2
+        );
+    }
+
+    #[tokio::test]
+    async fn every_admin_call_is_audited_without_secrets() {
+        let dir = tempfile::tempdir().unwrap();
+        let admin = service(dir.path()).await;
+        let caller = Caller {
+            uid: 1234,
+            action: "entry delete",
+        };
+        let failed: Result<Response<DeleteEntryResponse>, Status> = admin.finish(
+            caller,
+            Some("abc".into()),
+            Err(ApiError::NotFound("entry not found".into())),
+        );
+        assert_eq!(failed.unwrap_err().code(), tonic::Code::NotFound);
+        let ok = admin.finish(
+            Caller {
+                uid: 0,
+                action: "agent ban",
+            },
+            Some("spiffe://example.org/tessera/agent/join_token/a".into()),
+            Ok(()),
+        );
+        assert!(ok.is_ok());
+        let internal: Result<Response<()>, Status> = admin.finish(
+            caller,
+            None,
+            Err(ApiError::Internal("the secret detail".into())),
+        );
+        assert_eq!(internal.unwrap_err().message(), "internal error");
+
+        admin.state.audit.flush_blocking().unwrap();
+        let text = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+        assert!(!text.contains("the secret detail"));
+        let records: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let calls: Vec<_> = records
+            .iter()
+            .filter(|r| r["event"] == "admin_call")
+            .collect();
+        assert_eq!(calls.len(), 3);
+        assert_eq!(calls[0]["caller_uid"], 1234);
+        assert_eq!(calls[0]["action"], "entry delete");
+        assert_eq!(calls[0]["object"], "abc");
+        assert_eq!(calls[0]["result"], "error");
+        assert_eq!(calls[0]["reason"], "entry not found");
+        assert_eq!(calls[1]["result"], "ok");
+        assert!(calls[1].get("reason").is_none());
+        assert_eq!(calls[2]["reason"], "internal error");
+    }
 
     #[test]
     fn dns_names() {

@@ -19,9 +19,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, DnValue,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, PublicKeyData,
-    SanType, SerialNumber,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
+    DnType, DnValue, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
+    PublicKeyData, RevokedCertParams, SanType, SerialNumber,
 };
 use tessera_plugin_sdk::fs::{
     ensure_private_dir, read_private_file, write_private_file, write_public_file,
@@ -43,6 +43,11 @@ use x509_parser::x509::SubjectPublicKeyInfo;
 pub const CA_KEY_FILE: &str = "ca_key.pem";
 /// File name of the CA certificate (PEM, mode 0644).
 pub const CA_CERT_FILE: &str = "ca_cert.pem";
+
+/// How long a CRL signed by [`CertificateAuthority::sign_crl`] is valid: its nextUpdate
+/// is this long after its thisUpdate. The server signs a fresh one whenever the revoked
+/// set changes, and at least every [`CRL_VALIDITY`]` / 2`.
+pub const CRL_VALIDITY: Duration = Duration::from_secs(24 * 3600);
 
 /// How far NotBefore is back-dated to absorb clock skew (SPIRE uses 10 s).
 pub const BACKDATE: Duration = Duration::from_secs(10);
@@ -324,6 +329,59 @@ impl CertificateAuthority {
             not_before: system_time(not_before),
             not_after: system_time(not_after),
         })
+    }
+
+    /// Signs a certificate revocation list (RFC 5280 §5, DER) naming this CA as issuer
+    /// and listing `revoked`: each serial (lowercase hex, as
+    /// [`IssuedCertificate::serial_hex`]) with its revocation time.
+    ///
+    /// thisUpdate is `now`, nextUpdate `now + `[`CRL_VALIDITY`]; `crl_number` goes in
+    /// the cRLNumber extension and must increase from one CRL to the next. Version 2,
+    /// with the authority key identifier of the CA. Blocking (signing).
+    pub fn sign_crl(
+        &self,
+        crl_number: u64,
+        revoked: &[(String, SystemTime)],
+        now: SystemTime,
+    ) -> Result<Vec<u8>, CaError> {
+        let this_update = to_offset(unix_of(now)?)?;
+        let next_update = to_offset(unix_of(now + CRL_VALIDITY)?)?;
+        let revoked_certs = revoked
+            .iter()
+            .map(|(serial, revoked_at)| {
+                let padded;
+                let serial = if serial.len() % 2 == 1 {
+                    padded = format!("0{serial}");
+                    &padded
+                } else {
+                    serial
+                };
+                let bytes = hex::decode(serial)
+                    .ok()
+                    .filter(|b| !b.is_empty() && b.len() <= 20)
+                    .ok_or_else(|| {
+                        CaError::InvalidRequest(format!("CRL: {serial:?} is not a hex serial"))
+                    })?;
+                Ok(RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(strip_leading_zeros(&bytes)),
+                    revocation_time: to_offset(unix_of(*revoked_at)?)?,
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+            })
+            .collect::<Result<Vec<_>, CaError>>()?;
+        let params = CertificateRevocationListParams {
+            this_update,
+            next_update,
+            crl_number: SerialNumber::from(crl_number),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        let crl = params
+            .signed_by(&self.issuer)
+            .map_err(|e| CaError::Signing(format!("CRL: {e}")))?;
+        Ok(crl.der().to_vec())
     }
 
     /// First start: generate the key and the certificate, persist both (key first, so
@@ -664,6 +722,15 @@ fn check_ca_certificate(
     if !ku.value.key_cert_sign() {
         return Err(corrupt("keyUsage lacks keyCertSign"));
     }
+    if !ku.value.crl_sign() {
+        // Every CA tessera creates has it; one made elsewhere may not. SVIDs still
+        // work, but no CRL can be signed, so revoked instances are only cut off by the
+        // agents and by expiry.
+        tracing::warn!(
+            "{CA_CERT_FILE}: keyUsage lacks cRLSign; instance revocations cannot be \
+             published as a CRL"
+        );
+    }
     if cert.public_key().raw != key.subject_public_key_info().as_slice() {
         return Err(CaError::Corrupt(format!(
             "{CA_CERT_FILE} does not certify the key in {CA_KEY_FILE}"
@@ -933,6 +1000,13 @@ fn backdate_secs() -> i64 {
     i64::try_from(BACKDATE.as_secs()).unwrap_or(0)
 }
 
+fn unix_of(time: SystemTime) -> Result<i64, CaError> {
+    let since = time
+        .duration_since(UNIX_EPOCH)
+        .map_err(|_| CaError::Signing("time before 1970".into()))?;
+    i64::try_from(since.as_secs()).map_err(|_| CaError::Signing("time out of range".into()))
+}
+
 fn unix_now() -> Result<i64, CaError> {
     let since = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -962,6 +1036,7 @@ fn system_time(unix: i64) -> SystemTime {
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::PermissionsExt;
+    use std::sync::Arc;
     use std::time::Instant;
 
     use rcgen::{CustomExtension, PKCS_ECDSA_P256_SHA256};
@@ -1739,6 +1814,137 @@ mod tests {
             CertificateAuthority::load_or_create(&root.path().join("big"), &td(), Duration::MAX)
                 .is_err()
         );
+    }
+
+    /// A CRL from [`CertificateAuthority::sign_crl`] is well formed, signed by the CA,
+    /// lists exactly the given serials, and makes rustls/webpki reject a revoked leaf
+    /// while a leaf it does not list still passes.
+    #[test]
+    fn crl_is_signed_and_rejects_revoked_leaves() {
+        use rustls::pki_types::CertificateRevocationListDer;
+
+        let (_root, _dir, ca) = new_ca();
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let spki = key.subject_public_key_info();
+        let revoked = ca
+            .sign_x509_svid(&spki, &id("/ai/bot/i-1"), &[], HOUR)
+            .unwrap();
+        let kept = ca
+            .sign_x509_svid(&spki, &id("/ai/bot/i-2"), &[], HOUR)
+            .unwrap();
+        let now = SystemTime::now();
+        let revoked_at = UNIX_EPOCH + Duration::from_secs(now_unix() as u64 - 5);
+        let crl = ca
+            .sign_crl(7, &[(revoked.serial_hex.clone(), revoked_at)], now)
+            .unwrap();
+
+        // x509-parser: structure, issuer, signature, number, times, the one serial.
+        let (rest, parsed) = x509_parser::parse_x509_crl(&crl).unwrap();
+        assert!(rest.is_empty());
+        let ca_cert = parse_certificate(ca.certificate_der()).unwrap();
+        assert_eq!(parsed.issuer().as_raw(), ca_cert.subject().as_raw());
+        parsed.verify_signature(ca_cert.public_key()).unwrap();
+        let other_ca_root = tempfile::tempdir().unwrap();
+        let other_ca =
+            CertificateAuthority::load_or_create(&other_ca_root.path().join("ca"), &td(), HOUR)
+                .unwrap();
+        let other_cert = parse_certificate(other_ca.certificate_der()).unwrap();
+        assert!(parsed.verify_signature(other_cert.public_key()).is_err());
+        assert_eq!(
+            parsed.crl_number(),
+            Some(&x509_parser::num_bigint::BigUint::from(7_u32))
+        );
+        assert_eq!(parsed.version(), Some(x509_parser::x509::X509Version(1)));
+        let this_update = parsed.last_update().timestamp();
+        let next_update = parsed.next_update().unwrap().timestamp();
+        assert!((this_update - now_unix()).abs() <= 2);
+        assert_eq!(next_update - this_update, CRL_VALIDITY.as_secs() as i64);
+        let listed: Vec<(String, i64)> = parsed
+            .iter_revoked_certificates()
+            .map(|r| {
+                (
+                    hex::encode(strip_leading_zeros(r.raw_serial())),
+                    r.revocation_date.timestamp(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            listed,
+            vec![(revoked.serial_hex.clone(), unix_of(revoked_at).unwrap())]
+        );
+
+        // rustls/webpki, as a TLS peer reading the Workload API's `crl` field would.
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from(ca.certificate_der().to_vec()))
+            .unwrap();
+        let roots = Arc::new(roots);
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::clone(&roots),
+            Arc::clone(&provider),
+        )
+        .with_crls(vec![CertificateRevocationListDer::from(crl.clone())])
+        .build()
+        .unwrap();
+        let at = UnixTime::now();
+        let err = verifier
+            .verify_client_cert(&CertificateDer::from(revoked.der.clone()), &[], at)
+            .unwrap_err();
+        assert_eq!(
+            err,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)
+        );
+        verifier
+            .verify_client_cert(&CertificateDer::from(kept.der.clone()), &[], at)
+            .unwrap();
+
+        // An empty CRL revokes nothing; a CRL of another CA is not authoritative.
+        let empty = ca.sign_crl(8, &[], now).unwrap();
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::clone(&roots),
+            Arc::clone(&provider),
+        )
+        .with_crls(vec![CertificateRevocationListDer::from(empty)])
+        .build()
+        .unwrap();
+        verifier
+            .verify_client_cert(&CertificateDer::from(revoked.der.clone()), &[], at)
+            .unwrap();
+        let foreign = other_ca
+            .sign_crl(1, &[(revoked.serial_hex.clone(), revoked_at)], now)
+            .unwrap();
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider)
+            .with_crls(vec![CertificateRevocationListDer::from(foreign)])
+            .allow_unknown_revocation_status()
+            .build()
+            .unwrap();
+        verifier
+            .verify_client_cert(&CertificateDer::from(revoked.der), &[], at)
+            .unwrap();
+    }
+
+    #[test]
+    fn crl_refuses_bad_serials() {
+        let (_root, _dir, ca) = new_ca();
+        let now = SystemTime::now();
+        for bad in ["", "zz", "0x12", &"ab".repeat(21)] {
+            assert!(
+                matches!(
+                    ca.sign_crl(1, &[(bad.to_owned(), now)], now),
+                    Err(CaError::InvalidRequest(_))
+                ),
+                "{bad:?}"
+            );
+        }
+        // An odd number of hex digits is a serial whose first byte is below 0x10.
+        let crl = ca.sign_crl(1, &[("abc".to_owned(), now)], now).unwrap();
+        let (_, parsed) = x509_parser::parse_x509_crl(&crl).unwrap();
+        let serials: Vec<&[u8]> = parsed
+            .iter_revoked_certificates()
+            .map(|r| r.raw_serial())
+            .collect();
+        assert_eq!(serials, vec![&[0x0a_u8, 0xbc][..]]);
     }
 
     #[test]

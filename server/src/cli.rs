@@ -11,9 +11,10 @@ use tessera_plugin_sdk::Selector;
 use tessera_plugin_sdk::config::parse_duration;
 use tessera_proto::admin::admin_client::AdminClient;
 use tessera_proto::admin::{
-    CreateEntryRequest, CreateJoinTokenRequest, DeleteEntryRequest, GetBundleRequest,
-    GetEntryRequest, HealthRequest, ListAgentsRequest, ListEntriesRequest,
-    RotateJwtAuthorityRequest, UpdateEntryRequest,
+    Agent, BanAgentRequest, CreateEntryRequest, CreateJoinTokenRequest, DeleteEntryRequest,
+    EvictAgentRequest, GetAgentRequest, GetBundleRequest, GetEntryRequest, HealthRequest,
+    ListAgentsRequest, ListEntriesRequest, ListRevocationsRequest, Revocation,
+    RevokeInstanceRequest, RotateJwtAuthorityRequest, UpdateEntryRequest,
 };
 use tessera_proto::convert::selector_to_proto;
 use tessera_proto::types::Entry;
@@ -47,9 +48,12 @@ pub enum Command {
     /// Manage registration entries.
     #[command(subcommand)]
     Entry(EntryCommand),
-    /// Inspect attested agents.
+    /// Inspect, ban and evict attested agents.
     #[command(subcommand)]
     Agent(AgentCommand),
+    /// Revoke one instance identity of a templated entry, and list revocations.
+    #[command(subcommand)]
+    Instance(InstanceCommand),
     /// Show the trust bundle.
     #[command(subcommand)]
     Bundle(BundleCommand),
@@ -251,7 +255,70 @@ pub enum BundleFormat {
 /// `agent` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum AgentCommand {
-    /// List attested agents.
+    /// List attested agents, banned ones included.
+    List {
+        /// Socket and output options.
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Show one attested agent.
+    Show {
+        /// The agent's SPIFFE ID, `spiffe://<td>/tessera/agent/<method>/<id>`.
+        #[arg(value_name = "SPIFFE_ID")]
+        id: String,
+        /// Socket and output options.
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Ban an agent: refuse all its calls and any re-attestation of its ID.
+    ///
+    /// A banned agent can no longer renew, sync or obtain SVIDs, and its ID can never
+    /// attest again (until evicted). A running agent is told at once; it stops serving,
+    /// deletes its SVID and exits. Banning a banned agent changes nothing.
+    Ban {
+        /// The agent's SPIFFE ID.
+        #[arg(value_name = "SPIFFE_ID")]
+        id: String,
+        /// Socket and output options.
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Evict an agent: delete its attestation record, so it must attest again.
+    ///
+    /// A running agent is told at once and must attest again (for join_token, with a
+    /// new token, which gives it a new agent ID). Evicting a banned agent lifts the
+    /// ban.
+    Evict {
+        /// The agent's SPIFFE ID.
+        #[arg(value_name = "SPIFFE_ID")]
+        id: String,
+        /// Socket and output options.
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+/// `instance` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum InstanceCommand {
+    /// Revoke one identity rendered from a templated entry (e.g. one `{instance}`).
+    ///
+    /// Every agent serving it stops at once and rejects its JWT-SVIDs, the server
+    /// never signs it again while the revocation lasts, and its X.509-SVID serials are
+    /// published in the CRL that agents give workloads. The revocation lasts until
+    /// every SVID the identity may hold has expired. Only instances of templated
+    /// entries are accepted: for a fixed SPIFFE ID, delete or update its entry.
+    /// Revoking again returns the existing revocation.
+    Revoke {
+        /// The rendered SPIFFE ID, e.g.
+        /// `spiffe://example.org/ai/research-bot/i-5f3a9c0d1e2b4a6f8c7d9e0f1a2b3c4d`.
+        #[arg(value_name = "SPIFFE_ID")]
+        spiffe_id: String,
+        /// Socket and output options.
+        #[command(flatten)]
+        common: Common,
+    },
+    /// List the revocations in force, with the serials each puts in the CRL.
     List {
         /// Socket and output options.
         #[command(flatten)]
@@ -373,6 +440,64 @@ fn entry_text(entry: &Entry) -> String {
     }
     out.push_str(&format!("Revision         : {}\n", entry.revision));
     out
+}
+
+fn agent_text(agent: &Agent) -> String {
+    let mut out = format!(
+        "Agent ID         : {}\nAttestation type : {}\nSerial           : {}\nExpires at       : {}\n",
+        agent.spiffe_id,
+        agent.attestation_type,
+        agent.serial,
+        unix_to_rfc3339(agent.expires_at)
+    );
+    for alias in &agent.aliases {
+        out.push_str(&format!("Alias            : {alias}\n"));
+    }
+    if agent.banned_at != 0 {
+        out.push_str(&format!(
+            "Status           : banned since {}\n",
+            unix_to_rfc3339(agent.banned_at)
+        ));
+    } else {
+        out.push_str("Status           : active\n");
+    }
+    out
+}
+
+fn agent_json(agent: &Agent) -> serde_json::Value {
+    json!({
+        "spiffe_id": agent.spiffe_id,
+        "attestation_type": agent.attestation_type,
+        "serial": agent.serial,
+        "expires_at": unix_to_rfc3339(agent.expires_at),
+        "aliases": agent.aliases,
+        "first_attested_at": unix_to_rfc3339(agent.first_attested_at),
+        "last_seen_at": unix_to_rfc3339(agent.last_seen_at),
+        "banned": agent.banned_at != 0,
+        "banned_at": (agent.banned_at != 0).then(|| unix_to_rfc3339(agent.banned_at)),
+    })
+}
+
+fn revocation_text(revocation: &Revocation) -> String {
+    let mut out = format!(
+        "SPIFFE ID        : {}\nRevoked at       : {}\nExpires at       : {}\n",
+        revocation.spiffe_id,
+        unix_to_rfc3339(revocation.revoked_at),
+        unix_to_rfc3339(revocation.expires_at)
+    );
+    for serial in &revocation.serials {
+        out.push_str(&format!("Serial           : {serial}\n"));
+    }
+    out
+}
+
+fn revocation_json(revocation: &Revocation) -> serde_json::Value {
+    json!({
+        "spiffe_id": revocation.spiffe_id,
+        "revoked_at": unix_to_rfc3339(revocation.revoked_at),
+        "expires_at": unix_to_rfc3339(revocation.expires_at),
+        "serials": revocation.serials,
+    })
 }
 
 fn pem(der: &[u8]) -> String {
@@ -540,35 +665,86 @@ pub async fn run_admin(command: Command) -> Result<String, CommandError> {
                 Output::Text => {
                     let mut out = format!("Found {} attested agents\n", agents.len());
                     for agent in &agents {
-                        out.push_str(&format!(
-                            "\nAgent ID         : {}\nAttestation type : {}\nSerial           : {}\nExpires at       : {}\n",
-                            agent.spiffe_id,
-                            agent.attestation_type,
-                            agent.serial,
-                            unix_to_rfc3339(agent.expires_at)
-                        ));
-                        for alias in &agent.aliases {
-                            out.push_str(&format!("Alias            : {alias}\n"));
-                        }
+                        out.push('\n');
+                        out.push_str(&agent_text(agent));
                     }
                     out
                 }
                 Output::Json => format!(
                     "{}\n",
-                    serde_json::Value::Array(
-                        agents
-                            .iter()
-                            .map(|a| json!({
-                                "spiffe_id": a.spiffe_id,
-                                "attestation_type": a.attestation_type,
-                                "serial": a.serial,
-                                "expires_at": unix_to_rfc3339(a.expires_at),
-                                "aliases": a.aliases,
-                                "first_attested_at": unix_to_rfc3339(a.first_attested_at),
-                                "last_seen_at": unix_to_rfc3339(a.last_seen_at),
-                            }))
-                            .collect()
-                    )
+                    serde_json::Value::Array(agents.iter().map(agent_json).collect())
+                ),
+            })
+        }
+        Command::Agent(AgentCommand::Show { id, common }) => {
+            let agent = client(&common)
+                .await?
+                .get_agent(GetAgentRequest { spiffe_id: id })
+                .await?
+                .into_inner();
+            Ok(match common.output {
+                Output::Text => agent_text(&agent),
+                Output::Json => format!("{}\n", agent_json(&agent)),
+            })
+        }
+        Command::Agent(AgentCommand::Ban { id, common }) => {
+            let agent = client(&common)
+                .await?
+                .ban_agent(BanAgentRequest { spiffe_id: id })
+                .await?
+                .into_inner();
+            Ok(match common.output {
+                Output::Text => format!("Banned agent {}\n", agent.spiffe_id),
+                Output::Json => format!("{}\n", agent_json(&agent)),
+            })
+        }
+        Command::Agent(AgentCommand::Evict { id, common }) => {
+            client(&common)
+                .await?
+                .evict_agent(EvictAgentRequest {
+                    spiffe_id: id.clone(),
+                })
+                .await?;
+            Ok(match common.output {
+                Output::Text => format!("Evicted agent {id}\n"),
+                Output::Json => format!("{}\n", json!({ "evicted": id })),
+            })
+        }
+        Command::Instance(InstanceCommand::Revoke { spiffe_id, common }) => {
+            let revocation = client(&common)
+                .await?
+                .revoke_instance(RevokeInstanceRequest { spiffe_id })
+                .await?
+                .into_inner()
+                .revocation
+                .ok_or_else(|| CommandError {
+                    code: 1,
+                    message: "the server sent no revocation".into(),
+                })?;
+            Ok(match common.output {
+                Output::Text => revocation_text(&revocation),
+                Output::Json => format!("{}\n", revocation_json(&revocation)),
+            })
+        }
+        Command::Instance(InstanceCommand::List { common }) => {
+            let revocations = client(&common)
+                .await?
+                .list_revocations(ListRevocationsRequest {})
+                .await?
+                .into_inner()
+                .revocations;
+            Ok(match common.output {
+                Output::Text => {
+                    let mut out = format!("Found {} revocations\n", revocations.len());
+                    for revocation in &revocations {
+                        out.push('\n');
+                        out.push_str(&revocation_text(revocation));
+                    }
+                    out
+                }
+                Output::Json => format!(
+                    "{}\n",
+                    serde_json::Value::Array(revocations.iter().map(revocation_json).collect())
                 ),
             })
         }
@@ -635,5 +811,73 @@ mod tests {
     fn cli_is_consistent() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn agent_and_instance_verbs_parse() {
+        let id = "spiffe://example.org/tessera/agent/join_token/abc";
+        for (verb, want) in [("show", 0), ("ban", 1), ("evict", 2)] {
+            let cli =
+                Cli::try_parse_from(["tessera-server", "agent", verb, id, "--output", "json"])
+                    .unwrap();
+            let got = match cli.command {
+                Command::Agent(AgentCommand::Show { id: got, common }) => {
+                    assert_eq!(common.output, Output::Json);
+                    (0, got)
+                }
+                Command::Agent(AgentCommand::Ban { id: got, .. }) => (1, got),
+                Command::Agent(AgentCommand::Evict { id: got, .. }) => (2, got),
+                other => panic!("{other:?}"),
+            };
+            assert_eq!(got, (want, id.to_owned()));
+        }
+        let cli = Cli::try_parse_from([
+            "tessera-server",
+            "instance",
+            "revoke",
+            "spiffe://example.org/ai/bot/i-0",
+            "--socket",
+            "/tmp/a.sock",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Instance(InstanceCommand::Revoke { ref spiffe_id, ref common })
+                if spiffe_id == "spiffe://example.org/ai/bot/i-0"
+                    && common.socket == std::path::Path::new("/tmp/a.sock")
+        ));
+        assert!(matches!(
+            Cli::try_parse_from(["tessera-server", "instance", "list"])
+                .unwrap()
+                .command,
+            Command::Instance(InstanceCommand::List { .. })
+        ));
+        // A missing ID is a usage error.
+        assert!(Cli::try_parse_from(["tessera-server", "agent", "ban"]).is_err());
+        assert!(Cli::try_parse_from(["tessera-server", "instance", "revoke"]).is_err());
+    }
+
+    #[test]
+    fn agent_output_shows_the_ban() {
+        let mut agent = Agent {
+            spiffe_id: "spiffe://example.org/tessera/agent/join_token/abc".into(),
+            attestation_type: "join_token".into(),
+            serial: "0a".into(),
+            expires_at: 1_900_000_000,
+            aliases: vec![],
+            first_attested_at: 1_800_000_000,
+            last_seen_at: 1_800_000_000,
+            banned_at: 0,
+        };
+        assert!(agent_text(&agent).contains("Status           : active\n"));
+        assert_eq!(agent_json(&agent)["banned"], json!(false));
+        assert_eq!(agent_json(&agent)["banned_at"], serde_json::Value::Null);
+        agent.banned_at = 1_800_000_100;
+        assert!(agent_text(&agent).contains("banned since 2027-01-15T08:01:40Z"));
+        assert_eq!(agent_json(&agent)["banned"], json!(true));
+        assert_eq!(
+            agent_json(&agent)["banned_at"],
+            json!("2027-01-15T08:01:40Z")
+        );
     }
 }

@@ -33,6 +33,7 @@ struct RawServer {
     max_jwt_svid_ttl: Option<ConfigDuration>,
     agent_svid_ttl: Option<ConfigDuration>,
     join_token_ttl: Option<ConfigDuration>,
+    audit_log_path: Option<PathBuf>,
     #[serde(default)]
     log_level: LogLevel,
     #[serde(default)]
@@ -109,6 +110,12 @@ pub struct ServerConfig {
     pub agent_svid_ttl: Duration,
     /// `join_token_ttl` (default `10m`): lifetime of join tokens without `--ttl`.
     pub join_token_ttl: Duration,
+    /// `audit_log_path` (default: none, no audit log): the server's audit log, JSON
+    /// lines (`tessera-audit`): every admin call, signing, node attestation, renewal,
+    /// refusal of an agent, ban, eviction and revocation. Opened (created 0600, its
+    /// directory must exist) before the server serves; `run` fails if it cannot be.
+    /// Separate from the operational log.
+    pub audit_log_path: Option<PathBuf>,
     /// `log_level` (default `info`).
     pub log_level: LogLevel,
     /// `log_format` (default `text`).
@@ -165,10 +172,22 @@ impl ServerConfig {
                 .map_or(DEFAULT_MAX_JWT_SVID_TTL, |d| d.0),
             agent_svid_ttl: raw.agent_svid_ttl.map_or(DEFAULT_AGENT_SVID_TTL, |d| d.0),
             join_token_ttl: raw.join_token_ttl.map_or(DEFAULT_JOIN_TOKEN_TTL, |d| d.0),
+            audit_log_path: raw.audit_log_path,
             log_level: raw.log_level,
             log_format: raw.log_format,
             datastore: raw.datastore.kind,
         };
+        if config
+            .audit_log_path
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty() || p.ends_with(".."))
+        {
+            return Err(ConfigError::invalid(
+                path,
+                "server.audit_log_path",
+                "must name a file",
+            ));
+        }
         if config.default_x509_svid_ttl >= config.ca_ttl {
             return Err(ConfigError::invalid(
                 path,
@@ -223,6 +242,23 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("server.trust_domain"), "{err}");
+    }
+
+    #[test]
+    fn audit_log_path_is_optional() {
+        let c = ServerConfig::parse(MINIMAL, Path::new("s.toml")).unwrap();
+        assert_eq!(c.audit_log_path, None);
+        let text = format!("{MINIMAL}audit_log_path = \"/var/log/tessera/server-audit.jsonl\"\n");
+        let c = ServerConfig::parse(&text, Path::new("s.toml")).unwrap();
+        assert_eq!(
+            c.audit_log_path.as_deref(),
+            Some(Path::new("/var/log/tessera/server-audit.jsonl"))
+        );
+        let text = format!("{MINIMAL}audit_log_path = \"\"\n");
+        let err = ServerConfig::parse(&text, Path::new("s.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("server.audit_log_path"), "{err}");
     }
 
     #[test]

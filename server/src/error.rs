@@ -42,6 +42,9 @@ impl From<DatastoreError> for ApiError {
             }
             DatastoreError::Conflict(message) => Self::AlreadyExists(message),
             DatastoreError::InvalidArgument(message) => Self::InvalidArgument(message),
+            DatastoreError::AgentBanned => {
+                Self::PermissionDenied(crate::node::AGENT_BANNED.to_owned())
+            }
             other => Self::Internal(format!("datastore: {other}")),
         }
     }

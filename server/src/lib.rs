@@ -32,8 +32,9 @@ use crate::ca::CertificateAuthority;
 use crate::config::{DatastoreKind, ServerConfig};
 use crate::datastore::{Datastore, StoredBundle, StoredJwtAuthority};
 use crate::jwt_authority::JwtAuthority;
-use crate::state::ServerState;
+use crate::state::{CurrentCrl, ServerState};
 use crate::tls::{BundleClientVerifier, ServerCertSlot};
+use tessera_audit::{AuditLog, ServerEvent};
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +61,9 @@ pub enum ServerError {
     /// TLS setup failed.
     #[error("TLS: {0}")]
     Tls(#[from] tls::TlsError),
+    /// The audit log could not be opened.
+    #[error("audit log: {0}")]
+    Audit(#[from] tessera_audit::AuditError),
     /// A task of the server failed.
     #[error("{0}")]
     Task(String),
@@ -122,23 +126,48 @@ impl RunningServer {
             }
         }
         let _ = std::fs::remove_file(&self.admin_socket);
+        let audit = self.state.audit.clone();
+        match tokio::task::spawn_blocking(move || audit.flush_blocking()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::error!(error = %err, "cannot flush the audit log"),
+            Err(err) => tracing::error!(error = %err, "audit log flush task failed"),
+        }
         tracing::info!("server stopped");
         result
     }
 }
 
-/// Starts the server: CA, datastore, node API on TCP, admin API on its Unix socket.
+/// Starts the server: audit log, CA, datastore, node API on TCP, admin API on its Unix
+/// socket.
 pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
+    let state = prepare_state(config).await?;
+    serve(state).await
+}
+
+/// Everything the APIs share, before anything is served: opens the audit log (its first
+/// record is `audit_started`), loads or creates the CA and the JWT key, opens the
+/// datastore, publishes the bundle and builds the CRL.
+pub async fn prepare_state(config: ServerConfig) -> Result<Arc<ServerState>, ServerError> {
     let data_dir = config.data_dir.clone();
     let td = config.trust_domain.clone();
     let ca_ttl = config.ca_ttl;
-    let (ca, jwt) = tokio::task::spawn_blocking(move || -> Result<_, ServerError> {
+    let audit_path = config.audit_log_path.clone();
+    let (audit, ca, jwt) = tokio::task::spawn_blocking(move || -> Result<_, ServerError> {
+        // First, so that nothing is served unaudited; `audit_started` is its first record.
+        let audit = match audit_path {
+            Some(path) => AuditLog::<ServerEvent>::open(&path, "server")?,
+            None => AuditLog::disabled(),
+        };
+        audit.record(ServerEvent::AuditStarted {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        });
         tessera_plugin_sdk::fs::ensure_private_dir(&data_dir)
             .map_err(io_error(format!("data_dir {}", data_dir.display())))?;
         let ca_dir = data_dir.join("ca");
         let ca = CertificateAuthority::load_or_create(&ca_dir, &td, ca_ttl)?;
         let jwt = JwtAuthority::load_or_create(&ca_dir)?;
-        Ok((ca, jwt))
+        Ok((audit, ca, jwt))
     })
     .await
     .map_err(|err| ServerError::Task(err.to_string()))??;
@@ -169,9 +198,19 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         x509_svids_signed: AtomicU64::new(0),
         jwt_svids_signed: AtomicU64::new(0),
         revisions,
+        crl: watch::channel(Arc::new(CurrentCrl::default())).0,
+        crl_refresh: tokio::sync::Mutex::new(()),
+        audit,
         shutdown,
     });
+    if let Err(err) = state.refresh_crl().await {
+        tracing::error!(error = %err, "cannot build the CRL; agents get none until it can be");
+    }
+    Ok(state)
+}
 
+/// Serves the node and admin APIs over `state` and starts the background tasks.
+async fn serve(state: Arc<ServerState>) -> Result<RunningServer, ServerError> {
     let provider = tls::provider();
     let server_id = state
         .server_id()
@@ -240,6 +279,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         cert_slot,
         renew_in,
     ));
+    tasks.spawn(maintenance(Arc::clone(&state)));
 
     tracing::info!(
         trust_domain = %state.config.trust_domain,
@@ -385,6 +425,40 @@ async fn renew_server_svid(
                 tracing::error!(error = %err, "cannot renew the server SVID; retrying in 30s");
                 renew_at = tokio::time::Instant::now() + Duration::from_secs(30);
             }
+        }
+    }
+}
+
+/// How often [`maintenance`] runs.
+const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(600);
+
+/// How many revisions of the change feed are kept; an agent that fell further behind
+/// gets a snapshot.
+pub const CHANGE_FEED_KEEP: u64 = 100_000;
+
+/// Periodic housekeeping: prunes the change feed, expired revocations and instance
+/// serials, and rebuilds the CRL when its content or age calls for it.
+async fn maintenance(state: Arc<ServerState>) -> Result<(), ServerError> {
+    loop {
+        tokio::select! {
+            () = state.shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(MAINTENANCE_INTERVAL) => {}
+        }
+        match state.datastore.prune_changes(CHANGE_FEED_KEEP).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(pruned = n, "change feed pruned"),
+            Err(err) => tracing::warn!(error = %err, "cannot prune the change feed"),
+        }
+        match state.datastore.prune_revocations(SystemTime::now()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                pruned = n,
+                "expired revocations and instance serials pruned"
+            ),
+            Err(err) => tracing::warn!(error = %err, "cannot prune expired revocations"),
+        }
+        if let Err(err) = state.refresh_crl().await {
+            tracing::warn!(error = %err, "cannot rebuild the CRL");
         }
     }
 }

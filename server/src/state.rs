@@ -1,17 +1,19 @@
-//! What every API handler of the server shares: configuration, datastore, CA and the
-//! revision channel that wakes `Sync` streams after each write.
+//! What every API handler of the server shares: configuration, datastore, CA, the audit
+//! log, the current CRL and the channels that wake `Sync` streams after each write.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use tessera_audit::{AuditLog, ServerEvent};
 use tessera_plugin_sdk::{SpiffeId, TrustDomain};
 use tessera_proto::types;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::ca::CertificateAuthority;
+use crate::ca::{CRL_VALIDITY, CertificateAuthority};
 use crate::config::ServerConfig;
-use crate::datastore::Datastore;
+use crate::datastore::{Datastore, RevokedSerial};
 use crate::error::ApiError;
 use crate::jwt_authority::JwtAuthority;
 
@@ -51,8 +53,39 @@ pub struct ServerState {
     pub jwt_svids_signed: AtomicU64,
     /// Latest change-feed revision; `Sync` streams wake on it.
     pub revisions: watch::Sender<u64>,
+    /// The CRL agents publish; `Sync` streams wake when it changes. Rebuilt by
+    /// [`ServerState::refresh_crl`].
+    pub crl: watch::Sender<Arc<CurrentCrl>>,
+    /// Serialises [`ServerState::refresh_crl`], so an older read never replaces a newer
+    /// CRL.
+    pub crl_refresh: tokio::sync::Mutex<()>,
+    /// The audit log (disabled when `audit_log_path` is not set).
+    pub audit: AuditLog<ServerEvent>,
     /// Cancelled when the server stops.
     pub shutdown: CancellationToken,
+}
+
+/// The CRL of the server's CA as last built.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CurrentCrl {
+    /// Increases with every rebuild (its cRLNumber when `der` is set); 0 before the
+    /// first one.
+    pub number: u64,
+    /// The DER CRL; `None` while nothing is revoked (agents then publish no CRL).
+    pub der: Option<Vec<u8>>,
+    /// What it lists.
+    pub serials: Vec<RevokedSerial>,
+    /// When it was signed (its thisUpdate).
+    pub signed_at: Option<SystemTime>,
+}
+
+impl CurrentCrl {
+    /// The wire form: one CRL, or none.
+    pub fn to_proto(&self) -> tessera_proto::node::CrlSet {
+        tessera_proto::node::CrlSet {
+            crls: self.der.iter().cloned().collect(),
+        }
+    }
 }
 
 impl ServerState {
@@ -81,6 +114,53 @@ impl ServerState {
             }
             Err(err) => tracing::warn!(error = %err, "cannot read the current revision"),
         }
+    }
+
+    /// Rebuilds the CRL from the datastore when the revoked serials changed, or when
+    /// the current one is past half its validity; `Sync` streams then send it. Returns
+    /// whether it changed. Signs on a blocking thread.
+    pub async fn refresh_crl(&self) -> Result<bool, ApiError> {
+        let _guard = self.crl_refresh.lock().await;
+        let now = SystemTime::now();
+        let serials = self.datastore.revoked_serials(now).await?;
+        let current = Arc::clone(&self.crl.borrow());
+        let aging = current
+            .signed_at
+            .is_some_and(|at| at + CRL_VALIDITY / 2 <= now);
+        if current.number != 0 && current.serials == serials && !(current.der.is_some() && aging) {
+            return Ok(false);
+        }
+        // Increasing across restarts too, as RFC 5280 §5.2.3 wants, without storing it.
+        let millis = now
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO)
+            .as_millis();
+        let number = (current.number + 1).max(u64::try_from(millis).unwrap_or(u64::MAX));
+        let der = if serials.is_empty() {
+            None
+        } else {
+            let ca = Arc::clone(&self.ca);
+            let listed: Vec<(String, SystemTime)> = serials
+                .iter()
+                .map(|s| (s.serial.clone(), s.revoked_at))
+                .collect();
+            let der = tokio::task::spawn_blocking(move || ca.sign_crl(number, &listed, now))
+                .await
+                .map_err(|err| ApiError::Internal(format!("CRL signing task: {err}")))??;
+            Some(der)
+        };
+        tracing::info!(
+            crl_number = number,
+            revoked_serials = serials.len(),
+            "CRL rebuilt"
+        );
+        self.crl.send_replace(Arc::new(CurrentCrl {
+            number,
+            der,
+            serials,
+            signed_at: Some(now),
+        }));
+        Ok(true)
     }
 
     /// The trust domain's bundle as stored, in wire form.

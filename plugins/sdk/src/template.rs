@@ -261,6 +261,20 @@ impl SpiffeIdTemplate {
         self.render_with(|p| values.get(p).map(str::to_owned))
     }
 
+    /// True when `id` is an instantiation of this template: some values, each passing
+    /// its placeholder's [`Placeholder::check_value`], render exactly `id`. A literal
+    /// part must match exactly; a placeholder matches a non-empty run of path
+    /// characters (never a `/`) of its own shape; a placeholder used twice must take
+    /// the same value both times. A template without placeholders matches only its own
+    /// ID. Exact string comparison: nothing is normalised.
+    pub fn matches(&self, id: &SpiffeId) -> bool {
+        if let Some(fixed) = &self.fixed {
+            return fixed == id;
+        }
+        let mut bound: BTreeMap<Placeholder, &str> = BTreeMap::new();
+        match_parts(&self.parts, id.as_str(), &mut bound)
+    }
+
     fn render_with(
         &self,
         value: impl Fn(Placeholder) -> Option<String>,
@@ -275,6 +289,48 @@ impl SpiffeIdTemplate {
             }
         }
         Ok(SpiffeId::parse_leaf(&out)?)
+    }
+}
+
+/// Backtracking matcher of [`SpiffeIdTemplate::matches`]: `parts` against the whole of
+/// `rest`, with the values bound so far. At most three distinct placeholders exist and
+/// each value is at most 255 bytes, so the search is small.
+fn match_parts<'a>(
+    parts: &[Part],
+    rest: &'a str,
+    bound: &mut BTreeMap<Placeholder, &'a str>,
+) -> bool {
+    let Some((first, tail)) = parts.split_first() else {
+        return rest.is_empty();
+    };
+    match first {
+        Part::Literal(literal) => rest
+            .strip_prefix(literal.as_str())
+            .is_some_and(|after| match_parts(tail, after, bound)),
+        Part::Placeholder(p) => {
+            if let Some(value) = bound.get(p).copied() {
+                return rest
+                    .strip_prefix(value)
+                    .is_some_and(|after| match_parts(tail, after, bound));
+            }
+            // The run of path characters this placeholder may take.
+            let segment_end = rest.find('/').unwrap_or(rest.len());
+            let longest = segment_end.min(p.max_len());
+            for end in 1..=longest {
+                let Some(value) = rest.get(..end) else {
+                    continue;
+                };
+                if p.check_value(value).is_err() {
+                    continue;
+                }
+                bound.insert(*p, value);
+                if match_parts(tail, &rest[end..], bound) {
+                    return true;
+                }
+                bound.remove(p);
+            }
+            false
+        }
     }
 }
 
@@ -566,6 +622,70 @@ mod tests {
             TemplateValues::from_map(&map),
             Err(TemplateError::UnknownPlaceholder)
         );
+    }
+
+    fn leaf(s: &str) -> SpiffeId {
+        SpiffeId::parse_leaf(s).unwrap()
+    }
+
+    #[test]
+    fn matches_recognises_instantiations_only() {
+        let inst = instance_value("boot", 7, 9, None);
+        let t = SpiffeIdTemplate::parse("spiffe://example.org/ai/bot/{instance}").unwrap();
+        assert!(t.matches(&leaf(&format!("spiffe://example.org/ai/bot/{inst}"))));
+        // Every rendered ID matches.
+        let rendered = t
+            .render(&values(&[(Placeholder::Instance, &inst)]))
+            .unwrap();
+        assert!(t.matches(&rendered));
+        for bad in [
+            // Not of the placeholder's shape.
+            "spiffe://example.org/ai/bot/i-0123".to_owned(),
+            "spiffe://example.org/ai/bot/research".to_owned(),
+            format!("spiffe://example.org/ai/bot/{}", inst.to_uppercase()),
+            // A placeholder never spans a `/`, and the literal must match exactly.
+            format!("spiffe://example.org/ai/bot/{inst}/x"),
+            format!("spiffe://example.org/ai/bot/x/{inst}"),
+            format!("spiffe://example.org/ai/Bot/{inst}"),
+            format!("spiffe://example.org/ai/bots/{inst}"),
+            format!("spiffe://other.org/ai/bot/{inst}"),
+            "spiffe://example.org/ai/bot".to_owned(),
+        ] {
+            assert!(!t.matches(&leaf(&bad)), "{bad}");
+        }
+
+        let t = SpiffeIdTemplate::parse("spiffe://example.org/u-{uid}/{systemd_unit}").unwrap();
+        assert!(t.matches(&leaf("spiffe://example.org/u-1000/bot.service")));
+        assert!(t.matches(&leaf("spiffe://example.org/u-0/a")));
+        for bad in [
+            "spiffe://example.org/u-/bot.service",
+            "spiffe://example.org/u-007/bot.service",
+            "spiffe://example.org/u-4294967296/bot.service",
+            "spiffe://example.org/u-1000",
+            "spiffe://example.org/u-1000/a/b",
+            "spiffe://example.org/x-1000/bot.service",
+        ] {
+            assert!(!t.matches(&leaf(bad)), "{bad}");
+        }
+        let too_long = format!("spiffe://example.org/u-1/{}", "a".repeat(256));
+        assert!(!t.matches(&leaf(&too_long)));
+
+        // Several placeholders in one segment: the literal between them decides, with
+        // backtracking (`{systemd_unit}` may itself contain `-`).
+        let t = SpiffeIdTemplate::parse("spiffe://example.org/w/{systemd_unit}-{uid}").unwrap();
+        assert!(t.matches(&leaf("spiffe://example.org/w/my-bot.service-42")));
+        assert!(!t.matches(&leaf("spiffe://example.org/w/my-bot.service-x")));
+        assert!(!t.matches(&leaf("spiffe://example.org/w/-42")));
+
+        // A placeholder used twice takes one value.
+        let t = SpiffeIdTemplate::parse("spiffe://example.org/{uid}/x/{uid}").unwrap();
+        assert!(t.matches(&leaf("spiffe://example.org/5/x/5")));
+        assert!(!t.matches(&leaf("spiffe://example.org/5/x/6")));
+
+        // A plain ID matches only itself, exactly.
+        let t = SpiffeIdTemplate::parse("spiffe://example.org/web").unwrap();
+        assert!(t.matches(&leaf("spiffe://example.org/web")));
+        assert!(!t.matches(&leaf("spiffe://example.org/web2")));
     }
 
     #[test]

@@ -1,13 +1,17 @@
-//! The server's datastore: registration entries, join tokens, attested agents, bundles,
-//! and the change feed that drives the `Sync` stream.
+//! The server's datastore: registration entries, join tokens, attested (and banned)
+//! agents, bundles, revoked instance identities with the serials issued for them, and
+//! the change feed that drives the `Sync` stream.
 //!
 //! Callers only ever see `Arc<dyn Datastore>`; [`open_sqlite`] gives the embedded
 //! default and a PostgreSQL implementation can be added beside it without touching
 //! them. Every implementation must keep the contract written on [`Datastore`]:
 //!
-//! - every write to entries, agents or bundles bumps one monotonically increasing
-//!   revision and records a [`Change`] in the same transaction as the write;
-//! - concurrency-critical writes (join token consumption) are single statements;
+//! - every write to entries, agents, bundles or revocations bumps one monotonically
+//!   increasing revision and records a [`Change`] in the same transaction as the write
+//!   (recording instance serials and pruning expired rows are not changes agents sync);
+//! - concurrency-critical writes (join token consumption, refusing a banned agent,
+//!   binding an agent's serial) are single statements, and recording an instance SVID
+//!   and revoking its identity are serialised so that neither misses the other;
 //! - a row that cannot be parsed back into a domain type is a
 //!   [`DatastoreError::Corrupt`], never a panic;
 //! - error messages name tables, row ids and columns, never secrets or raw selector
@@ -19,6 +23,7 @@
 
 mod sqlite;
 
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -84,6 +89,9 @@ pub trait Datastore: Send + Sync + std::fmt::Debug {
     /// `agent` with the token's alias added to its aliases. A token is therefore never
     /// spent without an agent being recorded (SECURITY.md §3.10 item 101): the caller
     /// signs the agent SVID first and discards it unless this returns `Consumed`.
+    ///
+    /// [`DatastoreError::AgentBanned`] when an agent with this ID is banned: checked in
+    /// the same transaction, which is then rolled back (the token stays unused).
     async fn attest_with_join_token(
         &self,
         id: &str,
@@ -110,8 +118,30 @@ pub trait Datastore: Send + Sync + std::fmt::Debug {
 
     /// Inserts or replaces an attested agent (re-attestation) and records
     /// [`ChangeKind::AgentUpdated`]. On replace every field is overwritten except
-    /// `first_attested_at`, which keeps the earlier of the stored and the new value.
+    /// `first_attested_at`, which keeps the earlier of the stored and the new value,
+    /// and `banned_at`, which is never written here (`agent.banned_at` is ignored).
+    ///
+    /// [`DatastoreError::AgentBanned`] (and nothing written) when the stored agent with
+    /// this ID is banned; the check and the write are one statement.
     async fn upsert_agent(&self, agent: AttestedAgent) -> Result<(), DatastoreError>;
+
+    /// Bans the agent: sets `banned_at = now` and records [`ChangeKind::AgentBanned`]
+    /// with the agent ID as object and as scope. The row is kept, so the ID cannot be
+    /// recorded again ([`Datastore::upsert_agent`], [`Datastore::attest_with_join_token`])
+    /// nor renewed ([`Datastore::rotate_agent_serial`]).
+    ///
+    /// Returns the agent as stored afterwards; `None` (nothing recorded) when there is no
+    /// such agent. Banning a banned agent keeps the first `banned_at` and records nothing.
+    async fn ban_agent(
+        &self,
+        spiffe_id: &SpiffeId,
+        now: SystemTime,
+    ) -> Result<Option<AttestedAgent>, DatastoreError>;
+
+    /// Evicts the agent: deletes its row (a ban included) and records
+    /// [`ChangeKind::AgentEvicted`] with the agent ID as object and as scope. `false`
+    /// (nothing recorded) when there is no such agent.
+    async fn evict_agent(&self, spiffe_id: &SpiffeId) -> Result<bool, DatastoreError>;
 
     /// The attested agent with this ID, if any.
     async fn get_agent(
@@ -129,8 +159,8 @@ pub trait Datastore: Send + Sync + std::fmt::Debug {
     /// never locks it out), `serial := new_serial`, `expires_at := new_expires_at`, and
     /// [`ChangeKind::AgentUpdated`] is recorded.
     ///
-    /// `false` when the agent is unknown or the serial did not match (a stale or
-    /// possibly stolen SVID: the caller refuses and logs it).
+    /// `false` when the agent is unknown or banned, or the serial did not match (a
+    /// stale or possibly stolen SVID: the caller refuses and logs it).
     async fn rotate_agent_serial(
         &self,
         spiffe_id: &SpiffeId,
@@ -155,6 +185,86 @@ pub trait Datastore: Send + Sync + std::fmt::Debug {
     /// [`ChangeKind::BundleUpdated`] with the trust domain as object id. Comparing
     /// sequence numbers is the caller's business.
     async fn set_bundle(&self, bundle: StoredBundle) -> Result<(), DatastoreError>;
+
+    /// Revokes one rendered SPIFFE ID, in one transaction: stores the revocation and
+    /// records [`ChangeKind::IdentityRevoked`] with the ID as object and `scope` (the
+    /// parent IDs of the entries it instantiates) as scope.
+    ///
+    /// The stored `expires_at` is the later of `expires_at` and the expiry of every
+    /// instance SVID recorded for the ID ([`Datastore::record_instance_svids`]), so the
+    /// revocation outlives each certificate it puts in the CRL.
+    ///
+    /// Idempotent: when a revocation of the ID is in force (`expires_at` after
+    /// `revoked_at`), nothing is written and that revocation is returned with `false`.
+    /// An expired one not yet pruned is replaced. Returns the revocation in force, with
+    /// the serials recorded for the ID, and whether this call created it.
+    async fn revoke_identity(
+        &self,
+        spiffe_id: &SpiffeId,
+        revoked_at: SystemTime,
+        expires_at: SystemTime,
+        scope: &[SpiffeId],
+    ) -> Result<(Revocation, bool), DatastoreError>;
+
+    /// The revocation of this ID, if one is stored (expired ones too, until pruned),
+    /// with its serials.
+    async fn get_revocation(
+        &self,
+        spiffe_id: &SpiffeId,
+    ) -> Result<Option<Revocation>, DatastoreError>;
+
+    /// Every stored revocation (expired ones too, until pruned), with its serials,
+    /// ordered by SPIFFE ID.
+    async fn list_revocations(&self) -> Result<Vec<Revocation>, DatastoreError>;
+
+    /// Which of `ids` have a revocation in force at `now` (`expires_at > now`), as
+    /// their string forms.
+    async fn revoked_among(
+        &self,
+        ids: &[SpiffeId],
+        now: SystemTime,
+    ) -> Result<BTreeSet<String>, DatastoreError>;
+
+    /// Records the serials of X.509-SVIDs just signed for templated entries, in one
+    /// write transaction: inserts every row, then removes again those whose SPIFFE ID
+    /// has a revocation in force. One `bool` per input, in order: `false` when the
+    /// identity was revoked meanwhile, and the caller must discard that SVID.
+    ///
+    /// Because a revocation ([`Datastore::revoke_identity`]) and this transaction are
+    /// serialised, an SVID either sees the revocation here or is listed by it: a
+    /// signing racing a revocation never escapes the CRL.
+    async fn record_instance_svids(
+        &self,
+        svids: &[InstanceSvid],
+    ) -> Result<Vec<bool>, DatastoreError>;
+
+    /// [`Datastore::record_instance_svids`] for one SVID.
+    async fn record_instance_svid(
+        &self,
+        spiffe_id: &SpiffeId,
+        serial: &str,
+        expires_at: SystemTime,
+    ) -> Result<bool, DatastoreError> {
+        let svid = InstanceSvid {
+            spiffe_id: spiffe_id.clone(),
+            serial: serial.to_owned(),
+            expires_at,
+        };
+        let recorded = self
+            .record_instance_svids(std::slice::from_ref(&svid))
+            .await?;
+        Ok(recorded.first().copied().unwrap_or(false))
+    }
+
+    /// The serials to publish in the CRL at `now`: every recorded instance SVID not yet
+    /// expired whose SPIFFE ID has a revocation in force, with the revocation time,
+    /// ordered by serial.
+    async fn revoked_serials(&self, now: SystemTime) -> Result<Vec<RevokedSerial>, DatastoreError>;
+
+    /// Deletes the revocations and the instance SVID rows that have expired at `now`;
+    /// returns how many rows went. Records no change: agents forget a revocation at its
+    /// `expires_at` on their own.
+    async fn prune_revocations(&self, now: SystemTime) -> Result<u64, DatastoreError>;
 
     /// The latest revision of the change feed; 0 before the first write. Never goes
     /// down, not even when changes are pruned.
@@ -263,6 +373,45 @@ pub struct AttestedAgent {
     pub first_attested_at: SystemTime,
     /// Last attestation, renewal or sync seen.
     pub last_seen_at: SystemTime,
+    /// When an operator banned the agent; `None` while it is not banned.
+    pub banned_at: Option<SystemTime>,
+}
+
+/// A revoked identity as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revocation {
+    /// The rendered SPIFFE ID revoked.
+    pub spiffe_id: SpiffeId,
+    /// When it was revoked.
+    pub revoked_at: SystemTime,
+    /// After this no SVID of the ID can still be valid: agents forget the revocation,
+    /// the datastore prunes it, and the server may sign the ID again.
+    pub expires_at: SystemTime,
+    /// Parent IDs of the entries the ID instantiated when it was revoked: the agents
+    /// (by ID or alias) that are told about it.
+    pub scope: Vec<SpiffeId>,
+    /// Hex serials of the X.509-SVIDs recorded for the ID (not yet pruned), sorted.
+    pub serials: Vec<String>,
+}
+
+/// An X.509-SVID signed for a templated entry, to record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceSvid {
+    /// The rendered SPIFFE ID.
+    pub spiffe_id: SpiffeId,
+    /// The certificate serial, lowercase hex without leading zeros.
+    pub serial: String,
+    /// The certificate's NotAfter.
+    pub expires_at: SystemTime,
+}
+
+/// One entry of the CRL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevokedSerial {
+    /// The certificate serial, lowercase hex without leading zeros.
+    pub serial: String,
+    /// When its identity was revoked.
+    pub revoked_at: SystemTime,
 }
 
 /// The trust bundle of one trust domain as stored.
@@ -300,9 +449,27 @@ pub enum ChangeKind {
     BundleUpdated,
     /// An agent was attested, renewed or confirmed; object id: the agent ID.
     AgentUpdated,
+    /// An agent was banned; object id and scope: the agent ID.
+    AgentBanned,
+    /// An agent was evicted (its record deleted); object id and scope: the agent ID.
+    AgentEvicted,
+    /// A rendered SPIFFE ID was revoked; object id: the ID; scope: the parent IDs of
+    /// the entries it instantiated.
+    IdentityRevoked,
 }
 
 impl ChangeKind {
+    /// Every kind (a test keeps the stored names in sync over it).
+    pub const ALL: [Self; 7] = [
+        Self::EntryUpserted,
+        Self::EntryDeleted,
+        Self::BundleUpdated,
+        Self::AgentUpdated,
+        Self::AgentBanned,
+        Self::AgentEvicted,
+        Self::IdentityRevoked,
+    ];
+
     /// The name stored in the `changes` table.
     pub(crate) fn as_str(self) -> &'static str {
         match self {
@@ -310,6 +477,9 @@ impl ChangeKind {
             Self::EntryDeleted => "entry_deleted",
             Self::BundleUpdated => "bundle_updated",
             Self::AgentUpdated => "agent_updated",
+            Self::AgentBanned => "agent_banned",
+            Self::AgentEvicted => "agent_evicted",
+            Self::IdentityRevoked => "identity_revoked",
         }
     }
 
@@ -320,6 +490,9 @@ impl ChangeKind {
             "entry_deleted" => Self::EntryDeleted,
             "bundle_updated" => Self::BundleUpdated,
             "agent_updated" => Self::AgentUpdated,
+            "agent_banned" => Self::AgentBanned,
+            "agent_evicted" => Self::AgentEvicted,
+            "identity_revoked" => Self::IdentityRevoked,
             _ => return None,
         })
     }
@@ -334,9 +507,10 @@ pub struct Change {
     pub kind: ChangeKind,
     /// Which object: see [`ChangeKind`].
     pub object_id: String,
-    /// For entry changes, the parent IDs concerned (the old and the new parent of an
-    /// update); empty when the change concerns every agent. Lets `Sync` tell an agent
-    /// only about entries of its own parents.
+    /// Which agents the change concerns, by agent ID or alias: for entry changes and
+    /// revocations the parent IDs concerned (the old and the new parent of an update),
+    /// for bans and evictions the agent ID; empty when the change concerns every agent.
+    /// Lets `Sync` tell an agent only about what it serves.
     pub scope: Vec<String>,
 }
 
@@ -367,6 +541,9 @@ pub enum DatastoreError {
     /// The value cannot be stored faithfully (gRPC `InvalidArgument`).
     #[error("value cannot be stored: {0}")]
     InvalidArgument(String),
+    /// The agent ID is banned and cannot be recorded again (gRPC `PermissionDenied`).
+    #[error("agent is banned")]
+    AgentBanned,
     /// Opening the database or migrating its schema failed.
     #[error("datastore schema migration failed")]
     Migration(#[source] BoxError),

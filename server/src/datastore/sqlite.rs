@@ -21,6 +21,7 @@
 //! enable); a test checks the embedded list matches the directory.
 
 use std::borrow::Cow;
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
@@ -34,11 +35,11 @@ use sqlx::{Row, SqlSafeStr, Sqlite, Transaction};
 use tessera_plugin_sdk::{RegistrationEntry, Selector, SpiffeId};
 
 use super::{
-    AttestedAgent, Change, ChangeKind, ChangeSet, Datastore, DatastoreError, NewEntry,
-    NewJoinToken, StoredBundle, TokenOutcome, from_unix_secs, json_list, jwt_authorities_json,
-    new_entry_id, normalize_jwt_audiences, now_unix_secs, similarity_key, stored_bool,
-    stored_json_list, stored_jwt_authorities, stored_spiffe_id, stored_spiffe_id_template,
-    stored_u64, to_unix_secs, ttl_to_secs,
+    AttestedAgent, Change, ChangeKind, ChangeSet, Datastore, DatastoreError, InstanceSvid,
+    NewEntry, NewJoinToken, Revocation, RevokedSerial, StoredBundle, TokenOutcome, from_unix_secs,
+    json_list, jwt_authorities_json, new_entry_id, normalize_jwt_audiences, now_unix_secs,
+    similarity_key, stored_bool, stored_json_list, stored_jwt_authorities, stored_spiffe_id,
+    stored_spiffe_id_template, stored_u64, to_unix_secs, ttl_to_secs,
 };
 
 /// The migrations, in version order: (version, description, SQL). Every file of
@@ -53,6 +54,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         2,
         "jwt",
         include_str!("../../migrations/sqlite/0002_jwt.sql"),
+    ),
+    (
+        3,
+        "revocation",
+        include_str!("../../migrations/sqlite/0003_revocation.sql"),
     ),
 ];
 
@@ -82,7 +88,7 @@ macro_rules! select_agents {
     ($tail:literal) => {
         concat!(
             "SELECT spiffe_id, attestation_type, serial, previous_serial, expires_at, aliases, ",
-            "first_attested_at, last_seen_at FROM agents ",
+            "first_attested_at, last_seen_at, banned_at FROM agents ",
             $tail
         )
     };
@@ -230,7 +236,8 @@ async fn record_change(
     stored_u64(revision, "changes.revision")
 }
 
-/// Inserts or replaces an agent inside a write transaction, recording the change.
+/// Inserts or replaces an agent inside a write transaction, recording the change;
+/// [`DatastoreError::AgentBanned`] (nothing written) when the stored agent is banned.
 async fn upsert_agent_in(
     conn: &mut SqliteConnection,
     agent: &AttestedAgent,
@@ -240,7 +247,9 @@ async fn upsert_agent_in(
     let last_seen_at = to_unix_secs(agent.last_seen_at, "agent last_seen_at")?;
     let aliases = json_list(&agent.aliases)?;
 
-    sqlx::query(
+    // One statement decides: a banned row is left alone (the DO UPDATE's WHERE is
+    // false, so no row changes).
+    let written = sqlx::query(
         "INSERT INTO agents (spiffe_id, attestation_type, serial, previous_serial, \
          expires_at, aliases, first_attested_at, last_seen_at) \
          VALUES (?, ?, ?, ?, ?, ?, ?, ?) \
@@ -251,7 +260,8 @@ async fn upsert_agent_in(
            expires_at = excluded.expires_at, \
            aliases = excluded.aliases, \
            first_attested_at = MIN(agents.first_attested_at, excluded.first_attested_at), \
-           last_seen_at = excluded.last_seen_at",
+           last_seen_at = excluded.last_seen_at \
+         WHERE agents.banned_at IS NULL",
     )
     .bind(agent.spiffe_id.as_str())
     .bind(&agent.attestation_type)
@@ -262,7 +272,11 @@ async fn upsert_agent_in(
     .bind(first_attested_at)
     .bind(last_seen_at)
     .execute(&mut *conn)
-    .await?;
+    .await?
+    .rows_affected();
+    if written == 0 {
+        return Err(DatastoreError::AgentBanned);
+    }
     record_change(
         conn,
         ChangeKind::AgentUpdated,
@@ -344,6 +358,10 @@ fn agent_from_row(row: &SqliteRow) -> Result<AttestedAgent, DatastoreError> {
             &what("first_attested_at"),
         )?,
         last_seen_at: from_unix_secs(row.try_get("last_seen_at")?, &what("last_seen_at"))?,
+        banned_at: row
+            .try_get::<Option<i64>, _>("banned_at")?
+            .map(|t| from_unix_secs(t, &what("banned_at")))
+            .transpose()?,
         spiffe_id,
     })
 }
@@ -387,6 +405,49 @@ fn change_from_row(row: &SqliteRow) -> Result<Change, DatastoreError> {
         object_id: row.try_get("object_id")?,
         scope,
     })
+}
+
+/// A `revocations` row (`spiffe_id, revoked_at, expires_at, scope`) with its serials.
+fn revocation_from_row(
+    row: &SqliteRow,
+    serials: Vec<String>,
+) -> Result<Revocation, DatastoreError> {
+    let raw_id: String = row.try_get("spiffe_id")?;
+    let spiffe_id = stored_spiffe_id(&raw_id, "revocations.spiffe_id")?;
+    let what = |col: &str| format!("revocations[{spiffe_id}].{col}");
+    Ok(Revocation {
+        revoked_at: from_unix_secs(row.try_get("revoked_at")?, &what("revoked_at"))?,
+        expires_at: from_unix_secs(row.try_get("expires_at")?, &what("expires_at"))?,
+        scope: stored_json_list(
+            &row.try_get::<String, _>("scope")?,
+            &what("scope"),
+            SpiffeId::parse,
+        )?,
+        serials,
+        spiffe_id,
+    })
+}
+
+/// The revocation of `spiffe_id` with its serials, read inside `conn`'s transaction.
+async fn revocation_in(
+    conn: &mut SqliteConnection,
+    spiffe_id: &str,
+) -> Result<Option<Revocation>, DatastoreError> {
+    let Some(row) = sqlx::query(
+        "SELECT spiffe_id, revoked_at, expires_at, scope FROM revocations WHERE spiffe_id = ?",
+    )
+    .bind(spiffe_id)
+    .fetch_optional(&mut *conn)
+    .await?
+    else {
+        return Ok(None);
+    };
+    let serials: Vec<String> =
+        sqlx::query_scalar("SELECT serial FROM instance_svids WHERE spiffe_id = ? ORDER BY serial")
+            .bind(spiffe_id)
+            .fetch_all(&mut *conn)
+            .await?;
+    revocation_from_row(&row, serials).map(Some)
 }
 
 /// Reads the current revision inside `conn`'s transaction (or as its own statement).
@@ -772,7 +833,7 @@ impl Datastore for SqliteDatastore {
         let mut tx = self.begin_write().await?;
         let rotated = sqlx::query(
             "UPDATE agents SET previous_serial = ?, serial = ?, expires_at = ? \
-             WHERE spiffe_id = ? \
+             WHERE spiffe_id = ? AND banned_at IS NULL \
                AND (serial = ? OR (previous_serial IS NOT NULL AND previous_serial = ?))",
         )
         .bind(current_serial)
@@ -878,6 +939,264 @@ impl Datastore for SqliteDatastore {
         .await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn ban_agent(
+        &self,
+        spiffe_id: &SpiffeId,
+        now: SystemTime,
+    ) -> Result<Option<AttestedAgent>, DatastoreError> {
+        let now = to_unix_secs(now, "banned_at")?;
+        let mut tx = self.begin_write().await?;
+        let banned = sqlx::query(
+            "UPDATE agents SET banned_at = ? WHERE spiffe_id = ? AND banned_at IS NULL",
+        )
+        .bind(now)
+        .bind(spiffe_id.as_str())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if banned > 0 {
+            record_change(
+                &mut tx,
+                ChangeKind::AgentBanned,
+                spiffe_id.as_str(),
+                &[spiffe_id.as_str()],
+            )
+            .await?;
+        }
+        let agent = sqlx::query(select_agents!("WHERE spiffe_id = ?"))
+            .bind(spiffe_id.as_str())
+            .fetch_optional(&mut *tx)
+            .await?
+            .as_ref()
+            .map(agent_from_row)
+            .transpose()?;
+        tx.commit().await?;
+        Ok(agent)
+    }
+
+    async fn evict_agent(&self, spiffe_id: &SpiffeId) -> Result<bool, DatastoreError> {
+        let mut tx = self.begin_write().await?;
+        let deleted = sqlx::query("DELETE FROM agents WHERE spiffe_id = ?")
+            .bind(spiffe_id.as_str())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if deleted == 0 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        record_change(
+            &mut tx,
+            ChangeKind::AgentEvicted,
+            spiffe_id.as_str(),
+            &[spiffe_id.as_str()],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn revoke_identity(
+        &self,
+        spiffe_id: &SpiffeId,
+        revoked_at: SystemTime,
+        expires_at: SystemTime,
+        scope: &[SpiffeId],
+    ) -> Result<(Revocation, bool), DatastoreError> {
+        let revoked_at = to_unix_secs(revoked_at, "revoked_at")?;
+        let expires_at = to_unix_secs(expires_at, "revocation expires_at")?;
+        let mut scope: Vec<&str> = scope.iter().map(SpiffeId::as_str).collect();
+        scope.sort_unstable();
+        scope.dedup();
+        let scope_json =
+            serde_json::to_string(&scope).map_err(|e| DatastoreError::Internal(Box::new(e)))?;
+
+        let mut tx = self.begin_write().await?;
+        // One statement: a revocation in force is kept as it is (idempotence); an
+        // expired one not yet pruned is replaced.
+        let written = sqlx::query(
+            "INSERT INTO revocations (spiffe_id, revoked_at, expires_at, scope) \
+             VALUES (?1, ?2, MAX(?3, COALESCE( \
+                 (SELECT MAX(expires_at) FROM instance_svids WHERE spiffe_id = ?1), 0)), ?4) \
+             ON CONFLICT (spiffe_id) DO UPDATE SET \
+               revoked_at = excluded.revoked_at, \
+               expires_at = excluded.expires_at, \
+               scope = excluded.scope \
+             WHERE revocations.expires_at <= ?2",
+        )
+        .bind(spiffe_id.as_str())
+        .bind(revoked_at)
+        .bind(expires_at)
+        .bind(&scope_json)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let created = written > 0;
+        if created {
+            record_change(
+                &mut tx,
+                ChangeKind::IdentityRevoked,
+                spiffe_id.as_str(),
+                &scope,
+            )
+            .await?;
+        }
+        let revocation = revocation_in(&mut tx, spiffe_id.as_str())
+            .await?
+            .ok_or_else(|| {
+                DatastoreError::Internal("the revocation just written is missing".into())
+            })?;
+        tx.commit().await?;
+        Ok((revocation, created))
+    }
+
+    async fn get_revocation(
+        &self,
+        spiffe_id: &SpiffeId,
+    ) -> Result<Option<Revocation>, DatastoreError> {
+        // One read transaction: the revocation and its serials from one snapshot.
+        let mut tx = self.pool.begin().await?;
+        let revocation = revocation_in(&mut tx, spiffe_id.as_str()).await?;
+        tx.rollback().await?;
+        Ok(revocation)
+    }
+
+    async fn list_revocations(&self) -> Result<Vec<Revocation>, DatastoreError> {
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query(
+            "SELECT spiffe_id, revoked_at, expires_at, scope FROM revocations ORDER BY spiffe_id",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let serials: Vec<(String, String)> = sqlx::query_as(
+            "SELECT s.spiffe_id, s.serial FROM instance_svids s \
+             JOIN revocations r ON r.spiffe_id = s.spiffe_id ORDER BY s.serial",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.rollback().await?;
+        let mut by_id: std::collections::HashMap<String, Vec<String>> =
+            std::collections::HashMap::new();
+        for (id, serial) in serials {
+            by_id.entry(id).or_default().push(serial);
+        }
+        rows.iter()
+            .map(|row| {
+                let id: String = row.try_get("spiffe_id")?;
+                let serials = by_id.remove(&id).unwrap_or_default();
+                revocation_from_row(row, serials)
+            })
+            .collect()
+    }
+
+    async fn revoked_among(
+        &self,
+        ids: &[SpiffeId],
+        now: SystemTime,
+    ) -> Result<BTreeSet<String>, DatastoreError> {
+        if ids.is_empty() {
+            return Ok(BTreeSet::new());
+        }
+        let now = to_unix_secs(now, "now")?;
+        let revoked: Vec<String> = sqlx::query_scalar(
+            "SELECT spiffe_id FROM revocations \
+             WHERE spiffe_id IN (SELECT value FROM json_each(?)) AND expires_at > ?",
+        )
+        .bind(json_list(ids)?)
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(revoked.into_iter().collect())
+    }
+
+    async fn record_instance_svids(
+        &self,
+        svids: &[InstanceSvid],
+    ) -> Result<Vec<bool>, DatastoreError> {
+        if svids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = svids
+            .iter()
+            .map(|svid| {
+                Ok((
+                    svid.spiffe_id.as_str(),
+                    svid.serial.as_str(),
+                    to_unix_secs(svid.expires_at, "instance SVID expires_at")?,
+                ))
+            })
+            .collect::<Result<Vec<_>, DatastoreError>>()?;
+        let serials: Vec<&str> = rows.iter().map(|(_, serial, _)| *serial).collect();
+        let serials_json =
+            serde_json::to_string(&serials).map_err(|e| DatastoreError::Internal(Box::new(e)))?;
+
+        // Insert first, then take back what a revocation in force covers, all under the
+        // write lock: a concurrent `revoke_identity` runs wholly before (and is seen
+        // here) or wholly after (and lists the serials).
+        let mut tx = self.begin_write().await?;
+        for (spiffe_id, serial, expires_at) in &rows {
+            sqlx::query(
+                "INSERT INTO instance_svids (serial, spiffe_id, expires_at) VALUES (?, ?, ?)",
+            )
+            .bind(*serial)
+            .bind(*spiffe_id)
+            .bind(*expires_at)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let withdrawn: Vec<String> = sqlx::query_scalar(
+            "DELETE FROM instance_svids \
+             WHERE serial IN (SELECT value FROM json_each(?1)) \
+               AND spiffe_id IN (SELECT spiffe_id FROM revocations WHERE expires_at > ?2) \
+             RETURNING serial",
+        )
+        .bind(&serials_json)
+        .bind(now_unix_secs())
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(rows
+            .iter()
+            .map(|(_, serial, _)| !withdrawn.iter().any(|w| w == serial))
+            .collect())
+    }
+
+    async fn revoked_serials(&self, now: SystemTime) -> Result<Vec<RevokedSerial>, DatastoreError> {
+        let now = to_unix_secs(now, "now")?;
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT s.serial, r.revoked_at FROM instance_svids s \
+             JOIN revocations r ON r.spiffe_id = s.spiffe_id \
+             WHERE s.expires_at > ?1 AND r.expires_at > ?1 ORDER BY s.serial",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(serial, revoked_at)| {
+                let revoked_at =
+                    from_unix_secs(revoked_at, &format!("revocations[{serial}].revoked_at"))?;
+                Ok(RevokedSerial { serial, revoked_at })
+            })
+            .collect()
+    }
+
+    async fn prune_revocations(&self, now: SystemTime) -> Result<u64, DatastoreError> {
+        let now = to_unix_secs(now, "now")?;
+        let mut tx = self.begin_write().await?;
+        let revocations = sqlx::query("DELETE FROM revocations WHERE expires_at <= ?")
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        let serials = sqlx::query("DELETE FROM instance_svids WHERE expires_at <= ?")
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(revocations + serials)
     }
 
     async fn current_revision(&self) -> Result<u64, DatastoreError> {
@@ -1009,6 +1328,7 @@ mod tests {
             aliases: vec![id(ALIAS)],
             first_attested_at: at(1_700_000_000),
             last_seen_at: at(1_700_000_100),
+            banned_at: None,
         }
     }
 
@@ -1520,6 +1840,431 @@ mod tests {
             .unwrap();
         assert_eq!(outcome, TokenOutcome::Expired);
         assert_eq!(ds.list_agents().await.unwrap().len(), 1);
+    }
+
+    fn changes_with_scope(set: ChangeSet) -> Vec<(ChangeKind, String, Vec<String>)> {
+        match set {
+            ChangeSet::Complete(changes) => changes
+                .into_iter()
+                .map(|c| (c.kind, c.object_id, c.scope))
+                .collect(),
+            ChangeSet::TooOld => panic!("expected a complete change set"),
+        }
+    }
+
+    #[test]
+    fn change_kinds_round_trip_through_storage() {
+        let mut names = std::collections::BTreeSet::new();
+        for kind in ChangeKind::ALL {
+            assert_eq!(ChangeKind::from_stored(kind.as_str()), Some(kind));
+            assert!(names.insert(kind.as_str()), "duplicate {}", kind.as_str());
+        }
+        assert_eq!(ChangeKind::from_stored("agent_unbanned"), None);
+    }
+
+    #[tokio::test]
+    async fn banned_agent_cannot_be_recorded_renewed_or_attested_again() {
+        let (_dir, ds) = open_temp().await;
+        let agent_id = "spiffe://example.org/tessera/agent/join_token/tok";
+        ds.upsert_agent(agent(agent_id, "01")).await.unwrap();
+        ds.upsert_agent(agent(AGENT_B, "02")).await.unwrap();
+        assert_eq!(ds.current_revision().await.unwrap(), 2);
+
+        let banned = ds
+            .ban_agent(&id(agent_id), at(1_800_000_000))
+            .await
+            .unwrap();
+        let banned = banned.expect("the agent exists");
+        assert_eq!(banned.banned_at, Some(at(1_800_000_000)));
+        assert_eq!(
+            changes_with_scope(ds.changes_since(2).await.unwrap()),
+            vec![(
+                ChangeKind::AgentBanned,
+                agent_id.to_owned(),
+                vec![agent_id.to_owned()]
+            )]
+        );
+        // Banning again keeps the first ban and records nothing.
+        let again = ds
+            .ban_agent(&id(agent_id), at(1_900_000_000))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(again.banned_at, Some(at(1_800_000_000)));
+        assert_eq!(ds.current_revision().await.unwrap(), 3);
+        // Unknown agent: None, nothing recorded.
+        assert_eq!(
+            ds.ban_agent(
+                &id("spiffe://example.org/tessera/agent/join_token/x"),
+                at(1)
+            )
+            .await
+            .unwrap(),
+            None
+        );
+        assert_eq!(ds.current_revision().await.unwrap(), 3);
+        // The ban shows in reads and survives a reopen.
+        assert_eq!(
+            ds.get_agent(&id(agent_id)).await.unwrap(),
+            Some(banned.clone())
+        );
+        assert_eq!(
+            ds.list_agents()
+                .await
+                .unwrap()
+                .iter()
+                .map(|a| a.banned_at.is_some())
+                .collect::<Vec<_>>(),
+            vec![false, true]
+        );
+
+        // Recording the ID again is refused, in the same statement, and writes nothing.
+        let mut reattested = agent(agent_id, "03");
+        reattested.banned_at = None;
+        assert!(matches!(
+            ds.upsert_agent(reattested.clone()).await,
+            Err(DatastoreError::AgentBanned)
+        ));
+        assert_eq!(
+            ds.get_agent(&id(agent_id)).await.unwrap(),
+            Some(banned.clone())
+        );
+        assert_eq!(ds.current_revision().await.unwrap(), 3);
+        // Renewal is refused.
+        assert!(
+            !ds.rotate_agent_serial(&id(agent_id), "01", "04", at(2_000_000_000))
+                .await
+                .unwrap()
+        );
+        // Attestation with a valid token is refused in the same transaction, and the
+        // token is not spent.
+        ds.create_join_token(token("tok", 7, at(2_000_000_000)))
+            .await
+            .unwrap();
+        assert!(matches!(
+            ds.attest_with_join_token("tok", &[7; 32], at(1_000), reattested)
+                .await,
+            Err(DatastoreError::AgentBanned)
+        ));
+        let used: Option<i64> =
+            sqlx::query_scalar("SELECT used_at FROM join_tokens WHERE id = 'tok'")
+                .fetch_one(&ds.pool)
+                .await
+                .unwrap();
+        assert_eq!(used, None);
+        assert_eq!(ds.get_agent(&id(agent_id)).await.unwrap(), Some(banned));
+        assert_eq!(ds.current_revision().await.unwrap(), 3);
+        // Other agents are unaffected.
+        assert!(
+            ds.rotate_agent_serial(&id(AGENT_B), "02", "05", at(2_000_000_000))
+                .await
+                .unwrap()
+        );
+    }
+
+    #[tokio::test]
+    async fn evicting_deletes_the_agent_and_lifts_a_ban() {
+        let (_dir, ds) = open_temp().await;
+        ds.upsert_agent(agent(AGENT_A, "01")).await.unwrap();
+        ds.ban_agent(&id(AGENT_A), at(1_800_000_000)).await.unwrap();
+        assert!(ds.evict_agent(&id(AGENT_A)).await.unwrap());
+        assert_eq!(ds.get_agent(&id(AGENT_A)).await.unwrap(), None);
+        assert_eq!(
+            changes_with_scope(ds.changes_since(2).await.unwrap()),
+            vec![(
+                ChangeKind::AgentEvicted,
+                AGENT_A.to_owned(),
+                vec![AGENT_A.to_owned()]
+            )]
+        );
+        // Nothing left to evict: false, nothing recorded.
+        assert!(!ds.evict_agent(&id(AGENT_A)).await.unwrap());
+        assert_eq!(ds.current_revision().await.unwrap(), 3);
+        // The ID may attest again.
+        ds.upsert_agent(agent(AGENT_A, "02")).await.unwrap();
+        let back = ds.get_agent(&id(AGENT_A)).await.unwrap().unwrap();
+        assert_eq!((back.serial.as_str(), back.banned_at), ("02", None));
+    }
+
+    fn soon(secs: u64) -> SystemTime {
+        SystemTime::now() + Duration::from_secs(secs)
+    }
+
+    fn svid(spiffe_id: &str, serial: &str, expires_at: SystemTime) -> InstanceSvid {
+        InstanceSvid {
+            spiffe_id: id(spiffe_id),
+            serial: serial.to_owned(),
+            expires_at,
+        }
+    }
+
+    /// Whole seconds, as stored.
+    fn secs(t: SystemTime) -> SystemTime {
+        at(t.duration_since(UNIX_EPOCH).unwrap().as_secs())
+    }
+
+    #[tokio::test]
+    async fn revoking_an_identity_lists_its_serials_and_stops_recording() {
+        let (_dir, ds) = open_temp().await;
+        const X: &str = "spiffe://example.org/ai/bot/i-1";
+        const Y: &str = "spiffe://example.org/ai/bot/i-2";
+        let long = soon(7200);
+        assert_eq!(
+            ds.record_instance_svids(&[
+                svid(X, "0a", soon(600)),
+                svid(X, "0b", long),
+                svid(Y, "0c", soon(600)),
+            ])
+            .await
+            .unwrap(),
+            vec![true, true, true]
+        );
+        // Recording serials is not a change agents sync.
+        assert_eq!(ds.current_revision().await.unwrap(), 0);
+        assert!(
+            ds.revoked_serials(SystemTime::now())
+                .await
+                .unwrap()
+                .is_empty()
+        );
+
+        let now = secs(SystemTime::now());
+        let (revocation, created) = ds
+            .revoke_identity(
+                &id(X),
+                now,
+                now + Duration::from_secs(60),
+                &[id(AGENT_A), id(ALIAS), id(AGENT_A)],
+            )
+            .await
+            .unwrap();
+        assert!(created);
+        assert_eq!(
+            revocation,
+            Revocation {
+                spiffe_id: id(X),
+                revoked_at: now,
+                // Never before the last listed certificate expires.
+                expires_at: secs(long),
+                // Sorted and deduplicated.
+                scope: vec![id(ALIAS), id(AGENT_A)],
+                serials: vec!["0a".to_owned(), "0b".to_owned()],
+            }
+        );
+        assert_eq!(
+            changes_with_scope(ds.changes_since(0).await.unwrap()),
+            vec![(
+                ChangeKind::IdentityRevoked,
+                X.to_owned(),
+                vec![ALIAS.to_owned(), AGENT_A.to_owned()]
+            )]
+        );
+        // Idempotent: the revocation in force comes back, nothing is recorded.
+        let (same, created) = ds
+            .revoke_identity(
+                &id(X),
+                now + Duration::from_secs(5),
+                now + Duration::from_secs(9),
+                &[id(AGENT_B)],
+            )
+            .await
+            .unwrap();
+        assert!(!created);
+        assert_eq!(same, revocation);
+        assert_eq!(ds.current_revision().await.unwrap(), 1);
+
+        assert_eq!(
+            ds.get_revocation(&id(X)).await.unwrap(),
+            Some(revocation.clone())
+        );
+        assert_eq!(ds.get_revocation(&id(Y)).await.unwrap(), None);
+        assert_eq!(
+            ds.list_revocations().await.unwrap(),
+            vec![revocation.clone()]
+        );
+        assert_eq!(
+            ds.revoked_among(&[id(X), id(Y)], SystemTime::now())
+                .await
+                .unwrap(),
+            [X.to_owned()].into_iter().collect()
+        );
+        assert!(
+            ds.revoked_among(&[], SystemTime::now())
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            ds.revoked_serials(SystemTime::now()).await.unwrap(),
+            vec![
+                RevokedSerial {
+                    serial: "0a".to_owned(),
+                    revoked_at: now
+                },
+                RevokedSerial {
+                    serial: "0b".to_owned(),
+                    revoked_at: now
+                },
+            ]
+        );
+        // An SVID signed for the revoked ID meanwhile is withdrawn; others are kept.
+        assert_eq!(
+            ds.record_instance_svids(&[svid(Y, "0d", soon(600)), svid(X, "0e", soon(600))])
+                .await
+                .unwrap(),
+            vec![true, false]
+        );
+        assert!(
+            !ds.record_instance_svid(&id(X), "0f", soon(600))
+                .await
+                .unwrap()
+        );
+        assert!(
+            ds.record_instance_svid(&id(Y), "10", soon(600))
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            ds.get_revocation(&id(X)).await.unwrap().unwrap().serials,
+            vec!["0a".to_owned(), "0b".to_owned()]
+        );
+
+        // Later: the short-lived serial has expired and leaves the CRL first; then the
+        // revocation itself; pruning removes what expired.
+        let later = SystemTime::now() + Duration::from_secs(3600);
+        assert_eq!(
+            ds.revoked_serials(later).await.unwrap(),
+            vec![RevokedSerial {
+                serial: "0b".to_owned(),
+                revoked_at: now
+            }]
+        );
+        let after = long + Duration::from_secs(1);
+        assert!(ds.revoked_serials(after).await.unwrap().is_empty());
+        assert!(ds.revoked_among(&[id(X)], after).await.unwrap().is_empty());
+        // 1 revocation + 6 serial rows (0a 0b 0c 0d 10, all expired by then).
+        assert_eq!(ds.prune_revocations(after).await.unwrap(), 6);
+        assert!(ds.list_revocations().await.unwrap().is_empty());
+        assert_eq!(ds.prune_revocations(after).await.unwrap(), 0);
+        // Pruning records nothing.
+        assert_eq!(ds.current_revision().await.unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_expired_revocation_is_replaced_by_a_new_one() {
+        let (_dir, ds) = open_temp().await;
+        const X: &str = "spiffe://example.org/ai/bot/i-1";
+        let (first, created) = ds
+            .revoke_identity(&id(X), at(1_000), at(2_000), &[id(AGENT_A)])
+            .await
+            .unwrap();
+        assert!(created);
+        // Still in force at 1_500: idempotent.
+        let (_, created) = ds
+            .revoke_identity(&id(X), at(1_500), at(3_000), &[id(AGENT_B)])
+            .await
+            .unwrap();
+        assert!(!created);
+        // Expired at 2_500 but not pruned: replaced, and recorded again.
+        let (second, created) = ds
+            .revoke_identity(&id(X), at(2_500), at(4_000), &[id(AGENT_B)])
+            .await
+            .unwrap();
+        assert!(created);
+        assert_ne!(first, second);
+        assert_eq!(
+            (second.revoked_at, second.expires_at),
+            (at(2_500), at(4_000))
+        );
+        assert_eq!(second.scope, vec![id(AGENT_B)]);
+        assert_eq!(ds.current_revision().await.unwrap(), 2);
+    }
+
+    /// SVIDs recorded while their identity is being revoked: whichever commits first,
+    /// every SVID that was recorded (`true`) is listed for the CRL, and every one
+    /// refused (`false`) left no row.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_signing_racing_a_revocation_never_escapes_the_crl() {
+        let (_dir, ds) = open_temp().await;
+        let ds = Arc::new(ds);
+        const X: &str = "spiffe://example.org/ai/bot/i-1";
+        for round in 0..5_u32 {
+            let target = format!("{X}{round}");
+            let barrier = Arc::new(tokio::sync::Barrier::new(9));
+            let recorders: Vec<_> = (0..8_u32)
+                .map(|i| {
+                    let ds = Arc::clone(&ds);
+                    let barrier = Arc::clone(&barrier);
+                    let target = target.clone();
+                    tokio::spawn(async move {
+                        barrier.wait().await;
+                        let mut outcomes = Vec::new();
+                        for j in 0..4_u32 {
+                            let serial = format!("{round:02x}{i:02x}{j:02x}");
+                            let ok = ds
+                                .record_instance_svid(&id(&target), &serial, soon(600))
+                                .await
+                                .unwrap();
+                            outcomes.push((serial, ok));
+                        }
+                        outcomes
+                    })
+                })
+                .collect();
+            let revoker = {
+                let ds = Arc::clone(&ds);
+                let barrier = Arc::clone(&barrier);
+                let target = target.clone();
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    tokio::task::yield_now().await;
+                    let now = SystemTime::now();
+                    ds.revoke_identity(
+                        &id(&target),
+                        now,
+                        now + Duration::from_secs(60),
+                        &[id(AGENT_A)],
+                    )
+                    .await
+                    .unwrap()
+                })
+            };
+            let mut outcomes = Vec::new();
+            for recorder in recorders {
+                outcomes.extend(recorder.await.unwrap());
+            }
+            let (revocation, created) = revoker.await.unwrap();
+            assert!(created);
+            let in_crl: Vec<String> = ds
+                .revoked_serials(SystemTime::now())
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|r| r.serial)
+                .collect();
+            let stored = ds
+                .get_revocation(&id(&target))
+                .await
+                .unwrap()
+                .unwrap()
+                .serials;
+            for (serial, ok) in &outcomes {
+                assert_eq!(
+                    in_crl.contains(serial),
+                    *ok,
+                    "round {round} serial {serial}"
+                );
+                assert_eq!(
+                    stored.contains(serial),
+                    *ok,
+                    "round {round} serial {serial}"
+                );
+            }
+            // What the revocation listed when it was made stays listed.
+            for serial in &revocation.serials {
+                assert!(in_crl.contains(serial));
+            }
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -2176,7 +2921,7 @@ mod tests {
                 .fetch_all(&ds.pool)
                 .await
                 .unwrap();
-        assert_eq!(versions, vec![1, 2]);
+        assert_eq!(versions, vec![1, 2, 3]);
         let expected = RegistrationEntry {
             id: entry_id.to_owned(),
             spiffe_id: old.spiffe_id.clone(),
