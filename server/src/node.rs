@@ -387,9 +387,9 @@ impl NodeService {
                     .list_revocations()
                     .await?
                     .iter()
-                    .filter(|r| {
-                        r.expires_at > now && agent.concerns(r.scope.iter().map(SpiffeId::as_str))
-                    })
+                    // Every agent: revocations are public like a CRL, and every agent's
+                    // ValidateJWTSVID must reject the identity's tokens.
+                    .filter(|r| r.expires_at > now)
                     .map(revoked_to_proto)
                     .collect();
                 let crl = Arc::clone(&self.state.crl.borrow());
@@ -430,10 +430,9 @@ impl NodeService {
                     status = Some((change.revision, AgentStatus::Evicted));
                 }
                 ChangeKind::AgentBanned | ChangeKind::AgentEvicted => {}
-                ChangeKind::IdentityRevoked if concerned => {
+                ChangeKind::IdentityRevoked => {
                     revoked_ids.insert(change.object_id.clone());
                 }
-                ChangeKind::IdentityRevoked => {}
             }
         }
         if let Some((at, status)) = status {
@@ -459,7 +458,6 @@ impl NodeService {
             };
             if let Some(revocation) = datastore.get_revocation(&id).await?
                 && revocation.expires_at > now
-                && agent.concerns(revocation.scope.iter().map(SpiffeId::as_str))
             {
                 message.revoked.push(revoked_to_proto(&revocation));
             }
@@ -1397,7 +1395,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn sync_carries_revocations_by_scope_crls_and_the_final_status() {
+    async fn sync_carries_revocations_to_every_agent_crls_and_the_final_status() {
         let h = harness().await;
         let a = attested(&h, "a").await;
         let b = attested(&h, "b").await;
@@ -1432,13 +1430,13 @@ mod tests {
         assert_eq!(delta.revoked[0].spiffe_id, x_id);
         assert!(delta.revoked[0].expires_at > delta.revoked[0].revoked_at);
         assert_eq!(delta.crls.as_ref().map(|c| c.crls.len()), Some(1));
-        // B serves no instance of that entry: the CRL, but not the revocation.
+        // B serves no instance of that entry, yet receives the revocation too: its
+        // ValidateJWTSVID must reject the identity's tokens.
         let delta_b = next(&mut sync_b).await;
-        assert!(delta_b.revoked.is_empty());
+        assert_eq!(delta_b.revoked.len(), 1, "{delta_b:?}");
         assert_eq!(delta_b.crls.as_ref().map(|c| c.crls.len()), Some(1));
 
-        // A fresh snapshot carries the revocation in force and the CRL; B's does not
-        // carry A's revocation.
+        // A fresh snapshot carries the revocation in force and the CRL, on every agent.
         let mut again = start_sync(&h, ctx_a.clone(), 0);
         let snapshot = next(&mut again).await;
         assert_eq!(
@@ -1452,7 +1450,7 @@ mod tests {
         assert_eq!(snapshot.crls.as_ref().map(|c| c.crls.len()), Some(1));
         drop(again);
         let mut again_b = start_sync(&h, ctx_b.clone(), 0);
-        assert!(next(&mut again_b).await.revoked.is_empty());
+        assert_eq!(next(&mut again_b).await.revoked.len(), 1);
         drop(again_b);
 
         // A reconnect from an old revision gets the revocation as a delta, with the CRL.
