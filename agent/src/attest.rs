@@ -104,8 +104,9 @@ impl PinnedCaller {
         matches!(self.workload.is_alive(), Ok(true))
     }
 
-    /// Start time (clock ticks since boot), read once per connection.
-    fn start_time(&self) -> Result<u64, WorkloadError> {
+    /// Start time (clock ticks since boot), read once per connection (by the first
+    /// attestation, so later calls do not touch `/proc`).
+    pub fn start_time(&self) -> Result<u64, WorkloadError> {
         if let Some(&t) = self.start_time.get() {
             return Ok(t);
         }
@@ -121,6 +122,9 @@ pub struct Attested {
     pub selectors: Arc<[Selector]>,
     /// Cancelled once the process is seen to exit (while the result is cached).
     pub exited: CancellationToken,
+    /// True when the attestors ran for this result (false: served from the cache), so
+    /// that each attestation is audited once.
+    pub fresh: bool,
 }
 
 /// One process instance as seen through one socket's credentials.
@@ -440,6 +444,7 @@ impl AttestationCache {
         Some(Attested {
             selectors: Arc::clone(&entry.selectors),
             exited: entry.exited.clone(),
+            fresh: false,
         })
     }
 
@@ -450,6 +455,7 @@ impl AttestationCache {
         let attested = Attested {
             selectors: Arc::clone(&selectors),
             exited: exited.clone(),
+            fresh: true,
         };
         let Some(watch) = &self.watch else {
             return attested;

@@ -1,7 +1,8 @@
 //! The agent's view of what it may serve, published to Workload API handlers through a
-//! `watch` channel: entries received from the server, the bundle, and one SVID per
-//! entry. Handlers read a consistent snapshot without locks; the SVID manager is the
-//! only writer.
+//! `watch` channel: entries received from the server, the bundle, one SVID per entry
+//! with a fixed SPIFFE ID, the identities the server revoked and its CRLs. Handlers
+//! read a consistent snapshot without locks; the SVID manager is the only writer.
+//! (Templated identities, one per caller, are held by [`crate::instances`].)
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -82,19 +83,13 @@ pub struct CacheSnapshot {
     pub bundle: Arc<TrustBundle>,
     /// Entries this agent may serve, by id.
     pub entries: Arc<BTreeMap<String, Arc<RegistrationEntry>>>,
-    /// Current SVID per entry id.
+    /// Current SVID per entry id (entries with a fixed SPIFFE ID only; templated
+    /// identities live in [`crate::instances::Instances`]).
     pub svids: Arc<HashMap<String, Arc<WorkloadSvid>>>,
-}
-
-/// What a caller with a given selector set is entitled to right now.
-#[derive(Debug)]
-pub enum Entitlement {
-    /// No entry matches: the caller gets no identity.
-    None,
-    /// Some matching entries have no usable SVID yet (being minted).
-    Pending,
-    /// One SVID per matching entry, in entry order, hints unique.
-    Ready(Vec<(Arc<RegistrationEntry>, Arc<WorkloadSvid>)>),
+    /// Identities the server revoked: never served, minted or accepted.
+    pub revoked: Arc<RevokedSet>,
+    /// DER CRLs of the trust domain, for the Workload API's `crl` fields.
+    pub crls: Arc<Vec<Vec<u8>>>,
 }
 
 impl CacheSnapshot {
@@ -124,28 +119,155 @@ impl CacheSnapshot {
         }
         out
     }
+}
 
-    /// The SVIDs for a caller presenting `selectors`. Entries are taken in creation
-    /// order; an entry whose non-empty hint repeats an earlier one is skipped, so a
-    /// caller never receives two SVIDs with the same hint. Expired SVIDs never count.
-    pub fn entitlement(
-        &self,
-        selectors: &[tessera_plugin_sdk::Selector],
+/// Identities the server revoked (rendered SPIFFE IDs), each kept until no SVID of it
+/// can still be valid (the server's `expires_at`), then forgotten.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RevokedSet {
+    until: BTreeMap<SpiffeId, SystemTime>,
+}
+
+impl RevokedSet {
+    /// Whether `id` is revoked at `now`.
+    pub fn is_revoked(&self, id: &SpiffeId, now: SystemTime) -> bool {
+        self.until.get(id).is_some_and(|until| *until > now)
+    }
+
+    /// Applies the `revoked` list of a `Sync` message (in a snapshot, every revocation
+    /// in force: the set is replaced). Revocations that have already expired at `now`
+    /// and IDs that do not parse are ignored. Returns the IDs newly revoked.
+    pub fn apply(
+        &mut self,
+        snapshot: bool,
+        revoked: &[tessera_proto::node::RevokedIdentity],
         now: SystemTime,
-    ) -> Entitlement {
-        let matching = self.matching_entries(selectors);
-        if matching.is_empty() {
-            return Entitlement::None;
-        }
-        let mut ready = Vec::with_capacity(matching.len());
-        for entry in matching {
-            match self.svids.get(&entry.id) {
-                Some(svid) if svid.not_after > now && svid.entry_revision == entry.revision => {
-                    ready.push((Arc::clone(&entry), Arc::clone(svid)));
+    ) -> Vec<SpiffeId> {
+        let before = if snapshot {
+            std::mem::take(&mut self.until)
+        } else {
+            BTreeMap::new()
+        };
+        let mut added = Vec::new();
+        for item in revoked {
+            let id = match SpiffeId::parse_leaf(&item.spiffe_id) {
+                Ok(id) => id,
+                Err(err) => {
+                    tracing::warn!(error = %err, "ignoring an invalid revoked SPIFFE ID from the server");
+                    continue;
                 }
-                _ => return Entitlement::Pending,
+            };
+            let until = from_unix(item.expires_at);
+            if until <= now {
+                continue;
+            }
+            let known = self.is_revoked(&id, now) || before.get(&id).is_some_and(|t| *t > now);
+            let slot = self.until.entry(id.clone()).or_insert(until);
+            *slot = (*slot).max(until);
+            if !known {
+                added.push(id);
             }
         }
-        Entitlement::Ready(ready)
+        added
+    }
+
+    /// Forgets revocations that expired at `now`; true when something was forgotten.
+    pub fn prune(&mut self, now: SystemTime) -> bool {
+        let before = self.until.len();
+        self.until.retain(|_, until| *until > now);
+        self.until.len() != before
+    }
+
+    /// When the next revocation expires.
+    pub fn next_expiry(&self) -> Option<SystemTime> {
+        self.until.values().min().copied()
+    }
+
+    /// The revoked IDs.
+    pub fn ids(&self) -> impl Iterator<Item = &SpiffeId> {
+        self.until.keys()
+    }
+
+    /// Number of revocations held.
+    pub fn len(&self) -> usize {
+        self.until.len()
+    }
+
+    /// True when nothing is revoked.
+    pub fn is_empty(&self) -> bool {
+        self.until.is_empty()
+    }
+}
+
+/// Unix seconds as a `SystemTime` (negative values clamp to the epoch).
+pub fn from_unix(secs: i64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs.max(0).unsigned_abs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tessera_proto::node::RevokedIdentity;
+
+    fn revoked(id: &str, expires_at: i64) -> RevokedIdentity {
+        RevokedIdentity {
+            spiffe_id: id.to_owned(),
+            revoked_at: 0,
+            expires_at,
+        }
+    }
+
+    fn id(s: &str) -> SpiffeId {
+        SpiffeId::parse_leaf(s).unwrap()
+    }
+
+    #[test]
+    fn revocations_apply_and_expire() {
+        let now = from_unix(1_000);
+        let mut set = RevokedSet::default();
+        let added = set.apply(
+            false,
+            &[
+                revoked("spiffe://example.org/a", 1_100),
+                revoked("spiffe://example.org/b", 1_050),
+                revoked("spiffe://example.org/old", 900),
+                revoked("not an id", 2_000),
+            ],
+            now,
+        );
+        assert_eq!(
+            added,
+            vec![id("spiffe://example.org/a"), id("spiffe://example.org/b")]
+        );
+        assert_eq!(set.len(), 2);
+        assert!(set.is_revoked(&id("spiffe://example.org/a"), now));
+        assert!(!set.is_revoked(&id("spiffe://example.org/old"), now));
+        assert_eq!(set.next_expiry(), Some(from_unix(1_050)));
+        // A delta repeating a known revocation adds nothing new.
+        assert!(
+            set.apply(false, &[revoked("spiffe://example.org/a", 1_100)], now)
+                .is_empty()
+        );
+        // Past b's expiry it no longer counts, even before it is pruned; then it is
+        // forgotten.
+        let later = now + Duration::from_secs(60);
+        assert!(!set.is_revoked(&id("spiffe://example.org/b"), later));
+        assert!(set.is_revoked(&id("spiffe://example.org/a"), later));
+        assert!(set.prune(later));
+        assert_eq!(set.len(), 1);
+        assert!(!set.prune(later));
+        // A snapshot replaces the set; what it still holds is not new.
+        let added = set.apply(
+            true,
+            &[
+                revoked("spiffe://example.org/a", 1_100),
+                revoked("spiffe://example.org/c", 1_200),
+            ],
+            later,
+        );
+        assert_eq!(added, vec![id("spiffe://example.org/c")]);
+        let added = set.apply(true, &[], later);
+        assert!(added.is_empty() && set.is_empty());
     }
 }

@@ -39,6 +39,9 @@ struct RawAgent {
     max_requests_per_second_per_uid: u32,
     #[serde(default = "default_max_request_burst_per_uid")]
     max_request_burst_per_uid: u32,
+    audit_log_path: Option<PathBuf>,
+    #[serde(default = "default_max_instance_identities")]
+    max_instance_identities: usize,
     #[serde(default)]
     log_level: LogLevel,
     #[serde(default)]
@@ -78,6 +81,10 @@ fn default_max_requests_per_second_per_uid() -> u32 {
 
 fn default_max_request_burst_per_uid() -> u32 {
     crate::limits::DEFAULT_MAX_REQUEST_BURST_PER_UID
+}
+
+fn default_max_instance_identities() -> usize {
+    crate::instances::DEFAULT_MAX_INSTANCE_IDENTITIES
 }
 
 /// Default `attestation_timeout`: all workload attestors together must finish in 5 s.
@@ -134,6 +141,18 @@ pub struct AgentConfig {
     /// `attestation_timeout` (default `5s`): deadline for all workload attestors of
     /// one call.
     pub attestation_timeout: Duration,
+    /// `audit_log_path` (no default: no audit log): the agent's audit log, JSON lines
+    /// (see `docs/audit-log.md`): every workload attestation, every identity served,
+    /// every refusal, templated identities dropped, start and stop. Created 0600 (its
+    /// directory must exist); an existing file must be a regular file of the agent's uid
+    /// with no group or other permission. Opened before the agent serves anything; if it
+    /// cannot be opened the agent does not start.
+    pub audit_log_path: Option<PathBuf>,
+    /// `max_instance_identities` (default 10000): most templated identities (entries
+    /// whose SPIFFE ID holds `{instance}`, `{uid}` or `{systemd_unit}`) held at once, and
+    /// most caller processes holding them. A caller that would need one more gets
+    /// `ResourceExhausted` until others exit. 0 refuses every templated identity.
+    pub max_instance_identities: usize,
     /// `log_level` (default `info`).
     pub log_level: LogLevel,
     /// `log_format` (default `text`).
@@ -216,6 +235,8 @@ impl AgentConfig {
             attestation_timeout: raw
                 .attestation_timeout
                 .map_or(DEFAULT_ATTESTATION_TIMEOUT, |d| d.0),
+            audit_log_path: raw.audit_log_path,
+            max_instance_identities: raw.max_instance_identities,
             log_level: raw.log_level,
             log_format: raw.log_format,
             workload_attestors,
@@ -248,6 +269,17 @@ mod tests {
         assert_eq!(c.socket_path, PathBuf::from("/run/tessera/agent.sock"));
         assert_eq!(c.workload_attestors.len(), 1);
         assert_eq!(c.attestation_timeout, DEFAULT_ATTESTATION_TIMEOUT);
+        assert_eq!(c.audit_log_path, None);
+        assert_eq!(c.max_instance_identities, 10_000);
+        let text = format!(
+            "{MINIMAL}audit_log_path = \"/var/log/tessera/agent-audit.jsonl\"\nmax_instance_identities = 5\n"
+        );
+        let c = AgentConfig::parse(&text, Path::new("a.toml")).unwrap();
+        assert_eq!(
+            c.audit_log_path,
+            Some(PathBuf::from("/var/log/tessera/agent-audit.jsonl"))
+        );
+        assert_eq!(c.max_instance_identities, 5);
     }
 
     #[test]

@@ -1,33 +1,46 @@
 //! The tessera agent library: node attestation and agent SVID renewal, the `Sync`
-//! stream and SVID manager, caller identification, and the SPIFFE Workload API on a
-//! Unix socket. `main.rs` is a thin wrapper over [`start`] and the [`cli`].
+//! stream and SVID manager, caller identification, per-caller (templated) identities,
+//! revocations, the audit log, and the SPIFFE Workload API on a Unix socket. `main.rs`
+//! is a thin wrapper over [`start`] and the [`cli`].
 //!
 //! It never signs anything: every SVID comes from the server, for a key the agent
 //! generated; the agent decides only which caller receives which of them.
+//!
+//! When the server bans or evicts the agent (the last `Sync` message says so, or a node
+//! call answers `PermissionDenied` "agent is banned" / "agent must re-attest"), the
+//! agent logs one error line, stops serving, deletes its SVID and key from `data_dir`,
+//! and [`RunningAgent::wait`] returns [`AgentError::Banned`] or [`AgentError::Evicted`]
+//! (`tessera-agent run` exits 1). Other node API failures are retried with backoff.
 
 pub mod attest;
 pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod instances;
 pub mod interpreters;
 pub mod jwt_cache;
 pub mod limits;
 pub mod manager;
 pub mod node;
 pub mod peer;
+pub mod signer;
 pub mod store;
+#[cfg(test)]
+mod testing;
 pub mod tls;
 pub mod workload_api;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
+use tessera_audit::{AgentEvent, AuditLog};
 use tessera_plugin_sdk::socket::{prepare_socket_dir, remove_stale_socket, set_socket_mode};
 use tessera_plugin_sdk::{SpiffeId, WorkloadAttestor};
-use tessera_proto::node::{SyncRequest, SyncResponse};
+use tessera_proto::node::{AgentStatus, SyncRequest, SyncResponse};
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -38,6 +51,8 @@ pub use crate::error::AgentError;
 
 use crate::cache::{CacheSnapshot, TrustBundle};
 use crate::config::WorkloadAttestorConfig;
+use crate::instances::Instances;
+use crate::jwt_cache::JwtCache;
 use crate::manager::{SvidManager, jitter_fraction, renewal_time};
 use crate::node::ServerConnection;
 use crate::store::{AgentSvidFiles, Store, parse_pem_certificates};
@@ -47,7 +62,9 @@ use crate::tls::{AgentCredentials, ServerTrust, ServerVerifier};
 const MIN_REMAINING_AT_START: Duration = Duration::from_secs(30);
 
 /// A started agent. Call [`RunningAgent::stop`] (or cancel its shutdown token and
-/// [`RunningAgent::wait`]).
+/// [`RunningAgent::wait`]). [`RunningAgent::wait`] also returns by itself when the agent
+/// stops on its own: [`AgentError::Banned`] / [`AgentError::Evicted`] when the server
+/// removed it, another error when a task failed.
 #[derive(Debug)]
 pub struct RunningAgent {
     agent_id: SpiffeId,
@@ -55,6 +72,10 @@ pub struct RunningAgent {
     cache: watch::Receiver<Arc<CacheSnapshot>>,
     shutdown: CancellationToken,
     tasks: JoinSet<Result<(), AgentError>>,
+    store: Store,
+    audit: AuditLog<AgentEvent>,
+    instances: Instances,
+    finished: bool,
 }
 
 impl RunningAgent {
@@ -78,9 +99,15 @@ impl RunningAgent {
         Arc::clone(&self.cache.borrow())
     }
 
-    /// A token that stops the agent when cancelled.
+    /// A token that stops the agent when cancelled (it is also cancelled when the agent
+    /// stops on its own).
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
+    }
+
+    /// (templated identities, processes holding them) held now.
+    pub fn instance_identities(&self) -> (usize, usize) {
+        self.instances.len()
     }
 
     /// Stops the agent: streams end, the socket is removed.
@@ -89,7 +116,11 @@ impl RunningAgent {
         self.wait().await
     }
 
-    /// Waits until the agent stops (shutdown token cancelled, or a task failed).
+    /// Waits until the agent stops: the shutdown token was cancelled (`Ok`), the server
+    /// banned or evicted it ([`AgentError::Banned`], [`AgentError::Evicted`]: its SVID
+    /// and key are deleted by then), or a task failed. Removes the socket, writes the
+    /// `agent_stopping` audit record and flushes the audit log. A second call returns
+    /// `Ok` at once.
     pub async fn wait(&mut self) -> Result<(), AgentError> {
         let mut result = Ok(());
         while let Some(joined) = self.tasks.join_next().await {
@@ -97,16 +128,151 @@ impl RunningAgent {
                 .map_err(|err| AgentError::Task(err.to_string()))
                 .and_then(|r| r);
             if let Err(err) = outcome {
-                tracing::error!(error = %err, "agent task failed; stopping");
+                if !err.is_removed_by_server() {
+                    // A removal was logged, once, where it was noticed.
+                    tracing::error!(error = %err, "agent task failed; stopping");
+                }
                 self.shutdown.cancel();
-                if result.is_ok() {
+                // The server's verdict explains every failure it causes: it wins.
+                let removed = matches!(&result, Err(e) if AgentError::is_removed_by_server(e));
+                if result.is_ok() || (err.is_removed_by_server() && !removed) {
                     result = Err(err);
                 }
             }
         }
+        if std::mem::replace(&mut self.finished, true) {
+            return Ok(());
+        }
+        if matches!(&result, Err(err) if err.is_removed_by_server()) {
+            // Again, now that no task can write it any more.
+            let store = self.store.clone();
+            if let Err(err) = blocking(move || store.delete_svid()).await {
+                tracing::warn!(error = %err, "cannot delete the agent SVID");
+            }
+        }
         let _ = std::fs::remove_file(&self.socket_path);
+        let reason = match &result {
+            Ok(()) => "stopped".to_owned(),
+            Err(AgentError::Banned) => "banned by the server".to_owned(),
+            Err(AgentError::Evicted) => "evicted by the server: must attest again".to_owned(),
+            Err(err) => format!("failed: {err}"),
+        };
+        self.audit.record(AgentEvent::AgentStopping { reason });
+        flush_audit(&self.audit).await;
         tracing::info!("agent stopped");
         result
+    }
+}
+
+/// Writes what the audit log has queued and syncs it, off the runtime.
+async fn flush_audit(audit: &AuditLog<AgentEvent>) {
+    if !audit.is_enabled() {
+        return;
+    }
+    let audit = audit.clone();
+    match tokio::task::spawn_blocking(move || audit.flush_blocking()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => tracing::warn!(error = %err, "cannot flush the audit log"),
+        Err(err) => tracing::warn!(error = %err, "cannot flush the audit log"),
+    }
+}
+
+/// Opens the audit log (`None`: disabled) and records `audit_started`.
+async fn open_audit(path: Option<&Path>) -> Result<AuditLog<AgentEvent>, AgentError> {
+    let audit = match path {
+        Some(path) => {
+            let path = path.to_owned();
+            blocking(move || {
+                AuditLog::open(&path, "agent").map_err(|err| {
+                    let mut text = err.to_string();
+                    let mut source = std::error::Error::source(&err);
+                    while let Some(cause) = source {
+                        text.push_str(": ");
+                        text.push_str(&cause.to_string());
+                        source = cause.source();
+                    }
+                    AgentError::Audit(text)
+                })
+            })
+            .await?
+        }
+        None => AuditLog::disabled(),
+    };
+    audit.record(AgentEvent::AuditStarted {
+        pid: std::process::id(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+    });
+    Ok(audit)
+}
+
+/// How the server removed this agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Removal {
+    Banned,
+    Evicted,
+}
+
+impl Removal {
+    /// The removal a node API status announces: `PermissionDenied` "agent is banned" or
+    /// "agent must re-attest".
+    fn from_status(status: &tonic::Status) -> Option<Self> {
+        if status.code() != tonic::Code::PermissionDenied {
+            return None;
+        }
+        let message = status.message();
+        if message.contains("agent is banned") {
+            Some(Self::Banned)
+        } else if message.contains("agent must re-attest") {
+            Some(Self::Evicted)
+        } else {
+            None
+        }
+    }
+
+    /// The removal the `agent_status` of a `Sync` message announces.
+    fn from_sync(message: &SyncResponse) -> Option<Self> {
+        match AgentStatus::try_from(message.agent_status) {
+            Ok(AgentStatus::Banned) => Some(Self::Banned),
+            Ok(AgentStatus::Evicted) => Some(Self::Evicted),
+            _ => None,
+        }
+    }
+}
+
+/// What the agent does when the server removes it: stop serving, delete its SVID and
+/// key, say so once.
+#[derive(Debug)]
+struct Ouster {
+    store: Store,
+    shutdown: CancellationToken,
+    socket_path: PathBuf,
+    done: AtomicBool,
+}
+
+impl Ouster {
+    async fn oust(&self, removal: Removal) -> AgentError {
+        let error = match removal {
+            Removal::Banned => AgentError::Banned,
+            Removal::Evicted => AgentError::Evicted,
+        };
+        if self.done.swap(true, Ordering::SeqCst) {
+            return error;
+        }
+        match removal {
+            Removal::Banned => tracing::error!(
+                "this agent was banned by the server; stopping and deleting its SVID"
+            ),
+            Removal::Evicted => tracing::error!(
+                "this agent was evicted by the server; stopping and deleting its SVID (start it again with a new join token)"
+            ),
+        }
+        self.shutdown.cancel();
+        let store = self.store.clone();
+        if let Err(err) = blocking(move || store.delete_svid()).await {
+            tracing::warn!(error = %err, "cannot delete the agent SVID");
+        }
+        let _ = std::fs::remove_file(&self.socket_path);
+        error
     }
 }
 
@@ -152,11 +318,29 @@ async fn blocking<T: Send + 'static>(
         .map_err(|err| AgentError::Task(err.to_string()))?
 }
 
-/// Starts the agent: loads or obtains its SVID (`join_token` overrides the config's),
-/// connects to the server, binds the Workload API socket.
+/// Starts the agent: opens the audit log, loads or obtains its SVID (`join_token`
+/// overrides the config's), connects to the server, binds the Workload API socket.
 pub async fn start(
     config: AgentConfig,
     join_token: Option<String>,
+) -> Result<RunningAgent, AgentError> {
+    let audit = open_audit(config.audit_log_path.as_deref()).await?;
+    match start_with(config, join_token, audit.clone()).await {
+        Ok(agent) => Ok(agent),
+        Err(err) => {
+            audit.record(AgentEvent::AgentStopping {
+                reason: format!("start failed: {err}"),
+            });
+            flush_audit(&audit).await;
+            Err(err)
+        }
+    }
+}
+
+async fn start_with(
+    config: AgentConfig,
+    join_token: Option<String>,
+    audit: AuditLog<AgentEvent>,
 ) -> Result<RunningAgent, AgentError> {
     // Checked again here (the config check ran at load): from now on every `/proc`
     // access goes through this descriptor, whatever the path names later.
@@ -164,6 +348,12 @@ pub async fn start(
         peer::ProcRoot::open(&config.proc_root)
             .map_err(|err| AgentError::Config(format!("agent.proc_root: {err}")))?,
     );
+    let boot_id = proc_root.boot_id();
+    if boot_id.is_none() {
+        tracing::warn!(
+            "cannot read the boot id from proc_root: entries with {{instance}} will not apply to any caller"
+        );
+    }
     if let Some(limit) = limits::raise_open_file_limit() {
         tracing::debug!(limit, "open-file limit");
     }
@@ -264,6 +454,8 @@ pub async fn start(
         }),
         entries: Arc::new(BTreeMap::new()),
         svids: Arc::new(HashMap::new()),
+        revoked: Arc::new(cache::RevokedSet::default()),
+        crls: Arc::new(Vec::new()),
     };
     let (cache_tx, cache_rx) = watch::channel(Arc::new(initial));
     let shutdown = CancellationToken::new();
@@ -283,29 +475,51 @@ pub async fn start(
         manager.run(sync_rx, manager_shutdown).await;
         Ok(())
     });
+    let ouster = Arc::new(Ouster {
+        store: store.clone(),
+        shutdown: shutdown.clone(),
+        socket_path: config.socket_path.clone(),
+        done: AtomicBool::new(false),
+    });
     tasks.spawn(sync_loop(
         Arc::clone(&connection),
         sync_tx,
+        Arc::clone(&ouster),
         shutdown.clone(),
     ));
     tasks.spawn(renew_loop(
         Arc::clone(&connection),
-        store,
+        store.clone(),
         credentials,
         own.clone(),
+        ouster,
         shutdown.clone(),
     ));
 
-    let api = workload_api::WorkloadApi::new(
-        cache_rx.clone(),
-        attestors(&config),
-        connection,
-        limits::RateLimiter::new(
+    let signer: Arc<dyn signer::Signer> = connection;
+    let jwts = Arc::new(JwtCache::default());
+    let instances = Instances::new(
+        config.max_instance_identities,
+        boot_id,
+        Arc::clone(&signer),
+        Arc::clone(&jwts),
+        audit.clone(),
+        shutdown.clone(),
+    );
+    instances.follow(cache_rx.clone());
+    let api = workload_api::WorkloadApi::new(workload_api::ApiParts {
+        cache: cache_rx.clone(),
+        attestors: attestors(&config),
+        signer,
+        instances: instances.clone(),
+        jwts,
+        requests: limits::RateLimiter::new(
             config.max_requests_per_second_per_uid,
             config.max_request_burst_per_uid,
         ),
-        shutdown.clone(),
-    );
+        audit: audit.clone(),
+        shutdown: shutdown.clone(),
+    });
     let (conn_tx, conn_rx) = mpsc::channel(128);
     let accept_shutdown = shutdown.clone();
     let acceptor = workload_api::Acceptor {
@@ -336,6 +550,10 @@ pub async fn start(
         cache: cache_rx,
         shutdown,
         tasks,
+        store,
+        audit,
+        instances,
+        finished: false,
     })
 }
 
@@ -417,10 +635,13 @@ fn backoff(current: Duration) -> Duration {
 }
 
 /// Follows the server's `Sync` stream, reconnecting with backoff and resuming from the
-/// last revision received.
+/// last revision received. Ends with [`AgentError::Banned`] / [`AgentError::Evicted`]
+/// when the server removes the agent (the stream's last message says so, or the call is
+/// refused for that reason); every other failure is retried.
 async fn sync_loop(
     connection: Arc<ServerConnection>,
     updates: mpsc::Sender<SyncResponse>,
+    ouster: Arc<Ouster>,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
     let mut since = 0;
@@ -441,6 +662,9 @@ async fn sync_loop(
                     };
                     match message {
                         Ok(Some(message)) => {
+                            if let Some(removal) = Removal::from_sync(&message) {
+                                return Err(ouster.oust(removal).await);
+                            }
                             delay = Duration::ZERO;
                             since = message.revision;
                             if updates.send(message).await.is_err() {
@@ -452,6 +676,9 @@ async fn sync_loop(
                             break;
                         }
                         Err(status) => {
+                            if let Some(removal) = Removal::from_status(&status) {
+                                return Err(ouster.oust(removal).await);
+                            }
                             tracing::warn!(code = ?status.code(), message = status.message(), "sync stream failed");
                             break;
                         }
@@ -459,6 +686,9 @@ async fn sync_loop(
                 }
             }
             Err(status) => {
+                if let Some(removal) = Removal::from_status(&status) {
+                    return Err(ouster.oust(removal).await);
+                }
                 tracing::warn!(code = ?status.code(), message = status.message(), "cannot open the sync stream");
             }
         }
@@ -473,12 +703,14 @@ async fn sync_loop(
 
 /// Renews the agent SVID at about half its lifetime (with jitter). A failed renewal is
 /// retried with backoff while the SVID is valid; once it has expired the agent stops
-/// loudly, since only a new attestation can help (SPIRE #2065).
+/// loudly, since only a new attestation can help (SPIRE #2065). A ban or evict answer
+/// stops the agent at once.
 async fn renew_loop(
     connection: Arc<ServerConnection>,
     store: Store,
     credentials: Arc<AgentCredentials>,
     mut current: AgentSvidFiles,
+    ouster: Arc<Ouster>,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
     let mut next = renewal_time(SystemTime::now(), current.not_after);
@@ -490,7 +722,11 @@ async fn renew_loop(
             () = tokio::time::sleep(wait) => {}
         }
         let (key, csr) = blocking(store::new_key_and_csr).await?;
-        match node::renew(&connection, csr).await {
+        let renewed = tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            renewed = node::renew(&connection, csr) => renewed,
+        };
+        match renewed {
             Ok(svid) => {
                 let info = svid
                     .cert_chain
@@ -499,6 +735,10 @@ async fn renew_loop(
                     .transpose()
                     .map_err(|err| AgentError::Crypto(format!("renewed SVID: {err}")))?
                     .ok_or_else(|| AgentError::Crypto("renewed SVID: empty chain".into()))?;
+                if shutdown.is_cancelled() {
+                    // Stopping (perhaps removed by the server): keep nothing new on disk.
+                    return Ok(());
+                }
                 {
                     let store = store.clone();
                     let chain = svid.cert_chain.clone();
@@ -521,6 +761,9 @@ async fn renew_loop(
                 delay = Duration::ZERO;
             }
             Err(status) => {
+                if let Some(removal) = Removal::from_status(&status) {
+                    return Err(ouster.oust(removal).await);
+                }
                 if current.not_after <= SystemTime::now() {
                     return Err(AgentError::Rejected(format!(
                         "agent SVID expired and renewal failed ({:?}: {}); re-attest with a new join token",
@@ -533,5 +776,122 @@ async fn renew_loop(
                 next = SystemTime::now() + delay.mul_f64(0.5 + 0.5 * jitter_fraction());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sync_message(status: AgentStatus) -> SyncResponse {
+        SyncResponse {
+            agent_status: status as i32,
+            ..SyncResponse::default()
+        }
+    }
+
+    #[test]
+    fn removals_are_recognised_and_nothing_else() {
+        use tonic::Status;
+        assert_eq!(
+            Removal::from_status(&Status::permission_denied("agent is banned")),
+            Some(Removal::Banned)
+        );
+        assert_eq!(
+            Removal::from_status(&Status::permission_denied("agent must re-attest")),
+            Some(Removal::Evicted)
+        );
+        for transient in [
+            Status::unavailable("agent is banned"),
+            Status::permission_denied("identity revoked"),
+            Status::unavailable("connection refused"),
+            Status::internal("boom"),
+        ] {
+            assert_eq!(Removal::from_status(&transient), None, "{transient:?}");
+        }
+        assert_eq!(
+            Removal::from_sync(&sync_message(AgentStatus::Banned)),
+            Some(Removal::Banned)
+        );
+        assert_eq!(
+            Removal::from_sync(&sync_message(AgentStatus::Evicted)),
+            Some(Removal::Evicted)
+        );
+        assert_eq!(Removal::from_sync(&sync_message(AgentStatus::Active)), None);
+        let unknown = SyncResponse {
+            agent_status: 99,
+            ..SyncResponse::default()
+        };
+        assert_eq!(Removal::from_sync(&unknown), None);
+    }
+
+    #[tokio::test]
+    async fn a_ban_stops_serving_and_deletes_the_svid_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let store = Store::open(&data).unwrap();
+        let (key, _) = store::new_key_and_csr().unwrap();
+        let id = SpiffeId::parse_leaf("spiffe://example.org/tessera/agent/join_token/t").unwrap();
+        let cert = testing::certificate(&id, Duration::from_secs(3600));
+        store.save_svid(std::slice::from_ref(&cert), &key).unwrap();
+        store.save_bundle(&[cert]).unwrap();
+        let socket = dir.path().join("agent.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let shutdown = CancellationToken::new();
+        let ouster = Ouster {
+            store: store.clone(),
+            shutdown: shutdown.clone(),
+            socket_path: socket.clone(),
+            done: AtomicBool::new(false),
+        };
+        let err = ouster.oust(Removal::Banned).await;
+        assert!(matches!(err, AgentError::Banned), "{err}");
+        assert!(err.is_removed_by_server());
+        assert_eq!(err.to_string(), "this agent was banned by the server");
+        assert!(shutdown.is_cancelled(), "serving stops");
+        assert!(store.load_svid().unwrap().is_none());
+        assert!(!data.join("agent_key.pem").exists());
+        assert!(!data.join("agent_svid.pem").exists());
+        assert!(!socket.exists(), "the socket is closed and removed");
+        assert!(store.load_bundle().unwrap().is_some());
+        // Noticed again (another task): the same verdict, said once.
+        assert!(matches!(
+            ouster.oust(Removal::Banned).await,
+            AgentError::Banned
+        ));
+        let evicted = Ouster {
+            store,
+            shutdown: CancellationToken::new(),
+            socket_path: socket,
+            done: AtomicBool::new(false),
+        };
+        assert!(matches!(
+            evicted.oust(Removal::Evicted).await,
+            AgentError::Evicted
+        ));
+    }
+
+    #[tokio::test]
+    async fn audit_log_starts_with_audit_started_and_refuses_a_bad_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let audit = open_audit(Some(&path)).await.unwrap();
+        audit.record(AgentEvent::AgentStopping {
+            reason: "stopped".into(),
+        });
+        flush_audit(&audit).await;
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(lines[0].contains("\"event\":\"audit_started\""), "{text}");
+        assert!(lines[1].contains("\"event\":\"agent_stopping\""), "{text}");
+        // A world-readable file is refused: the agent does not start.
+        let bad = dir.path().join("open.jsonl");
+        std::fs::write(&bad, "").unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&bad, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = open_audit(Some(&bad)).await.unwrap_err();
+        assert!(matches!(err, AgentError::Audit(_)), "{err}");
+        assert!(open_audit(None).await.is_ok());
     }
 }

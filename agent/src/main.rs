@@ -56,6 +56,8 @@ fn run(path: &std::path::Path, join_token: Option<String>) -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // Already said, in one line, where it was noticed.
+        Err(err) if err.is_removed_by_server() => ExitCode::FAILURE,
         Err(err) => {
             tracing::error!(error = %err, "agent failed");
             eprintln!("tessera-agent: {err}");

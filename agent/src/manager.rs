@@ -1,5 +1,7 @@
-//! The SVID manager: the one task that applies `Sync` messages to the cache and keeps an
-//! X.509-SVID for every entry the agent holds. Entries are minted as soon as they
+//! The SVID manager: the one task that applies `Sync` messages to the cache (entries,
+//! bundle, revocations, CRLs) and keeps an X.509-SVID for every entry with a fixed
+//! SPIFFE ID the agent holds (templated entries are minted per caller, on demand, by
+//! [`crate::instances`]); revoked identities are dropped and never minted. Entries are minted as soon as they
 //! arrive (one `BatchNewX509SVID` round trip), renewed at about half their lifetime
 //! with jitter so a fleet does not renew in lockstep, and retried with exponential
 //! backoff while the server fails, during which still-valid SVIDs keep being served.
@@ -83,12 +85,26 @@ impl SvidManager {
         loop {
             let now = SystemTime::now();
             let instant_now = Instant::now();
+            let mut changed = false;
+            if state.revoked.next_expiry().is_some_and(|at| at <= now) {
+                let mut revoked = (*state.revoked).clone();
+                if revoked.prune(now) {
+                    state.revoked = Arc::new(revoked);
+                    changed = true;
+                }
+            }
             let before = svids.len();
-            svids.retain(|id, svid| entries.contains_key(id) && svid.not_after > now);
-            let mut changed = svids.len() != before;
+            svids.retain(|id, svid| {
+                entries
+                    .get(id)
+                    .is_some_and(|entry| mintable(entry, &state.revoked, now))
+                    && svid.not_after > now
+            });
+            changed |= svids.len() != before;
 
             let due: Vec<String> = entries
                 .values()
+                .filter(|entry| mintable(entry, &state.revoked, now))
                 .filter(|entry| match svids.get(&entry.id) {
                     Some(svid) => svid.entry_revision != entry.revision || svid.renew_at <= now,
                     None => true,
@@ -132,12 +148,21 @@ impl SvidManager {
                 .map(|svid| svid.renew_at.min(svid.not_after))
                 .filter_map(|at| at.duration_since(SystemTime::now()).ok())
                 .map(|d| Instant::now() + d)
+                .chain(
+                    state
+                        .revoked
+                        .next_expiry()
+                        .map(|at| at.duration_since(SystemTime::now()).unwrap_or_default())
+                        .map(|d| Instant::now() + d),
+                )
                 .chain(retry_at.values().map(|(at, _)| *at))
                 .min()
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
-            let more_due = entries
-                .keys()
-                .any(|id| !svids.contains_key(id) && !retry_at.contains_key(id));
+            let more_due = entries.values().any(|entry| {
+                mintable(entry, &state.revoked, now)
+                    && !svids.contains_key(&entry.id)
+                    && !retry_at.contains_key(&entry.id)
+            });
             if more_due {
                 continue;
             }
@@ -150,8 +175,13 @@ impl SvidManager {
                         self.apply(more, &mut state, &mut entries).await;
                     }
                     interpreter_lint.check(&entries).await;
+                    let now = SystemTime::now();
                     retry_at.retain(|id, _| entries.contains_key(id));
-                    svids.retain(|id, _| entries.contains_key(id));
+                    svids.retain(|id, _| {
+                        entries
+                            .get(id)
+                            .is_some_and(|entry| mintable(entry, &state.revoked, now))
+                    });
                     state.entries = Arc::new(entries.clone());
                     state.svids = Arc::new(svids.clone());
                     self.cache.send_replace(Arc::new(state.clone()));
@@ -222,6 +252,25 @@ impl SvidManager {
                 );
             }
         }
+        if update.snapshot || !update.revoked.is_empty() {
+            let mut revoked = (*state.revoked).clone();
+            let added = revoked.apply(update.snapshot, &update.revoked, SystemTime::now());
+            for id in &added {
+                tracing::info!(spiffe_id = %id, "identity revoked by the server: no longer served");
+            }
+            if revoked != *state.revoked {
+                state.revoked = Arc::new(revoked);
+            }
+        }
+        if let Some(crls) = update.crls
+            && crls.crls != *state.crls
+        {
+            tracing::info!(
+                count = crls.crls.len(),
+                "certificate revocation lists updated"
+            );
+            state.crls = Arc::new(crls.crls);
+        }
         state.revision = update.revision;
         if !state.synced {
             tracing::info!(
@@ -284,7 +333,10 @@ impl SvidManager {
             let svid = match (result.result, entries.get(entry_id)) {
                 (_, None) => Err("entry vanished".to_owned()),
                 (Some(x509svid_result::Result::Svid(svid)), Some(entry)) => {
-                    build_svid(entry, svid.cert_chain, pkcs8)
+                    match entry.spiffe_id.as_fixed() {
+                        Some(expected) => build_svid(entry, expected, svid.cert_chain, pkcs8),
+                        None => Err("entry became a template".to_owned()),
+                    }
                 }
                 (Some(x509svid_result::Result::Error(err)), _) => {
                     Err(format!("code {}: {}", err.code, err.message))
@@ -306,6 +358,19 @@ impl SvidManager {
     }
 }
 
+/// Whether the manager keeps an SVID for `entry`: a fixed SPIFFE ID (templated entries
+/// are minted per caller by [`crate::instances`]) that is not revoked.
+fn mintable(
+    entry: &tessera_plugin_sdk::RegistrationEntry,
+    revoked: &crate::cache::RevokedSet,
+    now: SystemTime,
+) -> bool {
+    entry
+        .spiffe_id
+        .as_fixed()
+        .is_some_and(|id| !revoked.is_revoked(id, now))
+}
+
 fn failed(ids: &[String], reason: String) -> Vec<Minted> {
     ids.iter()
         .map(|id| Minted {
@@ -315,16 +380,17 @@ fn failed(ids: &[String], reason: String) -> Vec<Minted> {
         .collect()
 }
 
-/// Checks what the server sent against the entry (the SVID must carry the entry's ID)
-/// and wraps it with its key.
-fn build_svid(
+/// Checks what the server sent against what was asked (the SVID must carry exactly
+/// `expected`: the entry's ID, or the ID rendered for a caller) and wraps it with its key.
+pub(crate) fn build_svid(
     entry: &tessera_plugin_sdk::RegistrationEntry,
+    expected: &tessera_plugin_sdk::SpiffeId,
     cert_chain: Vec<Vec<u8>>,
     private_key: Vec<u8>,
 ) -> Result<WorkloadSvid, String> {
     let leaf = cert_chain.first().ok_or("empty certificate chain")?;
     let info = tessera_plugin_sdk::x509::leaf_info(leaf).map_err(|err| err.to_string())?;
-    if entry.spiffe_id.as_fixed() != Some(&info.spiffe_id) {
+    if *expected != info.spiffe_id {
         return Err(format!(
             "server signed {} for an entry of {}",
             info.spiffe_id, entry.spiffe_id
@@ -346,6 +412,115 @@ fn build_svid(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tessera_proto::node::{CrlSet, RevokedIdentity};
+
+    fn manager(dir: &std::path::Path) -> (SvidManager, CacheSnapshot) {
+        let snapshot = crate::testing::snapshot_with(&[]);
+        let td = snapshot.bundle.trust_domain.clone();
+        let verifier = Arc::new(crate::tls::ServerVerifier::new(
+            Arc::new(ServerTrust::default()),
+            tessera_plugin_sdk::SpiffeId::from_segments(&td, &["tessera", "server"]).unwrap(),
+            crate::tls::provider(),
+        ));
+        let tls = crate::tls::client_config(verifier, None, crate::tls::provider()).unwrap();
+        let (cache, _) = watch::channel(Arc::new(snapshot.clone()));
+        let manager = SvidManager {
+            trust_domain: td,
+            connection: Arc::new(ServerConnection::new("127.0.0.1:1", Arc::new(tls)).unwrap()),
+            cache,
+            store: Store::open(dir).unwrap(),
+            server_trust: Arc::new(ServerTrust::default()),
+        };
+        (manager, snapshot)
+    }
+
+    #[tokio::test]
+    async fn crls_and_revocations_from_sync_reach_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let (manager, mut state) = manager(&dir.path().join("data"));
+        let mut entries = BTreeMap::new();
+        let far = i64::MAX / 2;
+        let revoked = |id: &str| RevokedIdentity {
+            spiffe_id: id.into(),
+            revoked_at: 0,
+            expires_at: far,
+        };
+        // A snapshot: CRLs as sent (opaque DER, passed through), revocations in force.
+        manager
+            .apply(
+                SyncResponse {
+                    revision: 3,
+                    snapshot: true,
+                    revoked: vec![revoked("spiffe://example.org/bot/a")],
+                    crls: Some(CrlSet {
+                        crls: vec![b"crl-a".to_vec(), b"crl-b".to_vec()],
+                    }),
+                    ..SyncResponse::default()
+                },
+                &mut state,
+                &mut entries,
+            )
+            .await;
+        assert_eq!(*state.crls, vec![b"crl-a".to_vec(), b"crl-b".to_vec()]);
+        let a = tessera_plugin_sdk::SpiffeId::parse_leaf("spiffe://example.org/bot/a").unwrap();
+        let b = tessera_plugin_sdk::SpiffeId::parse_leaf("spiffe://example.org/bot/b").unwrap();
+        assert!(state.revoked.is_revoked(&a, SystemTime::now()));
+        // A delta without CRLs keeps them; a delta adds revocations.
+        let crls = Arc::clone(&state.crls);
+        manager
+            .apply(
+                SyncResponse {
+                    revision: 4,
+                    revoked: vec![revoked("spiffe://example.org/bot/b")],
+                    ..SyncResponse::default()
+                },
+                &mut state,
+                &mut entries,
+            )
+            .await;
+        assert!(Arc::ptr_eq(&crls, &state.crls));
+        assert!(state.revoked.is_revoked(&a, SystemTime::now()));
+        assert!(state.revoked.is_revoked(&b, SystemTime::now()));
+        // New CRLs replace them (an empty set too); a snapshot replaces revocations.
+        manager
+            .apply(
+                SyncResponse {
+                    revision: 5,
+                    snapshot: true,
+                    crls: Some(CrlSet { crls: Vec::new() }),
+                    revoked: vec![revoked("spiffe://example.org/bot/b")],
+                    ..SyncResponse::default()
+                },
+                &mut state,
+                &mut entries,
+            )
+            .await;
+        assert!(state.crls.is_empty());
+        assert!(!state.revoked.is_revoked(&a, SystemTime::now()));
+        assert!(state.revoked.is_revoked(&b, SystemTime::now()));
+        assert_eq!(state.revision, 5);
+    }
+
+    #[test]
+    fn templated_and_revoked_entries_are_not_minted_here() {
+        let fixed = crate::testing::entry("e1", "spiffe://example.org/web", &["unix:uid:0"]);
+        let templated =
+            crate::testing::entry("e2", "spiffe://example.org/bot/{instance}", &["unix:uid:0"]);
+        let mut revoked = crate::cache::RevokedSet::default();
+        let now = SystemTime::now();
+        assert!(mintable(&fixed, &revoked, now));
+        assert!(!mintable(&templated, &revoked, now));
+        revoked.apply(
+            false,
+            &[RevokedIdentity {
+                spiffe_id: "spiffe://example.org/web".into(),
+                revoked_at: 0,
+                expires_at: i64::MAX / 2,
+            }],
+            now,
+        );
+        assert!(!mintable(&fixed, &revoked, now));
+    }
 
     #[test]
     fn renewal_is_near_half_life() {

@@ -147,6 +147,29 @@ impl ProcRoot {
     pub fn dir(&self) -> BorrowedFd<'_> {
         self.dir.as_fd()
     }
+
+    /// The boot id (`sys/kernel/random/boot_id`, a UUID that changes at every boot),
+    /// read through this procfs; `None` when it cannot be read or is not a UUID.
+    pub fn boot_id(&self) -> Option<String> {
+        let text = read_at(self.dir.as_fd(), "sys/kernel/random/boot_id", BOOT_ID_LIMIT).ok()?;
+        parse_boot_id(&text)
+    }
+}
+
+/// Largest `boot_id` file accepted (a UUID and a newline).
+const BOOT_ID_LIMIT: u64 = 64;
+
+/// A boot id as the kernel writes it: a lowercase UUID (8-4-4-4-12 hex digits) and a
+/// newline.
+fn parse_boot_id(text: &str) -> Option<String> {
+    let id = text.trim_end_matches('\n');
+    let groups: Vec<&str> = id.split('-').collect();
+    let shape_ok = groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12])
+        && groups.iter().all(|g| {
+            g.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        });
+    shape_ok.then(|| id.to_owned())
 }
 
 /// Reads a small file relative to `dir` without following a final symlink.
@@ -776,6 +799,30 @@ mod tests {
             matches!(sub, ProcRootError::NotProcfsRoot { .. }),
             "{sub:?}"
         );
+    }
+
+    #[test]
+    fn boot_id_is_read_through_the_proc_root() {
+        let id = proc_root().boot_id().expect("this kernel has a boot id");
+        assert_eq!(
+            id,
+            std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+                .unwrap()
+                .trim()
+        );
+        assert_eq!(
+            parse_boot_id("e8b29955-a05e-447e-aab4-2b2f92488a93\n").as_deref(),
+            Some("e8b29955-a05e-447e-aab4-2b2f92488a93")
+        );
+        for bad in [
+            "",
+            "e8b29955-a05e-447e-aab4-2b2f92488a9\n",
+            "E8B29955-A05E-447E-AAB4-2B2F92488A93\n",
+            "e8b29955a05e447eaab42b2f92488a93\n",
+            "e8b29955-a05e-447e-aab4-2b2f92488a93-\n",
+        ] {
+            assert_eq!(parse_boot_id(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

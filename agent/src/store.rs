@@ -119,6 +119,24 @@ impl Store {
         .map_err(AgentError::io(format!("write {SVID_FILE}")))
     }
 
+    /// Deletes the stored agent SVID and its key (after a ban or an evict: the next start
+    /// needs a new attestation). Files already absent are fine.
+    pub fn delete_svid(&self) -> Result<(), AgentError> {
+        for name in [SVID_FILE, KEY_FILE] {
+            match std::fs::remove_file(self.dir.join(name)) {
+                Ok(()) => {}
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(err) => {
+                    return Err(AgentError::Io {
+                        what: format!("remove {}/{name}", self.dir.display()),
+                        source: err,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The last bundle received from the server, if any.
     pub fn load_bundle(&self) -> Result<Option<Vec<Vec<u8>>>, AgentError> {
         let path = self.dir.join(BUNDLE_FILE);
@@ -153,4 +171,36 @@ pub fn new_key_and_csr() -> Result<(Vec<u8>, Vec<u8>), AgentError> {
         .serialize_request(&key)
         .map_err(|err| AgentError::Crypto(format!("CSR: {err}")))?;
     Ok((key.serialize_der(), csr.der().to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delete_svid_removes_key_and_certificate_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let store = Store::open(&data).unwrap();
+        let (key, _) = new_key_and_csr().unwrap();
+        let kp = rcgen::KeyPair::try_from(key.as_slice()).unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = vec![rcgen::SanType::URI(
+            rcgen::string::Ia5String::try_from("spiffe://example.org/tessera/agent/x/1").unwrap(),
+        )];
+        let cert = params.self_signed(&kp).unwrap().der().to_vec();
+        store.save_svid(std::slice::from_ref(&cert), &key).unwrap();
+        store.save_bundle(&[cert]).unwrap();
+        assert!(store.load_svid().unwrap().is_some());
+        store.delete_svid().unwrap();
+        assert!(!data.join(KEY_FILE).exists());
+        assert!(!data.join(SVID_FILE).exists());
+        assert!(store.load_svid().unwrap().is_none());
+        assert!(
+            store.load_bundle().unwrap().is_some(),
+            "the public bundle stays"
+        );
+        // Twice is fine.
+        store.delete_svid().unwrap();
+    }
 }

@@ -187,6 +187,11 @@ impl Workload {
         pidfd_is_alive(self.pidfd.as_fd())
     }
 
+    /// The pidfs inode of the process ([`pidfd_inode`]), `None` before Linux 6.9.
+    pub fn pidfs_inode(&self) -> Option<u64> {
+        pidfd_inode(self.pidfd.as_fd())
+    }
+
     /// The pinned `/proc/<pid>` directory.
     pub fn proc_dir(&self) -> BorrowedFd<'_> {
         self.proc_dir.as_fd()
@@ -307,6 +312,26 @@ pub fn pidfd_is_alive(pidfd: BorrowedFd<'_>) -> Result<bool, WorkloadError> {
     }
 }
 
+/// `statfs` magic of pidfs, the filesystem pidfds live on since Linux 6.9.
+const PIDFS_MAGIC: i64 = 0x5049_4446;
+
+/// The pidfs inode number of the process behind `pidfd`: on Linux 6.9 and later every
+/// pidfd of one process shares one inode whose number is unique per process for the
+/// life of the boot (it is never reused for another process). `None` on older kernels,
+/// where pidfds are anonymous inodes that every process shares, or when `fstat` fails.
+#[allow(
+    clippy::useless_conversion,
+    reason = "f_type is i64 here but narrower or unsigned on other targets"
+)]
+pub fn pidfd_inode(pidfd: BorrowedFd<'_>) -> Option<u64> {
+    let fs = nix::sys::statfs::fstatfs(pidfd).ok()?;
+    if i64::from(fs.filesystem_type().0) != PIDFS_MAGIC {
+        return None;
+    }
+    let st = nix::sys::stat::fstat(pidfd).ok()?;
+    Some(st.st_ino)
+}
+
 /// Accepts only non-empty relative paths made of normal components.
 fn check_relative(name: &str) -> Result<(), WorkloadError> {
     let path = Path::new(name);
@@ -372,6 +397,30 @@ mod tests {
         let pid = i32::try_from(child.id()).unwrap();
         let pidfd = pidfd_open(pid).unwrap();
         Workload::pin(pid, 0, 0, pidfd, false, Path::new("/proc")).unwrap()
+    }
+
+    #[test]
+    fn pidfs_inode_is_per_process_and_shared_by_its_pidfds() {
+        let mut a = spawn_sleep();
+        let mut b = spawn_sleep();
+        let wa = pin_child(&a);
+        let wb = pin_child(&b);
+        let again = pidfd_open(i32::try_from(a.id()).unwrap()).unwrap();
+        match wa.pidfs_inode() {
+            // Linux >= 6.9: one inode per process.
+            Some(ino) => {
+                assert_eq!(pidfd_inode(again.as_fd()), Some(ino));
+                assert_ne!(wb.pidfs_inode(), Some(ino));
+            }
+            None => assert_eq!(wb.pidfs_inode(), None),
+        }
+        // Not a pidfd: no pidfs inode.
+        let file = std::fs::File::open("/proc/self/stat").unwrap();
+        assert_eq!(pidfd_inode(file.as_fd()), None);
+        for child in [&mut a, &mut b] {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
     }
 
     #[test]

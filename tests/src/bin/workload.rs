@@ -91,7 +91,7 @@ fn describe(context: &X509Context) -> Result<serde_json::Value, String> {
             "chain_verified": true,
         }));
     }
-    Ok(json!({ "ok": true, "svids": svids }))
+    Ok(json!({ "ok": true, "pid": std::process::id(), "svids": svids }))
 }
 
 /// Each JWT-SVID with its claims as the `spiffe` crate parsed them, and whether it

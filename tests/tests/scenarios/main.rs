@@ -14,6 +14,7 @@
 mod cli;
 mod entries;
 mod hardening;
+mod instances;
 mod jwt;
 mod node_api;
 mod propagation;
