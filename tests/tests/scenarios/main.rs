@@ -18,6 +18,7 @@ mod instances;
 mod jwt;
 mod node_api;
 mod propagation;
+mod revocation;
 mod selectors;
 mod support;
 mod workload_api;
