@@ -54,12 +54,14 @@ fn assert_numbered(records: &[Value], component: &str) {
 }
 
 /// Asserts that records matching each predicate appear, in this order.
-fn assert_in_order(records: &[Value], expected: &[(&str, &dyn Fn(&Value) -> bool)]) {
+type Expected<'a> = (&'a str, &'a dyn Fn(&Value) -> bool);
+
+fn assert_in_order(records: &[Value], expected: &[Expected]) {
     let mut from = 0;
     for (what, matches) in expected {
         let found = records[from..]
             .iter()
-            .position(|r| matches(r))
+            .position(matches)
             .unwrap_or_else(|| {
                 panic!(
                     "no `{what}` record after seq {from}:\n{}",
