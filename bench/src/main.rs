@@ -8,7 +8,7 @@
 //! signing; P-256 verification (raw) vs JWT-SVID validation; a raw Unix-socket
 //! ping-pong vs `FetchX509SVID` on an open connection and on a new one, through a real
 //! server and agent; entry create/delete propagation to an open stream vs an admin round
-//! trip.
+//! trip; the first SVID of a per-instance identity vs a cached fetch.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -446,6 +446,95 @@ async fn propagation(quick: bool) -> Result<Vec<Value>> {
     ])
 }
 
+/// The first X.509-SVID of a per-instance (`{instance}`) identity: the agent holds the
+/// entry, no SVID exists for this process yet, and `FetchX509SVID` mints one with one
+/// server round trip. Floor: `FetchX509SVID` of an already-cached identity on the same
+/// open connection, in the same run.
+async fn instance_first_svid(quick: bool) -> Result<Vec<Value>> {
+    use tessera_agent::cli::with_header;
+    use tessera_proto::admin::DeleteEntryRequest;
+    use tessera_proto::workload::X509svidRequest;
+    use tessera_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+
+    let n = if quick { 10 } else { 100 };
+    let h = tessera_tests::Harness::start().await;
+    let mut config = h.agent_config("instances");
+    config.max_requests_per_second_per_uid = 0;
+    let agent = tessera_agent::start(config, Some(h.join_token(None).await)).await?;
+    tessera_tests::wait_until("agent synced", Duration::from_secs(10), || {
+        agent.is_synced()
+    })
+    .await;
+    let parent = agent.agent_id().as_str().to_owned();
+    let selector = format!("unix:uid:{}", tessera_tests::my_uid());
+    h.create_entry(
+        &parent,
+        "spiffe://example.org/bench/cached",
+        &[&selector],
+        0,
+    )
+    .await
+    .map_err(|status| anyhow::anyhow!("entry: {status}"))?;
+    let channel = tessera_proto::uds::connect(agent.socket_path()).await?;
+    let mut client = SpiffeWorkloadApiClient::new(channel);
+    let mut fetch = async |want: usize| -> Result<()> {
+        loop {
+            let mut stream = client
+                .fetch_x509svid(with_header(X509svidRequest {}))
+                .await?
+                .into_inner();
+            let message = stream.message().await?.context("no SVID")?;
+            if message.svids.len() == want {
+                return Ok(());
+            }
+        }
+    };
+    fetch(1).await?;
+    let mut first = Vec::with_capacity(n);
+    let mut cached = Vec::with_capacity(n);
+    let mut admin = h.admin().await;
+    for i in 0..n {
+        let entry = h
+            .create_entry(
+                &parent,
+                &format!("spiffe://example.org/bench/i{i}/{{instance}}"),
+                &[&selector],
+                0,
+            )
+            .await
+            .map_err(|status| anyhow::anyhow!("entry: {status}"))?;
+        tessera_tests::wait_until("entry at the agent", Duration::from_secs(10), || {
+            agent.snapshot().entries.contains_key(&entry.id)
+        })
+        .await;
+        let start = Instant::now();
+        fetch(2).await?;
+        first.push(start.elapsed());
+        let start = Instant::now();
+        fetch(2).await?;
+        cached.push(start.elapsed());
+        admin
+            .delete_entry(DeleteEntryRequest { id: entry.id })
+            .await?;
+        fetch(1).await?;
+    }
+    agent.stop().await?;
+    let floor = latency(&cached)?;
+    let floor_p50 = floor["p50"].as_f64().unwrap_or(0.0);
+    let first_latency = latency(&first)?;
+    let first_p50 = first_latency["p50"].as_f64().unwrap_or(0.0);
+    Ok(vec![
+        json!({ "name": "fetch_x509svid_cached_two_identities", "latency": floor, "note": "FetchX509SVID on an open connection, both SVIDs (fixed + instance) cached" }),
+        json!({
+            "name": "instance_first_svid",
+            "latency": first_latency,
+            "floor": "fetch_x509svid_cached_two_identities",
+            "ratio_to_floor_p50": ratio(first_p50, floor_p50),
+            "note": "first FetchX509SVID of a process for a new {instance} entry: key generation, one BatchNewX509SVID round trip to the server on loopback (mutual TLS), signing; PERF target p50 <= 5 ms"
+        }),
+    ])
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let mut results = Vec::new();
@@ -457,6 +546,7 @@ fn main() -> Result<()> {
         .build()?;
     results.extend(runtime.block_on(workload_api(args.quick))?);
     results.extend(runtime.block_on(propagation(args.quick))?);
+    results.extend(runtime.block_on(instance_first_svid(args.quick))?);
     let kernel = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_default();
