@@ -90,6 +90,8 @@ pub struct CacheSnapshot {
     pub revoked: Arc<RevokedSet>,
     /// DER CRLs of the trust domain, for the Workload API's `crl` fields.
     pub crls: Arc<Vec<Vec<u8>>>,
+    /// Bundles of federated trust domains, by trust domain (never merged).
+    pub federated: Arc<crate::federation::FederatedSet>,
 }
 
 impl CacheSnapshot {

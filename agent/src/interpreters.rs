@@ -195,6 +195,7 @@ mod tests {
             jwt_multi_audience: false,
             dns_names: Vec::new(),
             hint: String::new(),
+            federates_with: Vec::new(),
             created_revision: 1,
             revision,
         }

@@ -17,6 +17,7 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod federation;
 pub mod instances;
 pub mod interpreters;
 pub mod jwt_cache;
@@ -456,6 +457,7 @@ async fn start_with(
         svids: Arc::new(HashMap::new()),
         revoked: Arc::new(cache::RevokedSet::default()),
         crls: Arc::new(Vec::new()),
+        federated: Arc::default(),
     };
     let (cache_tx, cache_rx) = watch::channel(Arc::new(initial));
     let shutdown = CancellationToken::new();

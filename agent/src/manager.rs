@@ -252,6 +252,22 @@ impl SvidManager {
                 );
             }
         }
+        if let Some(federated) = &update.federated_bundles {
+            let set =
+                crate::federation::read_federated(&self.trust_domain, federated, &state.federated);
+            let changed = set.len() != state.federated.len()
+                || set
+                    .iter()
+                    .zip(state.federated.iter())
+                    .any(|((a, x), (b, y))| a != b || !Arc::ptr_eq(x, y));
+            if changed {
+                tracing::info!(
+                    trust_domains = ?set.keys().map(TrustDomain::name).collect::<Vec<_>>(),
+                    "federated bundles updated"
+                );
+                state.federated = Arc::new(set);
+            }
+        }
         if update.snapshot || !update.revoked.is_empty() {
             let mut revoked = (*state.revoked).clone();
             let added = revoked.apply(update.snapshot, &update.revoked, SystemTime::now());

@@ -194,6 +194,7 @@ pub(crate) fn entry(id: &str, spiffe_id: &str, selectors: &[&str]) -> Registrati
         jwt_multi_audience: false,
         dns_names: Vec::new(),
         hint: String::new(),
+        federates_with: Vec::new(),
         created_revision: 1,
         revision: 1,
     }
@@ -220,5 +221,6 @@ pub(crate) fn snapshot_with(entries: &[Arc<RegistrationEntry>]) -> CacheSnapshot
         svids: Arc::new(HashMap::new()),
         revoked: Arc::new(RevokedSet::default()),
         crls: Arc::new(Vec::new()),
+        federated: Arc::default(),
     }
 }

@@ -993,7 +993,16 @@ impl WorkloadApi {
         let validated = tessera_plugin_sdk::jwt::validate(
             &request.get_ref().svid,
             &request.get_ref().audience,
-            &|td: &TrustDomain| (td == &bundle.trust_domain).then(|| bundle.jwt.clone()),
+            // The key is chosen by the token's trust domain: the own bundle, or the
+            // federated bundle of that trust domain (never another's; SECURITY.md
+            // items 71, 73).
+            &|td: &TrustDomain| {
+                if td == &bundle.trust_domain {
+                    Some(bundle.jwt.clone())
+                } else {
+                    snapshot.federated.get(td).map(|b| b.jwt.clone())
+                }
+            },
             now,
         )
         .map_err(|err| Status::invalid_argument(format!("invalid JWT-SVID: {err}")))?;
@@ -1075,10 +1084,16 @@ struct SentX509 {
     serials: Vec<String>,
     bundle_sequence: u64,
     crls: Arc<Vec<Vec<u8>>>,
+    federated: crate::federation::SentKey,
 }
 
-/// The identity of a bundles response.
-type SentBundles = (u64, Vec<Vec<u8>>, Arc<Vec<Vec<u8>>>);
+/// The identity of a bundles response (with the federated bundles sent, by address).
+type SentBundles = (
+    u64,
+    Vec<Vec<u8>>,
+    Arc<Vec<Vec<u8>>>,
+    crate::federation::SentKey,
+);
 
 /// One SVID ready to send, with the entry it serves and its `{instance}` value.
 type Ready = (Arc<RegistrationEntry>, Arc<WorkloadSvid>, Option<String>);
@@ -1121,6 +1136,10 @@ fn x509_push(ctx: &Ctx<'_>) -> Push<X509svidResponse, SentX509> {
         }
     }
     let bundle = snapshot.bundle.concatenated_der();
+    let federated = crate::federation::bundles_for(
+        &snapshot.federated,
+        ready.iter().map(|(entry, _, _)| entry.as_ref()),
+    );
     let response = X509svidResponse {
         svids: ready
             .iter()
@@ -1133,7 +1152,10 @@ fn x509_push(ctx: &Ctx<'_>) -> Push<X509svidResponse, SentX509> {
             })
             .collect(),
         crl: snapshot.crls.to_vec(),
-        federated_bundles: Default::default(),
+        federated_bundles: federated
+            .iter()
+            .map(|b| (b.trust_domain.id_string(), b.concatenated_der()))
+            .collect(),
     };
     let served = ready
         .iter()
@@ -1165,6 +1187,7 @@ fn x509_push(ctx: &Ctx<'_>) -> Push<X509svidResponse, SentX509> {
             .collect(),
         bundle_sequence: snapshot.bundle.sequence_number,
         crls: Arc::clone(&snapshot.crls),
+        federated: crate::federation::sent_key(&federated),
     };
     Push::Send(response, key, served)
 }
@@ -1178,6 +1201,18 @@ fn matches_any(ctx: &Ctx<'_>) -> bool {
         .any(|entry| entry.matches(ctx.selectors))
 }
 
+/// The federated bundles of the trust domains the caller's matching entries name.
+fn federated_for(ctx: &Ctx<'_>) -> Vec<Arc<crate::cache::TrustBundle>> {
+    crate::federation::bundles_for(
+        &ctx.snapshot.federated,
+        ctx.snapshot
+            .entries
+            .values()
+            .filter(|entry| entry.matches(ctx.selectors))
+            .map(AsRef::as_ref),
+    )
+}
+
 fn bundles_push(ctx: &Ctx<'_>) -> Push<X509BundlesResponse, SentBundles> {
     let snapshot = ctx.snapshot;
     if !snapshot.synced {
@@ -1189,6 +1224,10 @@ fn bundles_push(ctx: &Ctx<'_>) -> Push<X509BundlesResponse, SentBundles> {
     let bundle = &snapshot.bundle;
     let mut bundles = std::collections::HashMap::new();
     bundles.insert(bundle.trust_domain.id_string(), bundle.concatenated_der());
+    let federated = federated_for(ctx);
+    for b in &federated {
+        bundles.insert(b.trust_domain.id_string(), b.concatenated_der());
+    }
     Push::Send(
         X509BundlesResponse {
             crl: snapshot.crls.to_vec(),
@@ -1198,12 +1237,13 @@ fn bundles_push(ctx: &Ctx<'_>) -> Push<X509BundlesResponse, SentBundles> {
             bundle.sequence_number,
             bundle.authorities.clone(),
             Arc::clone(&snapshot.crls),
+            crate::federation::sent_key(&federated),
         ),
         Vec::new(),
     )
 }
 
-fn jwt_bundles_push(ctx: &Ctx<'_>) -> Push<JwtBundlesResponse, u64> {
+fn jwt_bundles_push(ctx: &Ctx<'_>) -> Push<JwtBundlesResponse, (u64, crate::federation::SentKey)> {
     let snapshot = ctx.snapshot;
     if !snapshot.synced {
         return Push::Wait;
@@ -1214,9 +1254,16 @@ fn jwt_bundles_push(ctx: &Ctx<'_>) -> Push<JwtBundlesResponse, u64> {
     let bundle = &snapshot.bundle;
     let mut bundles = std::collections::HashMap::new();
     bundles.insert(bundle.trust_domain.id_string(), bundle.jwks());
+    let federated = federated_for(ctx);
+    for b in &federated {
+        bundles.insert(b.trust_domain.id_string(), b.jwks());
+    }
     Push::Send(
         JwtBundlesResponse { bundles },
-        bundle.sequence_number,
+        (
+            bundle.sequence_number,
+            crate::federation::sent_key(&federated),
+        ),
         Vec::new(),
     )
 }
@@ -1442,6 +1489,7 @@ mod tests {
             svids: Arc::new(HashMap::new()),
             revoked: Arc::new(crate::cache::RevokedSet::default()),
             crls: Arc::new(Vec::new()),
+            federated: Arc::default(),
         };
         let verifier = Arc::new(crate::tls::ServerVerifier::new(
             Arc::new(crate::tls::ServerTrust::default()),

@@ -191,12 +191,21 @@ fn signing(quick: bool) -> Result<Vec<Value>> {
             .map_err(|_| anyhow::anyhow!("verify"))
     })?;
 
-    let dir = tempfile::tempdir()?;
     let td = TrustDomain::new("bench.example")?;
-    let ca = tessera_server::ca::CertificateAuthority::load_or_create(
-        &dir.path().join("ca"),
+    // The CA key lives in a memory key manager, as the server's lives in its key manager.
+    let ca_key = tokio::runtime::Builder::new_current_thread()
+        .build()?
+        .block_on(async {
+            use tessera_plugin_sdk::keymanager::{KeyManager, KeyType};
+            tessera_plugin_keymanager::MemoryKeyManager::new()
+                .generate_key("x509-ca-bench", KeyType::EcP256)
+                .await
+        })?;
+    let ca = tessera_server::ca::CertificateAuthority::self_signed(
+        ca_key,
         &td,
         Duration::from_secs(86400 * 30),
+        SystemTime::now(),
     )?;
     let leaf_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let spki = rcgen::PublicKeyData::subject_public_key_info(&leaf_key);

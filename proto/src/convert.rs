@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use tessera_plugin_sdk::{RegistrationEntry, Selector, SpiffeId, SpiffeIdTemplate};
+use tessera_plugin_sdk::{RegistrationEntry, Selector, SpiffeId, SpiffeIdTemplate, TrustDomain};
 
 use crate::types;
 
@@ -57,6 +57,11 @@ pub fn entry_to_proto(entry: &RegistrationEntry) -> types::Entry {
         jwt_svid_ttl_seconds: entry.jwt_svid_ttl.map_or(0, seconds),
         jwt_audiences: entry.jwt_audiences.clone(),
         jwt_multi_audience: entry.jwt_multi_audience,
+        federates_with: entry
+            .federates_with
+            .iter()
+            .map(|td| td.name().to_owned())
+            .collect(),
     }
 }
 
@@ -86,6 +91,7 @@ pub fn entry_from_proto(entry: &types::Entry) -> Result<RegistrationEntry, Conve
         .collect::<Result<Vec<_>, _>>()?;
     let x509_svid_ttl = ttl_from_proto("x509_svid_ttl_seconds", entry.x509_svid_ttl_seconds)?;
     let jwt_svid_ttl = ttl_from_proto("jwt_svid_ttl_seconds", entry.jwt_svid_ttl_seconds)?;
+    let federates_with = federates_with_from_proto(&entry.federates_with)?;
     Ok(RegistrationEntry {
         id: entry.id.clone(),
         spiffe_id,
@@ -97,7 +103,21 @@ pub fn entry_from_proto(entry: &types::Entry) -> Result<RegistrationEntry, Conve
         jwt_multi_audience: entry.jwt_multi_audience,
         dns_names: entry.dns_names.clone(),
         hint: entry.hint.clone(),
+        federates_with,
         created_revision: entry.created_revision,
         revision: entry.revision,
     })
+}
+
+/// Parses the `federates_with` trust domain names of a wire entry (names such as
+/// `example-federated.org`; a `spiffe://` prefix is accepted), sorted and deduplicated.
+pub fn federates_with_from_proto(names: &[String]) -> Result<Vec<TrustDomain>, ConvertError> {
+    let mut domains = names
+        .iter()
+        .map(|name| TrustDomain::new(name.strip_prefix("spiffe://").unwrap_or(name)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|err| invalid("federates_with", err))?;
+    domains.sort_by(|a, b| a.name().cmp(b.name()));
+    domains.dedup();
+    Ok(domains)
 }

@@ -29,6 +29,8 @@ use crate::error::ApiError;
 use crate::state::{RESERVED_PREFIX, ServerState, is_reserved_path, unix_seconds};
 use tessera_audit::{Outcome, ServerEvent};
 
+mod federation;
+
 /// How long a new JWT key is published before it signs: connected agents receive a
 /// bundle change within milliseconds; this leaves a wide margin.
 pub const JWT_KEY_PROPAGATION: Duration = Duration::from_secs(1);
@@ -169,6 +171,8 @@ impl AdminService {
                 "hint must be at most {MAX_HINT_LEN} bytes without control characters"
             )));
         }
+        let federates_with =
+            federation::validate_federates_with(self.state.trust_domain(), &entry.federates_with)?;
         Ok(NewEntry {
             spiffe_id,
             parent_id,
@@ -179,6 +183,7 @@ impl AdminService {
             jwt_multi_audience: entry.jwt_multi_audience,
             dns_names: entry.dns_names.clone(),
             hint: entry.hint.clone(),
+            federates_with,
         })
     }
 }
@@ -661,6 +666,15 @@ impl Admin for AdminService {
         self.finish(caller, object, result)
     }
 
+    async fn list_authorities(
+        &self,
+        request: Request<tessera_proto::admin::ListAuthoritiesRequest>,
+    ) -> Result<Response<tessera_proto::admin::ListAuthoritiesResponse>, Status> {
+        let caller = self.authorize(&request, "authority show")?;
+        let result: Result<_, ApiError> = Ok(crate::rotation::list_authorities(&self.state).await);
+        self.finish(caller, None, result)
+    }
+
     async fn health(
         &self,
         request: Request<HealthRequest>,
@@ -685,6 +699,69 @@ impl Admin for AdminService {
         .await;
         self.finish(caller, None, result)
     }
+
+    async fn create_federation_relationship(
+        &self,
+        request: Request<tessera_proto::admin::FederationRelationship>,
+    ) -> Result<Response<tessera_proto::admin::FederationRelationship>, Status> {
+        self.create_federation(request).await
+    }
+
+    async fn update_federation_relationship(
+        &self,
+        request: Request<tessera_proto::admin::FederationRelationship>,
+    ) -> Result<Response<tessera_proto::admin::FederationRelationship>, Status> {
+        self.update_federation(request).await
+    }
+
+    async fn get_federation_relationship(
+        &self,
+        request: Request<tessera_proto::admin::GetFederationRelationshipRequest>,
+    ) -> Result<Response<tessera_proto::admin::FederationRelationship>, Status> {
+        self.show_federation(request).await
+    }
+
+    async fn list_federation_relationships(
+        &self,
+        request: Request<tessera_proto::admin::ListFederationRelationshipsRequest>,
+    ) -> Result<Response<tessera_proto::admin::ListFederationRelationshipsResponse>, Status> {
+        self.list_federation(request).await
+    }
+
+    async fn delete_federation_relationship(
+        &self,
+        request: Request<tessera_proto::admin::DeleteFederationRelationshipRequest>,
+    ) -> Result<Response<tessera_proto::admin::DeleteFederationRelationshipResponse>, Status> {
+        self.delete_federation(request).await
+    }
+
+    async fn refresh_federated_bundle(
+        &self,
+        request: Request<tessera_proto::admin::RefreshFederatedBundleRequest>,
+    ) -> Result<Response<tessera_proto::admin::RefreshFederatedBundleResponse>, Status> {
+        self.refresh_federation(request).await
+    }
+
+    async fn set_federated_bundle(
+        &self,
+        request: Request<tessera_proto::admin::SetFederatedBundleRequest>,
+    ) -> Result<Response<Bundle>, Status> {
+        self.set_bundle_of(request).await
+    }
+
+    async fn list_federated_bundles(
+        &self,
+        request: Request<tessera_proto::admin::ListFederatedBundlesRequest>,
+    ) -> Result<Response<tessera_proto::admin::ListFederatedBundlesResponse>, Status> {
+        self.list_bundles_of(request).await
+    }
+
+    async fn delete_federated_bundle(
+        &self,
+        request: Request<tessera_proto::admin::DeleteFederatedBundleRequest>,
+    ) -> Result<Response<tessera_proto::admin::DeleteFederatedBundleResponse>, Status> {
+        self.delete_bundle_of(request).await
+    }
 }
 
 impl AdminService {
@@ -692,61 +769,8 @@ impl AdminService {
     /// receive it, then sign with it; a token must never reach a verifier before its
     /// key does.
     async fn rotate_jwt(&self) -> Result<RotateJwtAuthorityResponse, ApiError> {
-        let jwt = Arc::clone(&self.state.jwt);
-        let next = tokio::task::spawn_blocking(move || jwt.prepare())
-            .await
-            .map_err(|err| ApiError::Internal(err.to_string()))?
-            .map_err(|err| ApiError::Internal(format!("JWT key rotation: {err}")))?;
-        let current = self.state.jwt.current();
-        let keys = crate::JwtKeys {
-            current: &current,
-            prepared: Some(&next),
-            retired: None,
-        };
-        crate::publish_own_bundle(
-            self.state.datastore.as_ref(),
-            &self.state.config,
-            &self.state.ca,
-            keys,
-        )
-        .await
-        .map_err(|err| ApiError::Internal(err.to_string()))?;
-        self.state.publish_revision().await;
-        tokio::time::sleep(JWT_KEY_PROPAGATION).await;
-
-        let jwt = Arc::clone(&self.state.jwt);
-        let old = tokio::task::spawn_blocking(move || jwt.activate(next))
-            .await
-            .map_err(|err| ApiError::Internal(err.to_string()))?
-            .map_err(|err| ApiError::Internal(format!("JWT key rotation: {err}")))?;
-        let current = self.state.jwt.current();
-        let retired = crate::jwt_authority::retire(
-            &old,
-            self.state.config.max_jwt_svid_ttl,
-            SystemTime::now(),
-        );
-        let keys = crate::JwtKeys {
-            current: &current,
-            prepared: None,
-            retired: Some(&retired),
-        };
-        crate::publish_own_bundle(
-            self.state.datastore.as_ref(),
-            &self.state.config,
-            &self.state.ca,
-            keys,
-        )
-        .await
-        .map_err(|err| ApiError::Internal(err.to_string()))?;
-        self.state.publish_revision().await;
-        tracing::info!(
-            old_kid = old.kid(),
-            new_kid = current.kid(),
-            "JWT signing key replaced"
-        );
-        Ok(RotateJwtAuthorityResponse {
-            kid: current.kid().to_owned(),
-        })
+        let kid = crate::rotation::rotate_jwt_key(&self.state, JWT_KEY_PROPAGATION).await?;
+        Ok(RotateJwtAuthorityResponse { kid })
     }
 }
 
@@ -790,6 +814,7 @@ mod tests {
                 jwt_multi_audience: false,
                 dns_names: Vec::new(),
                 hint: String::new(),
+                federates_with: Vec::new(),
             })
             .await
             .unwrap()

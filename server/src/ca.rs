@@ -1,31 +1,30 @@
 //! The signing CA of the server and X.509-SVID issuance.
 //!
-//! [`CertificateAuthority`] owns the CA key (ECDSA P-256, kept parsed in memory) and its
-//! self-signed certificate, persisted as `ca_key.pem` (0600) and `ca_cert.pem` (0644) in
-//! a 0700 directory through [`tessera_plugin_sdk::fs`]. It signs X509-SVIDs where the
-//! server chooses every field and the caller contributes only a public key
-//! (SECURITY.md §2 rule 3, CVE-2021-27098).
+//! [`CertificateAuthority`] is one CA: a key held by the key manager (never seen here,
+//! only asked to sign through [`RcgenSigner`]) and its self-signed certificate. It
+//! signs X509-SVIDs where the server chooses every field and the caller contributes
+//! only a public key (SECURITY.md §2 rule 3, CVE-2021-27098). [`X509Authority`] holds
+//! the CA that signs now and is switched to the next one when a rotation activates it
+//! (see [`crate::rotation`], which owns the schedule, the journal and the bundle).
 //!
 //! The free functions are the strict edges around it: [`public_key_from_csr`] (DER only,
 //! self-signature verified, key policy), [`check_public_key`] (the key policy),
 //! [`spiffe_id_of_certificate`] and [`serial_of_certificate`] (used by the node API to
 //! identify agents by their SVID).
 //!
-//! Not here (yet): CA rotation, upstream authorities, the `KeyManager` seam, JWT keys.
-//! When less than a sixth of the CA lifetime remains a warning is logged on load.
+//! Not here: upstream authorities.
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
-    DnType, DnValue, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
+    DnType, DnValue, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyUsagePurpose,
     PublicKeyData, RevokedCertParams, SanType, SerialNumber,
 };
-use tessera_plugin_sdk::fs::{
-    ensure_private_dir, read_private_file, write_private_file, write_public_file,
-};
+use tessera_plugin_keymanager::RcgenSigner;
+use tessera_plugin_sdk::keymanager::SigningKey;
 use tessera_plugin_sdk::{SpiffeId, TrustDomain};
 use time::OffsetDateTime;
 use x509_parser::certificate::X509Certificate;
@@ -39,9 +38,11 @@ use x509_parser::oid_registry::{
 use x509_parser::prelude::FromDer;
 use x509_parser::x509::SubjectPublicKeyInfo;
 
-/// File name of the CA private key (PKCS#8 PEM, mode 0600).
+/// File name of the CA private key of servers before the key manager (PKCS#8 PEM in
+/// `<data_dir>/ca`); migrated into the key manager on the first start.
 pub const CA_KEY_FILE: &str = "ca_key.pem";
-/// File name of the CA certificate (PEM, mode 0644).
+/// File name of the CA certificate of servers before the key manager (PEM in
+/// `<data_dir>/ca`); migrated into the rotation journal on the first start.
 pub const CA_CERT_FILE: &str = "ca_cert.pem";
 
 /// How long a CRL signed by [`CertificateAuthority::sign_crl`] is valid: its nextUpdate
@@ -68,15 +69,6 @@ const OID_AT_SERIAL_NUMBER: &[u64] = &[2, 5, 4, 5];
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CaError {
-    /// Reading or writing the CA files failed.
-    #[error("CA storage {path}: {source}")]
-    Io {
-        /// The file or directory involved.
-        path: PathBuf,
-        /// The underlying error (it already names the problem).
-        #[source]
-        source: std::io::Error,
-    },
     /// The CSR is not acceptable DER, or its self-signature does not verify.
     #[error("invalid CSR: {0}")]
     InvalidCsr(String),
@@ -93,17 +85,15 @@ pub enum CaError {
     /// The CA certificate has expired; nothing can be signed.
     #[error("the CA certificate has expired")]
     Expired,
-    /// The CA files exist but cannot be used as they are.
-    #[error("CA files are corrupt or inconsistent: {0}")]
+    /// A stored CA certificate cannot be used with its key as it is.
+    #[error("CA certificate is corrupt or inconsistent: {0}")]
     Corrupt(String),
-    /// The CA on disk belongs to another trust domain than the configured one.
-    #[error(
-        "the CA on disk is for {found:?}, but the configured trust domain ID is {configured:?}"
-    )]
+    /// The stored CA belongs to another trust domain than the configured one.
+    #[error("the stored CA is for {found:?}, but the configured trust domain ID is {configured:?}")]
     TrustDomainMismatch {
         /// `spiffe://<configured trust domain>`.
         configured: String,
-        /// The URI SAN of the CA certificate on disk.
+        /// The URI SAN of the stored CA certificate.
         found: String,
     },
     /// A certificate given to [`spiffe_id_of_certificate`] or
@@ -137,13 +127,13 @@ impl fmt::Debug for IssuedCertificate {
     }
 }
 
-/// The server's signing CA: a parsed private key and its self-signed certificate.
+/// One CA: a key manager's key and its self-signed certificate.
 ///
-/// `Send + Sync`; signing takes `&self`. All methods are blocking (key generation,
-/// file I/O, signing): call them from `spawn_blocking`.
+/// `Send + Sync`; signing takes `&self` and is blocking CPU work (call it from
+/// `spawn_blocking`, or accept a few hundred microseconds on the runtime).
 pub struct CertificateAuthority {
     /// Signing key plus the subject / key identifier the leaves reference.
-    issuer: Issuer<'static, KeyPair>,
+    issuer: Issuer<'static, RcgenSigner>,
     trust_domain: TrustDomain,
     cert_der: Vec<u8>,
     cert_pem: String,
@@ -158,6 +148,7 @@ impl fmt::Debug for CertificateAuthority {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CertificateAuthority")
             .field("trust_domain", &self.trust_domain.name())
+            .field("key_id", &self.key_id())
             .field("serial_hex", &self.serial_hex)
             .field("not_before", &self.not_before)
             .field("not_after", &self.not_after)
@@ -167,40 +158,92 @@ impl fmt::Debug for CertificateAuthority {
 }
 
 impl CertificateAuthority {
-    /// Loads `<dir>/ca_key.pem` and `<dir>/ca_cert.pem`, or creates both on first start
-    /// (a new P-256 key and a self-signed certificate valid for `ttl`).
-    ///
-    /// On load the certificate must be a CA for `trust_domain`, self-signed by the key
-    /// on disk, and unexpired; a warning is logged when less than a sixth of its lifetime
-    /// remains. Exactly one of the two files present is an error (never silently replace
-    /// a CA agents may already trust). Blocking.
-    pub fn load_or_create(
-        dir: &Path,
+    /// A new CA over `key`: a self-signed certificate valid from `now` − [`BACKDATE`]
+    /// for `ttl`. Blocking (signing).
+    pub fn self_signed(
+        key: Arc<dyn SigningKey>,
         trust_domain: &TrustDomain,
         ttl: Duration,
+        now: SystemTime,
     ) -> Result<Self, CaError> {
-        let io = |source| CaError::Io {
-            path: dir.to_owned(),
-            source,
-        };
-        ensure_private_dir(dir).map_err(io)?;
-        let key_exists = exists_no_follow(&dir.join(CA_KEY_FILE)).map_err(io)?;
-        let cert_exists = exists_no_follow(&dir.join(CA_CERT_FILE)).map_err(io)?;
-        match (key_exists, cert_exists) {
-            (true, true) => Self::load(dir, trust_domain),
-            (false, false) => Self::create(dir, trust_domain, ttl),
-            (true, false) => Err(CaError::Corrupt(format!(
-                "{} exists but {} does not; remove both to create a new CA \
-                 (agents will then need the new trust bundle)",
-                dir.join(CA_KEY_FILE).display(),
-                dir.join(CA_CERT_FILE).display()
-            ))),
-            (false, true) => Err(CaError::Corrupt(format!(
-                "{} exists but {} does not; restore the key or remove both to create a new CA",
-                dir.join(CA_CERT_FILE).display(),
-                dir.join(CA_KEY_FILE).display()
-            ))),
+        let ttl_secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
+        if ttl_secs == 0 {
+            return Err(CaError::InvalidRequest(
+                "CA ttl must be at least one second".into(),
+            ));
         }
+        let signer = RcgenSigner::new(key).map_err(|e| CaError::Signing(format!("CA key: {e}")))?;
+        let now = unix_of(now)?;
+        let not_before = now.saturating_sub(backdate_secs());
+        let not_after = now.saturating_add(ttl_secs);
+        let serial = random_serial()?;
+        let params = ca_params(
+            trust_domain,
+            serial.clone(),
+            to_offset(not_before)?,
+            to_offset(not_after)
+                .map_err(|_| CaError::InvalidRequest(format!("CA ttl {ttl:?} is too long")))?,
+        )?;
+        let cert = params
+            .self_signed(&signer)
+            .map_err(|e| CaError::Signing(format!("CA certificate: {e}")))?;
+        let cert_der = cert.der().to_vec();
+        let ca = Self {
+            cert_pem: tessera_plugin_sdk::x509::pem_encode("CERTIFICATE", &cert_der),
+            issuer: Issuer::new(params, signer),
+            trust_domain: trust_domain.clone(),
+            cert_der,
+            serial_hex: serial_hex(&serial),
+            not_before,
+            not_after,
+        };
+        ca.self_test()?;
+        Ok(ca)
+    }
+
+    /// A stored CA: `cert_der` must be a CA certificate for `trust_domain`,
+    /// self-signed by `key`. Expiry is not checked here (an old CA stays loaded, only
+    /// to be published, until its NotAfter). Blocking (a self-test signature).
+    pub fn from_certificate(
+        key: Arc<dyn SigningKey>,
+        cert_der: Vec<u8>,
+        trust_domain: &TrustDomain,
+    ) -> Result<Self, CaError> {
+        let signer = RcgenSigner::new(key).map_err(|e| CaError::Corrupt(format!("CA key: {e}")))?;
+        let (serial, not_before, not_after) = {
+            let cert = parse_certificate(&cert_der).map_err(|e| CaError::Corrupt(e.to_string()))?;
+            check_ca_certificate(&cert, signer.key().public_key_der(), trust_domain)?;
+            (
+                serial_of_certificate(&cert_der).map_err(|e| CaError::Corrupt(e.to_string()))?,
+                cert.validity().not_before.timestamp(),
+                cert.validity().not_after.timestamp(),
+            )
+        };
+        let issuer = Issuer::from_ca_cert_der(&cert_der.clone().into(), signer)
+            .map_err(|e| CaError::Corrupt(e.to_string()))?;
+        let ca = Self {
+            issuer,
+            trust_domain: trust_domain.clone(),
+            cert_pem: tessera_plugin_sdk::x509::pem_encode("CERTIFICATE", &cert_der),
+            cert_der,
+            serial_hex: serial,
+            not_before,
+            not_after,
+        };
+        if unix_now()? < ca.not_after {
+            ca.self_test()?;
+        }
+        Ok(ca)
+    }
+
+    /// The key manager's id of the CA key.
+    pub fn key_id(&self) -> &str {
+        self.issuer.key().key().id()
+    }
+
+    /// The CA's public key (SPKI, DER).
+    pub fn public_key_der(&self) -> &[u8] {
+        self.issuer.key().key().public_key_der()
     }
 
     /// The CA certificate, DER.
@@ -226,28 +269,6 @@ impl CertificateAuthority {
     /// The trust domain this CA signs for.
     pub fn trust_domain(&self) -> &TrustDomain {
         &self.trust_domain
-    }
-
-    /// Logs a warning when less than 1/6 of the CA's lifetime remains: until CA rotation
-    /// exists, an operator must replace the CA by hand before it expires. The server
-    /// calls this at start and every hour.
-    pub fn warn_if_expiring(&self) -> bool {
-        let now = SystemTime::now();
-        let lifetime = self
-            .not_after()
-            .duration_since(self.not_before())
-            .unwrap_or_default();
-        let remaining = self.not_after().duration_since(now).unwrap_or_default();
-        let expiring = remaining * 6 < lifetime;
-        if expiring {
-            tracing::warn!(
-                trust_domain = self.trust_domain().name(),
-                serial = %self.serial_hex(),
-                remaining_secs = remaining.as_secs(),
-                "less than 1/6 of the CA lifetime remains and CA rotation is not implemented yet"
-            );
-        }
-        expiring
     }
 
     /// Hex serial of the CA certificate (same format as [`serial_of_certificate`]).
@@ -384,133 +405,6 @@ impl CertificateAuthority {
         Ok(crl.der().to_vec())
     }
 
-    /// First start: generate the key and the certificate, persist both (key first, so
-    /// a crash in between leaves "key without cert", reported on the next start).
-    fn create(dir: &Path, trust_domain: &TrustDomain, ttl: Duration) -> Result<Self, CaError> {
-        let ttl_secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
-        if ttl_secs == 0 {
-            return Err(CaError::InvalidRequest(
-                "CA ttl must be at least one second".into(),
-            ));
-        }
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-            .map_err(|e| CaError::Signing(format!("CA key generation: {e}")))?;
-        let now = unix_now()?;
-        let not_before = now.saturating_sub(backdate_secs());
-        let not_after = now.saturating_add(ttl_secs);
-        let serial = random_serial()?;
-        let params = ca_params(
-            trust_domain,
-            serial.clone(),
-            to_offset(not_before)?,
-            to_offset(not_after)
-                .map_err(|_| CaError::InvalidRequest(format!("CA ttl {ttl:?} is too long")))?,
-        )?;
-        let cert = params
-            .self_signed(&key)
-            .map_err(|e| CaError::Signing(format!("CA certificate: {e}")))?;
-        let cert_der = cert.der().to_vec();
-        let cert_pem = tessera_plugin_sdk::x509::pem_encode("CERTIFICATE", &cert_der);
-
-        let key_pem = key.serialize_pem();
-        write_private_file(dir, CA_KEY_FILE, key_pem.as_bytes()).map_err(|source| CaError::Io {
-            path: dir.join(CA_KEY_FILE),
-            source,
-        })?;
-        drop(key_pem);
-        write_public_file(dir, CA_CERT_FILE, cert_pem.as_bytes()).map_err(|source| {
-            CaError::Io {
-                path: dir.join(CA_CERT_FILE),
-                source,
-            }
-        })?;
-
-        tracing::info!(
-            trust_domain = trust_domain.name(),
-            serial = %serial_hex(&serial),
-            not_after = not_after,
-            "created a new self-signed CA"
-        );
-        let ca = Self {
-            issuer: Issuer::new(params, key),
-            trust_domain: trust_domain.clone(),
-            cert_der,
-            cert_pem,
-            serial_hex: serial_hex(&serial),
-            not_before,
-            not_after,
-        };
-        ca.self_test()?;
-        Ok(ca)
-    }
-
-    /// Later starts: read, parse and cross-check both files.
-    fn load(dir: &Path, trust_domain: &TrustDomain) -> Result<Self, CaError> {
-        let key_pem = read_private_file(dir, CA_KEY_FILE).map_err(|source| CaError::Io {
-            path: dir.join(CA_KEY_FILE),
-            source,
-        })?;
-        let key_pem = std::str::from_utf8(&key_pem)
-            .map_err(|_| CaError::Corrupt(format!("{CA_KEY_FILE} is not UTF-8 PEM")))?;
-        // The error text of rcgen never contains key material.
-        let key = KeyPair::from_pem(key_pem)
-            .map_err(|e| CaError::Corrupt(format!("{CA_KEY_FILE}: cannot parse key: {e}")))?;
-        if key.algorithm() != &rcgen::PKCS_ECDSA_P256_SHA256
-            && key.algorithm() != &rcgen::PKCS_ECDSA_P384_SHA384
-        {
-            return Err(CaError::Corrupt(format!(
-                "{CA_KEY_FILE}: unsupported CA key algorithm {:?} (want ECDSA P-256 or P-384)",
-                key.algorithm()
-            )));
-        }
-
-        let cert_path = dir.join(CA_CERT_FILE);
-        let cert_pem_bytes = read_public_file(&cert_path)?;
-        let cert_der = pem_decode_single_certificate(&cert_pem_bytes)?;
-        let (serial, not_before, not_after) = {
-            let cert = parse_certificate(&cert_der)
-                .map_err(|e| CaError::Corrupt(format!("{CA_CERT_FILE}: {e}")))?;
-            check_ca_certificate(&cert, &key, trust_domain)?;
-            (
-                serial_of_certificate(&cert_der)
-                    .map_err(|e| CaError::Corrupt(format!("{CA_CERT_FILE}: {e}")))?,
-                cert.validity().not_before.timestamp(),
-                cert.validity().not_after.timestamp(),
-            )
-        };
-
-        let now = unix_now()?;
-        if now >= not_after {
-            tracing::error!(
-                trust_domain = trust_domain.name(),
-                serial = %serial,
-                not_after = not_after,
-                "the CA certificate has expired"
-            );
-            return Err(CaError::Expired);
-        }
-        let issuer = Issuer::from_ca_cert_der(&cert_der.clone().into(), key)
-            .map_err(|e| CaError::Corrupt(format!("{CA_CERT_FILE}: {e}")))?;
-        let ca = Self {
-            issuer,
-            trust_domain: trust_domain.clone(),
-            cert_pem: tessera_plugin_sdk::x509::pem_encode("CERTIFICATE", &cert_der),
-            cert_der,
-            serial_hex: serial,
-            not_before,
-            not_after,
-        };
-        ca.self_test()?;
-        tracing::info!(
-            trust_domain = trust_domain.name(),
-            serial = %ca.serial_hex,
-            not_after = not_after,
-            "loaded the CA"
-        );
-        ca.warn_if_expiring();
-        Ok(ca)
-    }
-
     /// Signs a throwaway leaf and checks it chains to our certificate: catches an
     /// issuer name or key identifier that does not match the certificate on disk.
     fn self_test(&self) -> Result<(), CaError> {
@@ -529,6 +423,74 @@ impl CertificateAuthority {
         leaf_cert
             .verify_signature(Some(ca.public_key()))
             .map_err(|e| CaError::Corrupt(format!("self-test signature does not verify: {e}")))
+    }
+}
+
+/// The CA that signs now, switched to the next one when a rotation activates it.
+///
+/// Cheap to read: each call takes the current [`CertificateAuthority`] under a short
+/// read lock (never held across an `.await`) and signs with it, so an activation never
+/// tears a signature. The rotation itself (which CA, when) is [`crate::rotation`]'s.
+#[derive(Debug)]
+pub struct X509Authority {
+    current: RwLock<Arc<CertificateAuthority>>,
+}
+
+impl X509Authority {
+    /// An authority signing with `active`.
+    pub fn new(active: Arc<CertificateAuthority>) -> Self {
+        Self {
+            current: RwLock::new(active),
+        }
+    }
+
+    /// The CA that signs now.
+    pub fn active(&self) -> Arc<CertificateAuthority> {
+        Arc::clone(&self.current.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Sign with `next` from now on; returns the CA it replaces.
+    pub fn activate(&self, next: Arc<CertificateAuthority>) -> Arc<CertificateAuthority> {
+        let mut current = self.current.write().unwrap_or_else(PoisonError::into_inner);
+        std::mem::replace(&mut *current, next)
+    }
+
+    /// The active CA certificate, DER.
+    pub fn certificate_der(&self) -> Vec<u8> {
+        self.active().certificate_der().to_vec()
+    }
+
+    /// NotAfter of the active CA.
+    pub fn not_after(&self) -> SystemTime {
+        self.active().not_after()
+    }
+
+    /// Hex serial of the active CA.
+    pub fn serial_hex(&self) -> String {
+        self.active().serial_hex().to_owned()
+    }
+
+    /// [`CertificateAuthority::sign_x509_svid`] with the active CA: the SVID's NotAfter
+    /// never exceeds that CA's.
+    pub fn sign_x509_svid(
+        &self,
+        public_key_spki_der: &[u8],
+        spiffe_id: &SpiffeId,
+        dns_names: &[String],
+        ttl: Duration,
+    ) -> Result<IssuedCertificate, CaError> {
+        self.active()
+            .sign_x509_svid(public_key_spki_der, spiffe_id, dns_names, ttl)
+    }
+
+    /// [`CertificateAuthority::sign_crl`] with the active CA.
+    pub fn sign_crl(
+        &self,
+        crl_number: u64,
+        revoked: &[(String, SystemTime)],
+        now: SystemTime,
+    ) -> Result<Vec<u8>, CaError> {
+        self.active().sign_crl(crl_number, revoked, now)
     }
 }
 
@@ -704,10 +666,10 @@ fn leaf_params(
 /// Load-time checks of the CA certificate against the key and the configuration.
 fn check_ca_certificate(
     cert: &X509Certificate<'_>,
-    key: &KeyPair,
+    key_spki_der: &[u8],
     trust_domain: &TrustDomain,
 ) -> Result<(), CaError> {
-    let corrupt = |what: &str| CaError::Corrupt(format!("{CA_CERT_FILE}: {what}"));
+    let corrupt = |what: &str| CaError::Corrupt(what.to_owned());
     let bc = cert
         .basic_constraints()
         .map_err(|e| corrupt(&format!("bad basicConstraints: {e}")))?
@@ -727,14 +689,14 @@ fn check_ca_certificate(
         // work, but no CRL can be signed, so revoked instances are only cut off by the
         // agents and by expiry.
         tracing::warn!(
-            "{CA_CERT_FILE}: keyUsage lacks cRLSign; instance revocations cannot be \
+            "the CA certificate's keyUsage lacks cRLSign; instance revocations cannot be \
              published as a CRL"
         );
     }
-    if cert.public_key().raw != key.subject_public_key_info().as_slice() {
-        return Err(CaError::Corrupt(format!(
-            "{CA_CERT_FILE} does not certify the key in {CA_KEY_FILE}"
-        )));
+    if cert.public_key().raw != key_spki_der {
+        return Err(CaError::Corrupt(
+            "the CA certificate does not certify the CA key".into(),
+        ));
     }
     cert.verify_signature(None)
         .map_err(|e| corrupt(&format!("self-signature does not verify: {e}")))?;
@@ -942,41 +904,8 @@ fn ia5(s: &str) -> Result<rcgen::string::Ia5String, CaError> {
         .map_err(|e| CaError::InvalidRequest(format!("{s:?} is not IA5: {e}")))
 }
 
-fn exists_no_follow(path: &Path) -> std::io::Result<bool> {
-    match std::fs::symlink_metadata(path) {
-        Ok(_) => Ok(true),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(e),
-    }
-}
-
-/// The certificate file is public, but it is still read without following a symlink.
-fn read_public_file(path: &Path) -> Result<Vec<u8>, CaError> {
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    const MAX: u64 = 1024 * 1024;
-    let io = |source| CaError::Io {
-        path: path.to_owned(),
-        source,
-    };
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
-        .open(path)
-        .map_err(io)?;
-    let mut out = Vec::new();
-    file.take(MAX + 1).read_to_end(&mut out).map_err(io)?;
-    if out.len() as u64 > MAX {
-        return Err(CaError::Corrupt(format!(
-            "{} is larger than {MAX} bytes",
-            path.display()
-        )));
-    }
-    Ok(out)
-}
-
 /// Exactly one `CERTIFICATE` PEM block and nothing else that PEM parsing recognises.
-fn pem_decode_single_certificate(pem: &[u8]) -> Result<Vec<u8>, CaError> {
+pub(crate) fn pem_decode_single_certificate(pem: &[u8]) -> Result<Vec<u8>, CaError> {
     let mut reader = pem;
     let mut found = None;
     loop {
@@ -986,14 +915,14 @@ fn pem_decode_single_certificate(pem: &[u8]) -> Result<Vec<u8>, CaError> {
                 found = Some(der.to_vec());
             }
             Ok(Some(_)) => {
-                return Err(CaError::Corrupt(format!(
-                    "{CA_CERT_FILE} must hold exactly one CERTIFICATE block"
-                )));
+                return Err(CaError::Corrupt(
+                    "a CA certificate file must hold exactly one CERTIFICATE block".into(),
+                ));
             }
-            Err(e) => return Err(CaError::Corrupt(format!("{CA_CERT_FILE}: bad PEM: {e:?}"))),
+            Err(e) => return Err(CaError::Corrupt(format!("bad PEM: {e:?}"))),
         }
     }
-    found.ok_or_else(|| CaError::Corrupt(format!("{CA_CERT_FILE} holds no CERTIFICATE block")))
+    found.ok_or_else(|| CaError::Corrupt("no CERTIFICATE block".into()))
 }
 
 fn backdate_secs() -> i64 {
@@ -1035,12 +964,13 @@ fn system_time(unix: i64) -> SystemTime {
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::PermissionsExt;
     use std::sync::Arc;
     use std::time::Instant;
 
-    use rcgen::{CustomExtension, PKCS_ECDSA_P256_SHA256};
+    use rcgen::{CustomExtension, KeyPair, PKCS_ECDSA_P256_SHA256};
     use rustls::pki_types::{CertificateDer, UnixTime};
+    use tessera_plugin_keymanager::MemoryKeyManager;
+    use tessera_plugin_sdk::keymanager::{KeyManager, KeyType};
     use x509_parser::oid_registry::OID_X509_EXT_SUBJECT_ALT_NAME;
 
     use super::*;
@@ -1055,11 +985,22 @@ mod tests {
         SpiffeId::parse_leaf(&format!("spiffe://example.org{path}")).unwrap()
     }
 
-    fn new_ca() -> (tempfile::TempDir, PathBuf, CertificateAuthority) {
-        let root = tempfile::tempdir().unwrap();
-        let dir = root.path().join("ca");
-        let ca = CertificateAuthority::load_or_create(&dir, &td(), 24 * HOUR).unwrap();
-        (root, dir, ca)
+    /// A key from the memory key manager.
+    fn test_key(key_type: KeyType) -> Arc<dyn SigningKey> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(MemoryKeyManager::new().generate_key("x509-ca-test", key_type))
+            .unwrap()
+    }
+
+    fn new_ca_with_ttl(ttl: Duration) -> CertificateAuthority {
+        CertificateAuthority::self_signed(test_key(KeyType::EcP256), &td(), ttl, SystemTime::now())
+            .unwrap()
+    }
+
+    fn new_ca() -> CertificateAuthority {
+        new_ca_with_ttl(24 * HOUR)
     }
 
     fn csr_for(key: &KeyPair, params: &CertificateParams) -> Vec<u8> {
@@ -1243,7 +1184,7 @@ mod tests {
 
     #[test]
     fn ca_certificate_profile() {
-        let (_root, _dir, ca) = new_ca();
+        let ca = new_ca();
         let cert = parse_certificate(ca.certificate_der()).unwrap();
         let bc = cert.basic_constraints().unwrap().unwrap();
         assert!(bc.critical && bc.value.ca);
@@ -1281,33 +1222,36 @@ mod tests {
     }
 
     #[test]
-    fn files_modes_and_debug_hides_key() {
-        let (_root, dir, ca) = new_ca();
-        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
-        assert_eq!(mode(&dir), 0o700);
-        assert_eq!(mode(&dir.join(CA_KEY_FILE)), 0o600);
-        assert_eq!(mode(&dir.join(CA_CERT_FILE)), 0o644);
+    fn debug_hides_key_and_names_key_id() {
+        let ca = new_ca();
         let debug = format!("{ca:?}");
-        let key_der_hex = hex::encode(ca.issuer.key().serialized_der());
+        assert!(
+            debug.contains("[elided]") && debug.contains("x509-ca-test"),
+            "{debug}"
+        );
         assert!(!debug.contains("PRIVATE"), "{debug}");
-        assert!(!debug.contains(&key_der_hex[..32]), "{debug}");
-        let key_pem = std::fs::read_to_string(dir.join(CA_KEY_FILE)).unwrap();
-        assert!(key_pem.starts_with("-----BEGIN PRIVATE KEY-----"));
-        assert!(!debug.contains(key_pem.lines().nth(1).unwrap()));
+        assert_eq!(ca.key_id(), "x509-ca-test");
+        let cert = parse_certificate(ca.certificate_der()).unwrap();
+        assert_eq!(cert.public_key().raw, ca.public_key_der());
     }
 
     #[test]
     fn reload_gives_same_ca_and_chains() {
-        let (_root, dir, ca) = new_ca();
-        let reloaded = CertificateAuthority::load_or_create(&dir, &td(), 24 * HOUR).unwrap();
+        let key = test_key(KeyType::EcP256);
+        let ca = CertificateAuthority::self_signed(
+            Arc::clone(&key),
+            &td(),
+            24 * HOUR,
+            SystemTime::now(),
+        )
+        .unwrap();
+        let reloaded =
+            CertificateAuthority::from_certificate(key, ca.certificate_der().to_vec(), &td())
+                .unwrap();
         assert_eq!(reloaded.certificate_der(), ca.certificate_der());
         assert_eq!(reloaded.certificate_pem(), ca.certificate_pem());
         assert_eq!(reloaded.serial_hex(), ca.serial_hex());
         assert_eq!(reloaded.not_after(), ca.not_after());
-        assert_eq!(
-            reloaded.issuer.key().serialized_der(),
-            ca.issuer.key().serialized_der()
-        );
 
         // A leaf from the reloaded CA chains to the original certificate.
         let (_key, csr) = plain_csr();
@@ -1323,8 +1267,32 @@ mod tests {
     }
 
     #[test]
+    fn x509_authority_switches_on_activation() {
+        let first = Arc::new(new_ca());
+        let second = Arc::new(new_ca_with_ttl(HOUR));
+        let authority = X509Authority::new(Arc::clone(&first));
+        assert_eq!(authority.serial_hex(), first.serial_hex());
+        let (_key, csr) = plain_csr();
+        let spki = public_key_from_csr(&csr).unwrap();
+        let before = authority
+            .sign_x509_svid(&spki, &id("/w"), &[], 48 * HOUR)
+            .unwrap();
+        verify_chain(first.certificate_der(), &before.der);
+        let old = authority.activate(Arc::clone(&second));
+        assert_eq!(old.serial_hex(), first.serial_hex());
+        let after = authority
+            .sign_x509_svid(&spki, &id("/w"), &[], 48 * HOUR)
+            .unwrap();
+        verify_chain(second.certificate_der(), &after.der);
+        // NotAfter never exceeds the issuing CA's.
+        assert_eq!(after.not_after, second.not_after());
+        assert_eq!(before.not_after, first.not_after());
+        assert_eq!(authority.certificate_der(), second.certificate_der());
+    }
+
+    #[test]
     fn issued_leaf_follows_the_profile() {
-        let (_root, _dir, ca) = new_ca();
+        let ca = new_ca();
         let (key, csr) = plain_csr();
         let spki = public_key_from_csr(&csr).unwrap();
         assert_eq!(spki, key.subject_public_key_info());
@@ -1359,9 +1327,7 @@ mod tests {
 
     #[test]
     fn not_after_is_clamped_to_the_ca() {
-        let root = tempfile::tempdir().unwrap();
-        let dir = root.path().join("ca");
-        let ca = CertificateAuthority::load_or_create(&dir, &td(), HOUR).unwrap();
+        let ca = new_ca_with_ttl(HOUR);
         let (_key, csr) = plain_csr();
         let spki = public_key_from_csr(&csr).unwrap();
         let issued = ca
@@ -1378,7 +1344,7 @@ mod tests {
 
     #[test]
     fn rsa_and_p384_keys_are_signed() {
-        let (_root, _dir, ca) = new_ca();
+        let ca = new_ca();
         let rsa =
             KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048).unwrap();
         let p384 = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
@@ -1453,7 +1419,7 @@ mod tests {
     /// SECURITY.md §3.7 item 65 (CVE-2021-27098): only the key is taken from the CSR.
     #[test]
     fn csr_requests_are_ignored() {
-        let (_root, _dir, ca) = new_ca();
+        let ca = new_ca();
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
         let mut params = CertificateParams::default();
         params.distinguished_name.push(DnType::CommonName, "admin");
@@ -1612,7 +1578,7 @@ mod tests {
 
     #[test]
     fn sign_rejects_bad_requests() {
-        let (_root, _dir, ca) = new_ca();
+        let ca = new_ca();
         let (_key, csr) = plain_csr();
         let spki = public_key_from_csr(&csr).unwrap();
         let foreign = SpiffeId::parse_leaf("spiffe://other.org/w").unwrap();
@@ -1703,10 +1669,15 @@ mod tests {
         assert_eq!(OID_X509_EXT_SUBJECT_ALT_NAME.to_id_string(), "2.5.29.17");
     }
 
-    /// Writes a CA with chosen validity straight to disk (as an older start would have).
-    fn write_ca_files(dir: &Path, trust_domain: &TrustDomain, not_before: i64, not_after: i64) {
-        ensure_private_dir(dir).unwrap();
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    /// A CA certificate with chosen validity over `key` (as an older start would have
+    /// made), DER.
+    fn ca_certificate(
+        key: &Arc<dyn SigningKey>,
+        trust_domain: &TrustDomain,
+        not_before: i64,
+        not_after: i64,
+    ) -> Vec<u8> {
+        let signer = RcgenSigner::new(Arc::clone(key)).unwrap();
         let params = ca_params(
             trust_domain,
             random_serial().unwrap(),
@@ -1714,106 +1685,95 @@ mod tests {
             to_offset(not_after).unwrap(),
         )
         .unwrap();
-        let cert = params.self_signed(&key).unwrap();
-        write_private_file(dir, CA_KEY_FILE, key.serialize_pem().as_bytes()).unwrap();
-        write_public_file(dir, CA_CERT_FILE, cert.pem().as_bytes()).unwrap();
+        params.self_signed(&signer).unwrap().der().to_vec()
     }
 
     #[test]
     fn expired_and_nearly_expired_cas() {
-        let root = tempfile::tempdir().unwrap();
         let now = now_unix();
-        let expired = root.path().join("expired");
-        write_ca_files(&expired, &td(), now - 7200, now - 60);
+        let key = test_key(KeyType::EcP256);
+        // An expired CA loads (an old CA stays published until it expires) but signs
+        // nothing.
+        let cert = ca_certificate(&key, &td(), now - 7200, now - 60);
+        let expired =
+            CertificateAuthority::from_certificate(Arc::clone(&key), cert, &td()).unwrap();
+        let (_key, csr) = plain_csr();
+        let spki = public_key_from_csr(&csr).unwrap();
         assert!(matches!(
-            CertificateAuthority::load_or_create(&expired, &td(), HOUR),
+            expired.sign_x509_svid(&spki, &id("/w"), &[], HOUR),
             Err(CaError::Expired)
         ));
 
-        // Under 1/6 of the lifetime left: loads (with a warning) and clamps leaves.
-        let late = root.path().join("late");
-        write_ca_files(&late, &td(), now - 6000, now + 600);
-        let ca = CertificateAuthority::load_or_create(&late, &td(), HOUR).unwrap();
-        let (_key, csr) = plain_csr();
-        let spki = public_key_from_csr(&csr).unwrap();
+        // Under 1/6 of the lifetime left: loads and clamps leaves.
+        let cert = ca_certificate(&key, &td(), now - 6000, now + 600);
+        let ca = CertificateAuthority::from_certificate(key, cert, &td()).unwrap();
         let issued = ca.sign_x509_svid(&spki, &id("/w"), &[], HOUR).unwrap();
         assert_eq!(issued.not_after, system_time(now + 600));
         check_svid_profile(&ca, &issued, &id("/w"), &[]);
     }
 
     #[test]
-    fn inconsistent_files_are_refused() {
-        let (root, dir, _ca) = new_ca();
+    fn inconsistent_certificates_are_refused() {
+        let key = test_key(KeyType::EcP256);
+        let now = now_unix();
+        let cert = ca_certificate(&key, &td(), now - 10, now + 3600);
 
         // Another trust domain configured.
         let other = TrustDomain::new("other.org").unwrap();
         assert!(matches!(
-            CertificateAuthority::load_or_create(&dir, &other, HOUR),
+            CertificateAuthority::from_certificate(Arc::clone(&key), cert.clone(), &other),
             Err(CaError::TrustDomainMismatch { .. })
         ));
 
         // Certificate for another key.
-        let foreign = root.path().join("foreign");
-        write_ca_files(&foreign, &td(), now_unix() - 10, now_unix() + 3600);
-        std::fs::copy(foreign.join(CA_CERT_FILE), dir.join(CA_CERT_FILE)).unwrap();
+        let foreign = test_key(KeyType::EcP256);
         assert!(matches!(
-            CertificateAuthority::load_or_create(&dir, &td(), HOUR),
+            CertificateAuthority::from_certificate(foreign, cert.clone(), &td()),
             Err(CaError::Corrupt(_))
         ));
 
-        // Garbage certificate, two certificates.
-        std::fs::write(dir.join(CA_CERT_FILE), b"junk").unwrap();
+        // Garbage certificate; a leaf instead of a CA.
         assert!(matches!(
-            CertificateAuthority::load_or_create(&dir, &td(), HOUR),
+            CertificateAuthority::from_certificate(Arc::clone(&key), b"junk".to_vec(), &td()),
             Err(CaError::Corrupt(_))
         ));
-        let pem = std::fs::read_to_string(foreign.join(CA_CERT_FILE)).unwrap();
-        std::fs::write(dir.join(CA_CERT_FILE), format!("{pem}{pem}")).unwrap();
+        let ca = CertificateAuthority::from_certificate(Arc::clone(&key), cert, &td()).unwrap();
+        let leaf = ca
+            .sign_x509_svid(key.public_key_der(), &id("/w"), &[], HOUR)
+            .unwrap();
         assert!(matches!(
-            CertificateAuthority::load_or_create(&dir, &td(), HOUR),
-            Err(CaError::Corrupt(_))
+            CertificateAuthority::from_certificate(Arc::clone(&key), leaf.der, &td()),
+            Err(CaError::Corrupt(_) | CaError::TrustDomainMismatch { .. })
         ));
 
-        // Key without certificate: never silently replaced.
-        std::fs::remove_file(dir.join(CA_CERT_FILE)).unwrap();
-        let key_before = std::fs::read(dir.join(CA_KEY_FILE)).unwrap();
-        assert!(matches!(
-            CertificateAuthority::load_or_create(&dir, &td(), HOUR),
-            Err(CaError::Corrupt(_))
-        ));
-        assert_eq!(std::fs::read(dir.join(CA_KEY_FILE)).unwrap(), key_before);
-
-        // Certificate without key.
-        let lone = root.path().join("lone");
-        write_ca_files(&lone, &td(), now_unix() - 10, now_unix() + 3600);
-        std::fs::remove_file(lone.join(CA_KEY_FILE)).unwrap();
-        assert!(matches!(
-            CertificateAuthority::load_or_create(&lone, &td(), HOUR),
-            Err(CaError::Corrupt(_))
-        ));
-
-        // World-readable key: refused by read_private_file.
-        let loose = root.path().join("loose");
-        write_ca_files(&loose, &td(), now_unix() - 10, now_unix() + 3600);
-        std::fs::set_permissions(
-            loose.join(CA_KEY_FILE),
-            std::fs::Permissions::from_mode(0o644),
-        )
-        .unwrap();
-        assert!(matches!(
-            CertificateAuthority::load_or_create(&loose, &td(), HOUR),
-            Err(CaError::Io { .. })
-        ));
+        // PEM of two certificates is refused.
+        let pem = ca.certificate_pem();
+        assert!(pem_decode_single_certificate(format!("{pem}{pem}").as_bytes()).is_err());
 
         // Zero and absurd CA TTLs.
+        let now = SystemTime::now();
         assert!(
-            CertificateAuthority::load_or_create(&root.path().join("z"), &td(), Duration::ZERO)
+            CertificateAuthority::self_signed(Arc::clone(&key), &td(), Duration::ZERO, now)
                 .is_err()
         );
-        assert!(
-            CertificateAuthority::load_or_create(&root.path().join("big"), &td(), Duration::MAX)
-                .is_err()
-        );
+        assert!(CertificateAuthority::self_signed(key, &td(), Duration::MAX, now).is_err());
+    }
+
+    #[test]
+    fn p384_and_rsa_ca_keys_sign() {
+        for key_type in [KeyType::EcP384, KeyType::Rsa2048] {
+            let ca = CertificateAuthority::self_signed(
+                test_key(key_type),
+                &td(),
+                HOUR,
+                SystemTime::now(),
+            )
+            .unwrap();
+            let (_key, csr) = plain_csr();
+            let spki = public_key_from_csr(&csr).unwrap();
+            let issued = ca.sign_x509_svid(&spki, &id("/w"), &[], HOUR).unwrap();
+            verify_chain(ca.certificate_der(), &issued.der);
+        }
     }
 
     /// A CRL from [`CertificateAuthority::sign_crl`] is well formed, signed by the CA,
@@ -1823,7 +1783,7 @@ mod tests {
     fn crl_is_signed_and_rejects_revoked_leaves() {
         use rustls::pki_types::CertificateRevocationListDer;
 
-        let (_root, _dir, ca) = new_ca();
+        let ca = new_ca();
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
         let spki = key.subject_public_key_info();
         let revoked = ca
@@ -1844,10 +1804,7 @@ mod tests {
         let ca_cert = parse_certificate(ca.certificate_der()).unwrap();
         assert_eq!(parsed.issuer().as_raw(), ca_cert.subject().as_raw());
         parsed.verify_signature(ca_cert.public_key()).unwrap();
-        let other_ca_root = tempfile::tempdir().unwrap();
-        let other_ca =
-            CertificateAuthority::load_or_create(&other_ca_root.path().join("ca"), &td(), HOUR)
-                .unwrap();
+        let other_ca = new_ca_with_ttl(HOUR);
         let other_cert = parse_certificate(other_ca.certificate_der()).unwrap();
         assert!(parsed.verify_signature(other_cert.public_key()).is_err());
         assert_eq!(
@@ -1926,7 +1883,7 @@ mod tests {
 
     #[test]
     fn crl_refuses_bad_serials() {
-        let (_root, _dir, ca) = new_ca();
+        let ca = new_ca();
         let now = SystemTime::now();
         for bad in ["", "zz", "0x12", &"ab".repeat(21)] {
             assert!(
@@ -1951,11 +1908,12 @@ mod tests {
     fn ca_is_send_and_sync() {
         fn assert_send_sync<T: Send + Sync>() {}
         assert_send_sync::<CertificateAuthority>();
+        assert_send_sync::<X509Authority>();
     }
 
     #[test]
     fn sign_cost() {
-        let (_root, _dir, ca) = new_ca();
+        let ca = new_ca();
         let (_key, csr) = plain_csr();
         let spki = public_key_from_csr(&csr).unwrap();
         let svid_id = id("/ns/prod/web");

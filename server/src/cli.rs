@@ -20,6 +20,12 @@ use tessera_proto::convert::selector_to_proto;
 use tessera_proto::types::Entry;
 use tonic::transport::Channel;
 
+mod authority;
+
+mod federation;
+
+pub use federation::{EndpointProfileArg, FederationCommand};
+
 /// Default admin socket path.
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/tessera-server/admin.sock";
 
@@ -54,9 +60,12 @@ pub enum Command {
     /// Revoke one instance identity of a templated entry, and list revocations.
     #[command(subcommand)]
     Instance(InstanceCommand),
-    /// Show the trust bundle.
+    /// Show the trust bundle; set, list and delete federated bundles.
     #[command(subcommand)]
     Bundle(BundleCommand),
+    /// Federate with other trust domains: relationships and their bundle endpoints.
+    #[command(subcommand)]
+    Federation(FederationCommand),
     /// Manage the signing keys.
     #[command(subcommand)]
     Authority(AuthorityCommand),
@@ -191,6 +200,14 @@ pub struct EntryFields {
     /// With `entry update`: remove every DNS name.
     #[arg(long = "clear-dns-names", conflicts_with = "dns_names")]
     pub clear_dns_names: bool,
+    /// A federated trust domain (e.g. `example-federated.org`) whose bundle the
+    /// entry's workloads receive; repeat for several. With `entry update`, replaces the
+    /// stored list.
+    #[arg(long = "federates-with", value_name = "TD")]
+    pub federates_with: Vec<String>,
+    /// With `entry update`: federate with no trust domain any more.
+    #[arg(long = "clear-federates-with", conflicts_with = "federates_with")]
+    pub clear_federates_with: bool,
 }
 
 fn seconds(duration: Duration) -> i64 {
@@ -227,6 +244,9 @@ impl EntryFields {
         if let Some(hint) = self.hint {
             entry.hint = hint;
         }
+        if !self.federates_with.is_empty() || self.clear_federates_with {
+            entry.federates_with = self.federates_with;
+        }
     }
 }
 
@@ -241,6 +261,14 @@ pub enum AuthorityCommand {
         #[command(flatten)]
         common: Common,
     },
+    /// Show the X.509 CAs and JWT signing keys with their rotation state: `prepared`
+    /// (published, not signing yet), `active` (signing) or `old` (replaced, published
+    /// until what it signed has expired), with their validity.
+    Show {
+        /// Socket and output options.
+        #[command(flatten)]
+        common: Common,
+    },
 }
 
 /// Formats of `bundle show`.
@@ -250,6 +278,9 @@ pub enum BundleFormat {
     Pem,
     /// The SPIFFE bundle document (JWKS with `x509-svid` and `jwt-svid` keys).
     Spiffe,
+    /// Each key of the bundle with its rotation state and validity (as `authority
+    /// show`).
+    Keys,
 }
 
 /// `agent` subcommands.
@@ -340,6 +371,34 @@ pub enum BundleCommand {
         #[command(flatten)]
         common: Common,
     },
+    /// Store the bundle of a federated trust domain given as a file: PEM CA
+    /// certificates or a SPIFFE bundle document (JSON). Replaces the stored one.
+    Set {
+        /// The federated trust domain.
+        #[arg(long = "trust-domain", value_name = "TD")]
+        trust_domain: String,
+        /// The bundle file.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        /// Socket and output options.
+        #[command(flatten)]
+        common: Common,
+    },
+    /// List the federated bundles (one per trust domain).
+    List {
+        /// Socket and output options.
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Delete the bundle of a federated trust domain; agents drop it at once.
+    Delete {
+        /// The federated trust domain.
+        #[arg(value_name = "TD")]
+        trust_domain: String,
+        /// Socket and output options.
+        #[command(flatten)]
+        common: Common,
+    },
 }
 
 /// A failed admin command: a message for stderr and the exit code.
@@ -395,6 +454,7 @@ fn entry_json(entry: &Entry) -> serde_json::Value {
         "jwt_multi_audience": entry.jwt_multi_audience,
         "dns_names": entry.dns_names,
         "hint": entry.hint,
+        "federates_with": entry.federates_with,
         "created_revision": entry.created_revision,
         "revision": entry.revision,
     })
@@ -437,6 +497,9 @@ fn entry_text(entry: &Entry) -> String {
     }
     if !entry.hint.is_empty() {
         out.push_str(&format!("Hint             : {}\n", entry.hint));
+    }
+    for td in &entry.federates_with {
+        out.push_str(&format!("Federates with   : {td}\n"));
     }
     out.push_str(&format!("Revision         : {}\n", entry.revision));
     out
@@ -600,6 +663,17 @@ pub async fn run_admin(command: Command) -> Result<String, CommandError> {
                 Output::Json => format!("{}\n", entry_json(&updated)),
             })
         }
+        Command::Authority(AuthorityCommand::Show { common }) => {
+            let response = client(&common)
+                .await?
+                .list_authorities(tessera_proto::admin::ListAuthoritiesRequest {})
+                .await?
+                .into_inner();
+            Ok(match common.output {
+                Output::Text => authority::keys_text(&response),
+                Output::Json => format!("{}\n", authority::keys_json(&response)),
+            })
+        }
         Command::Authority(AuthorityCommand::RotateJwtKey { common }) => {
             let response = client(&common)
                 .await?
@@ -749,12 +823,22 @@ pub async fn run_admin(command: Command) -> Result<String, CommandError> {
             })
         }
         Command::Bundle(BundleCommand::Show { format, common }) => {
-            let bundle = client(&common)
-                .await?
-                .get_bundle(GetBundleRequest {})
-                .await?
-                .into_inner();
+            let mut admin = client(&common).await?;
+            let bundle = admin.get_bundle(GetBundleRequest {}).await?.into_inner();
+            let keys = if common.output == Output::Json || format == BundleFormat::Keys {
+                Some(
+                    admin
+                        .list_authorities(tessera_proto::admin::ListAuthoritiesRequest {})
+                        .await?
+                        .into_inner(),
+                )
+            } else {
+                None
+            };
             Ok(match (common.output, format) {
+                (Output::Text, BundleFormat::Keys) => {
+                    keys.as_ref().map(authority::keys_text).unwrap_or_default()
+                }
                 (Output::Text, BundleFormat::Pem) => {
                     bundle.x509_authorities.iter().map(|der| pem(der)).collect()
                 }
@@ -772,10 +856,22 @@ pub async fn run_admin(command: Command) -> Result<String, CommandError> {
                             "kid": a.kid,
                             "expires_at": (a.expires_at != 0).then(|| unix_to_rfc3339(a.expires_at)),
                         })).collect::<Vec<_>>(),
+                        "keys": keys.as_ref().map(authority::keys_json),
                     })
                 ),
             })
         }
+        Command::Federation(command) => federation::run(command).await,
+        Command::Bundle(BundleCommand::Set {
+            trust_domain,
+            file,
+            common,
+        }) => federation::set(trust_domain, file, common).await,
+        Command::Bundle(BundleCommand::List { common }) => federation::list(common).await,
+        Command::Bundle(BundleCommand::Delete {
+            trust_domain,
+            common,
+        }) => federation::delete(trust_domain, common).await,
         Command::Healthcheck(common) => {
             let health = client(&common)
                 .await?

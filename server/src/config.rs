@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use tessera_plugin_keymanager::KeyManagerConfig;
 use tessera_plugin_sdk::TrustDomain;
 use tessera_plugin_sdk::config::{ConfigDuration, ConfigError, LogFormat, LogLevel, load_toml};
 
@@ -28,6 +29,11 @@ struct RawServer {
     #[serde(default)]
     admin_uids: Vec<u32>,
     ca_ttl: Option<ConfigDuration>,
+    jwt_key_ttl: Option<ConfigDuration>,
+    #[serde(default)]
+    allow_short_key_lifetimes: bool,
+    #[serde(default)]
+    key_manager: KeyManagerConfig,
     default_x509_svid_ttl: Option<ConfigDuration>,
     default_jwt_svid_ttl: Option<ConfigDuration>,
     max_jwt_svid_ttl: Option<ConfigDuration>,
@@ -40,6 +46,8 @@ struct RawServer {
     log_format: LogFormat,
     #[serde(default)]
     datastore: RawDatastore,
+    #[serde(default)]
+    federation: RawFederation,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -66,8 +74,18 @@ fn default_admin_socket() -> PathBuf {
     PathBuf::from("/run/tessera-server/admin.sock")
 }
 
-/// Default `ca_ttl`: one year, until CA rotation exists.
-pub const DEFAULT_CA_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Default `ca_ttl`: one day, as SPIRE. Each CA is published at half its predecessor's
+/// life and signs from then on for about half of its own.
+pub const DEFAULT_CA_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Default `jwt_key_ttl`: one day.
+pub const DEFAULT_JWT_KEY_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Shortest `ca_ttl` and `jwt_key_ttl` accepted: one hour.
+pub const MIN_KEY_TTL: Duration = Duration::from_secs(3600);
+/// Shortest `ca_ttl` and `jwt_key_ttl` accepted with `allow_short_key_lifetimes = true`
+/// (tests): six seconds, so that a sixth of it is still a whole second.
+pub const MIN_SHORT_KEY_TTL: Duration = Duration::from_secs(6);
+/// Longest `ca_ttl` and `jwt_key_ttl` accepted: ten years.
+pub const MAX_KEY_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Default `default_x509_svid_ttl`: one hour.
 pub const DEFAULT_X509_SVID_TTL: Duration = Duration::from_secs(3600);
 /// Default `default_jwt_svid_ttl`: five minutes.
@@ -95,8 +113,19 @@ pub struct ServerConfig {
     /// `admin_uids` (default empty): uids besides root and the server's own uid that
     /// may use the admin API.
     pub admin_uids: Vec<u32>,
-    /// `ca_ttl` (default `8760h`): lifetime of the self-signed CA created on first start.
+    /// `ca_ttl` (default `24h`, at least `1h`): lifetime of each X.509 CA. The next CA
+    /// is prepared and published when less than half of the active one's life remains
+    /// and signs from when less than a sixth remains (`docs/ca.md`).
     pub ca_ttl: Duration,
+    /// `jwt_key_ttl` (default `24h`, at least `1h`): lifetime of each JWT signing key,
+    /// rotated on the same schedule as the CA.
+    pub jwt_key_ttl: Duration,
+    /// `allow_short_key_lifetimes` (default `false`): accept `ca_ttl` and `jwt_key_ttl`
+    /// down to six seconds. For tests only: agents and workloads then renew constantly.
+    pub allow_short_key_lifetimes: bool,
+    /// `[server.key_manager]` (default `kind = "disk"`, directory `<data_dir>/keys`):
+    /// where the CA and JWT private keys are generated and kept.
+    pub key_manager: KeyManagerConfig,
     /// `default_x509_svid_ttl` (default `1h`): X.509-SVID lifetime for entries without
     /// their own.
     pub default_x509_svid_ttl: Duration,
@@ -122,6 +151,8 @@ pub struct ServerConfig {
     pub log_format: LogFormat,
     /// `[server.datastore] kind` (default `sqlite`).
     pub datastore: DatastoreKind,
+    /// `[server.federation]`: the bundle endpoint and the polling of federated ones.
+    pub federation: FederationConfig,
 }
 
 impl ServerConfig {
@@ -161,6 +192,9 @@ impl ServerConfig {
             admin_socket_path: raw.admin_socket_path,
             admin_uids: raw.admin_uids,
             ca_ttl: raw.ca_ttl.map_or(DEFAULT_CA_TTL, |d| d.0),
+            jwt_key_ttl: raw.jwt_key_ttl.map_or(DEFAULT_JWT_KEY_TTL, |d| d.0),
+            allow_short_key_lifetimes: raw.allow_short_key_lifetimes,
+            key_manager: raw.key_manager,
             default_x509_svid_ttl: raw
                 .default_x509_svid_ttl
                 .map_or(DEFAULT_X509_SVID_TTL, |d| d.0),
@@ -176,6 +210,7 @@ impl ServerConfig {
             log_level: raw.log_level,
             log_format: raw.log_format,
             datastore: raw.datastore.kind,
+            federation: FederationConfig::from_raw(raw.federation, path)?,
         };
         if config
             .audit_log_path
@@ -187,6 +222,34 @@ impl ServerConfig {
                 "server.audit_log_path",
                 "must name a file",
             ));
+        }
+        let floor = if config.allow_short_key_lifetimes {
+            MIN_SHORT_KEY_TTL
+        } else {
+            MIN_KEY_TTL
+        };
+        for (key, ttl) in [
+            ("server.ca_ttl", config.ca_ttl),
+            ("server.jwt_key_ttl", config.jwt_key_ttl),
+        ] {
+            if ttl < floor {
+                return Err(ConfigError::invalid(
+                    path,
+                    key,
+                    format!(
+                        "must be at least {} (shorter lifetimes need \
+                         allow_short_key_lifetimes = true, for tests only)",
+                        humantime::format_duration(floor)
+                    ),
+                ));
+            }
+            if ttl > MAX_KEY_TTL {
+                return Err(ConfigError::invalid(
+                    path,
+                    key,
+                    "must be at most 87600h (10 years)",
+                ));
+            }
         }
         if config.default_x509_svid_ttl >= config.ca_ttl {
             return Err(ConfigError::invalid(
@@ -207,6 +270,173 @@ impl ServerConfig {
                 path,
                 "server.agent_svid_ttl",
                 "must be shorter than ca_ttl",
+            ));
+        }
+        Ok(config)
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFederation {
+    bind_address: Option<String>,
+    profile: Option<String>,
+    certificate_path: Option<PathBuf>,
+    key_path: Option<PathBuf>,
+    refresh_hint: Option<ConfigDuration>,
+    min_refresh_interval: Option<ConfigDuration>,
+    max_refresh_interval: Option<ConfigDuration>,
+    web_trust_roots_path: Option<PathBuf>,
+}
+
+/// Default `[server.federation] refresh_hint`: five minutes.
+pub const DEFAULT_FEDERATION_REFRESH_HINT: Duration = Duration::from_secs(300);
+/// Default `[server.federation] min_refresh_interval`: ten seconds.
+pub const DEFAULT_MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(10);
+/// Default `[server.federation] max_refresh_interval`: one hour.
+pub const DEFAULT_MAX_REFRESH_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// How the bundle endpoint authenticates itself (SPIFFE Federation §5.2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BundleEndpointProfile {
+    /// `https_spiffe` (the default): the server's own SVID,
+    /// `spiffe://<trust_domain>/tessera/server`.
+    HttpsSpiffe,
+    /// `https_web`: a Web PKI certificate chain and its key, read from files at start.
+    HttpsWeb {
+        /// `certificate_path`: PEM chain, leaf first, naming the endpoint's host.
+        certificate_path: PathBuf,
+        /// `key_path`: PEM private key (PKCS#8, SEC1 or PKCS#1).
+        key_path: PathBuf,
+    },
+}
+
+/// The bundle endpoint this server serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleEndpointConfig {
+    /// `bind_address`: TCP address of the endpoint (port 0 picks a free port).
+    pub bind_address: SocketAddr,
+    /// `profile` (default `https_spiffe`) with `certificate_path` and `key_path` for
+    /// `https_web`.
+    pub profile: BundleEndpointProfile,
+}
+
+/// `[server.federation]`, every field optional.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FederationConfig {
+    /// The bundle endpoint: served only when `bind_address` is set (default: none;
+    /// federation relationships are polled either way).
+    pub endpoint: Option<BundleEndpointConfig>,
+    /// `refresh_hint` (default `5m`): the `spiffe_refresh_hint` published with the
+    /// trust domain's bundle, on the endpoint and to agents.
+    pub refresh_hint: Duration,
+    /// `min_refresh_interval` (default `10s`): a federated bundle endpoint is polled
+    /// at its bundle's refresh hint, never more often than this.
+    pub min_refresh_interval: Duration,
+    /// `max_refresh_interval` (default `1h`): ... and never less often than this.
+    pub max_refresh_interval: Duration,
+    /// `web_trust_roots_path` (default `/etc/ssl/certs/ca-certificates.crt`): PEM CA
+    /// certificates that authenticate the `https_web` bundle endpoints polled.
+    pub web_trust_roots_path: Option<PathBuf>,
+}
+
+impl Default for FederationConfig {
+    fn default() -> Self {
+        Self {
+            endpoint: None,
+            refresh_hint: DEFAULT_FEDERATION_REFRESH_HINT,
+            min_refresh_interval: DEFAULT_MIN_REFRESH_INTERVAL,
+            max_refresh_interval: DEFAULT_MAX_REFRESH_INTERVAL,
+            web_trust_roots_path: None,
+        }
+    }
+}
+
+impl FederationConfig {
+    fn from_raw(raw: RawFederation, path: &Path) -> Result<Self, ConfigError> {
+        let key = |name: &str| format!("server.federation.{name}");
+        let endpoint = match raw.bind_address {
+            None => {
+                if raw.profile.is_some() || raw.certificate_path.is_some() || raw.key_path.is_some()
+                {
+                    return Err(ConfigError::invalid(
+                        path,
+                        &key("bind_address"),
+                        "is required when the bundle endpoint is configured",
+                    ));
+                }
+                None
+            }
+            Some(text) => {
+                let bind_address = text.parse().map_err(|err| {
+                    ConfigError::invalid(path, &key("bind_address"), format!("`{text}`: {err}"))
+                })?;
+                let profile = match (raw.profile.as_deref(), raw.certificate_path, raw.key_path) {
+                    (None | Some("https_spiffe"), None, None) => BundleEndpointProfile::HttpsSpiffe,
+                    (Some("https_web"), Some(certificate_path), Some(key_path)) => {
+                        BundleEndpointProfile::HttpsWeb {
+                            certificate_path,
+                            key_path,
+                        }
+                    }
+                    (Some("https_web"), _, _) => {
+                        return Err(ConfigError::invalid(
+                            path,
+                            &key("profile"),
+                            "https_web needs certificate_path and key_path",
+                        ));
+                    }
+                    (None | Some("https_spiffe"), _, _) => {
+                        return Err(ConfigError::invalid(
+                            path,
+                            &key("certificate_path"),
+                            "only with profile = \"https_web\" (https_spiffe uses the server's SVID)",
+                        ));
+                    }
+                    (Some(other), _, _) => {
+                        return Err(ConfigError::invalid(
+                            path,
+                            &key("profile"),
+                            format!(
+                                "`{}`: expected \"https_web\" or \"https_spiffe\"",
+                                other.escape_debug()
+                            ),
+                        ));
+                    }
+                };
+                Some(BundleEndpointConfig {
+                    bind_address,
+                    profile,
+                })
+            }
+        };
+        let config = Self {
+            endpoint,
+            refresh_hint: raw
+                .refresh_hint
+                .map_or(DEFAULT_FEDERATION_REFRESH_HINT, |d| d.0),
+            min_refresh_interval: raw
+                .min_refresh_interval
+                .map_or(DEFAULT_MIN_REFRESH_INTERVAL, |d| d.0),
+            max_refresh_interval: raw
+                .max_refresh_interval
+                .map_or(DEFAULT_MAX_REFRESH_INTERVAL, |d| d.0),
+            web_trust_roots_path: raw.web_trust_roots_path,
+        };
+        if config.refresh_hint < Duration::from_secs(1) {
+            return Err(ConfigError::invalid(
+                path,
+                &key("refresh_hint"),
+                "must be at least 1s",
+            ));
+        }
+        if config.min_refresh_interval < Duration::from_secs(1)
+            || config.min_refresh_interval > config.max_refresh_interval
+        {
+            return Err(ConfigError::invalid(
+                path,
+                &key("min_refresh_interval"),
+                "must be at least 1s and at most max_refresh_interval",
             ));
         }
         Ok(config)
@@ -259,6 +489,43 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("server.audit_log_path"), "{err}");
+    }
+
+    #[test]
+    fn key_lifetimes_and_key_manager() {
+        let c = ServerConfig::parse(MINIMAL, Path::new("s.toml")).unwrap();
+        assert_eq!(c.jwt_key_ttl, DEFAULT_JWT_KEY_TTL);
+        assert_eq!(c.key_manager, KeyManagerConfig::default());
+        let short = format!(
+            "{MINIMAL}ca_ttl = \"12s\"\ndefault_x509_svid_ttl = \"4s\"\nagent_svid_ttl = \"4s\"\n"
+        );
+        let err = ServerConfig::parse(&short, Path::new("s.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("server.ca_ttl") && err.contains("allow_short_key_lifetimes"),
+            "{err}"
+        );
+        let c = ServerConfig::parse(
+            &format!("{short}allow_short_key_lifetimes = true\njwt_key_ttl = \"9s\"\n"),
+            Path::new("s.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.ca_ttl, Duration::from_secs(12));
+        assert_eq!(c.jwt_key_ttl, Duration::from_secs(9));
+        let err = ServerConfig::parse(
+            &format!("{MINIMAL}allow_short_key_lifetimes = true\njwt_key_ttl = \"5s\"\n"),
+            Path::new("s.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("server.jwt_key_ttl"), "{err}");
+        let c = ServerConfig::parse(
+            &format!("{MINIMAL}[server.key_manager]\nkind = \"memory\"\n"),
+            Path::new("s.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.key_manager, KeyManagerConfig::Memory);
     }
 
     #[test]

@@ -10,8 +10,10 @@ pub mod cli;
 pub mod config;
 pub mod datastore;
 pub mod error;
+pub mod federation;
 pub mod jwt_authority;
 pub mod node;
+pub mod rotation;
 pub mod state;
 pub mod tls;
 
@@ -28,10 +30,9 @@ use tokio::task::JoinSet;
 use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::ca::CertificateAuthority;
 use crate::config::{DatastoreKind, ServerConfig};
-use crate::datastore::{Datastore, StoredBundle, StoredJwtAuthority};
-use crate::jwt_authority::JwtAuthority;
+use crate::datastore::Datastore;
+use crate::rotation::{Rotation, RotationConfig};
 use crate::state::{CurrentCrl, ServerState};
 use crate::tls::{BundleClientVerifier, ServerCertSlot};
 use tessera_audit::{AuditLog, ServerEvent};
@@ -52,9 +53,9 @@ pub enum ServerError {
     /// The CA could not be loaded or created.
     #[error("CA: {0}")]
     Ca(#[from] ca::CaError),
-    /// The JWT signing key could not be loaded or created.
-    #[error("JWT key: {0}")]
-    Jwt(#[from] jwt_authority::JwtAuthorityError),
+    /// The signing keys could not be loaded, created, rotated or published.
+    #[error("signing keys: {0}")]
+    Rotation(#[from] rotation::RotationError),
     /// The datastore failed.
     #[error("datastore: {0}")]
     Datastore(#[from] datastore::DatastoreError),
@@ -79,6 +80,7 @@ fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServerErr
 pub struct RunningServer {
     node_address: SocketAddr,
     admin_socket: PathBuf,
+    federation_address: Option<SocketAddr>,
     state: Arc<ServerState>,
     tasks: JoinSet<Result<(), ServerError>>,
 }
@@ -87,6 +89,11 @@ impl RunningServer {
     /// The address the node API listens on.
     pub fn node_address(&self) -> SocketAddr {
         self.node_address
+    }
+
+    /// The address of the bundle endpoint, when `[server.federation]` configures one.
+    pub fn federation_address(&self) -> Option<SocketAddr> {
+        self.federation_address
     }
 
     /// The admin API socket.
@@ -149,10 +156,8 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
 /// datastore, publishes the bundle and builds the CRL.
 pub async fn prepare_state(config: ServerConfig) -> Result<Arc<ServerState>, ServerError> {
     let data_dir = config.data_dir.clone();
-    let td = config.trust_domain.clone();
-    let ca_ttl = config.ca_ttl;
     let audit_path = config.audit_log_path.clone();
-    let (audit, ca, jwt) = tokio::task::spawn_blocking(move || -> Result<_, ServerError> {
+    let audit = tokio::task::spawn_blocking(move || -> Result<_, ServerError> {
         // First, so that nothing is served unaudited; `audit_started` is its first record.
         let audit = match audit_path {
             Some(path) => AuditLog::<ServerEvent>::open(&path, "server")?,
@@ -164,28 +169,34 @@ pub async fn prepare_state(config: ServerConfig) -> Result<Arc<ServerState>, Ser
         });
         tessera_plugin_sdk::fs::ensure_private_dir(&data_dir)
             .map_err(io_error(format!("data_dir {}", data_dir.display())))?;
-        let ca_dir = data_dir.join("ca");
-        let ca = CertificateAuthority::load_or_create(&ca_dir, &td, ca_ttl)?;
-        let jwt = JwtAuthority::load_or_create(&ca_dir)?;
-        Ok((audit, ca, jwt))
+        Ok(audit)
     })
     .await
     .map_err(|err| ServerError::Task(err.to_string()))??;
-    let ca = Arc::new(ca);
-    let jwt = Arc::new(jwt);
 
     let datastore: Arc<dyn Datastore> = match config.datastore {
         DatastoreKind::Sqlite => {
             datastore::open_sqlite(&config.data_dir.join("datastore.sqlite3")).await?
         }
     };
-    let current = jwt.current();
-    let keys = JwtKeys {
-        current: &current,
-        prepared: None,
-        retired: None,
-    };
-    publish_own_bundle(datastore.as_ref(), &config, &ca, keys).await?;
+    // The keys, from the key manager and the rotation journal; published before
+    // anything signs with them.
+    let stored = datastore.get_bundle(config.trust_domain.name()).await?;
+    let rotation = Arc::new(
+        Rotation::open(
+            RotationConfig::from_server(&config),
+            &config.key_manager,
+            &config.data_dir,
+            stored.as_ref(),
+            SystemTime::now(),
+        )
+        .await?,
+    );
+    rotation
+        .publish(datastore.as_ref(), SystemTime::now())
+        .await?;
+    let ca = Arc::clone(rotation.x509());
+    let jwt = Arc::clone(rotation.jwt());
 
     let revision = datastore.current_revision().await?;
     let (revisions, _) = watch::channel(revision);
@@ -195,6 +206,7 @@ pub async fn prepare_state(config: ServerConfig) -> Result<Arc<ServerState>, Ser
         datastore,
         ca,
         jwt,
+        rotation,
         x509_svids_signed: AtomicU64::new(0),
         jwt_svids_signed: AtomicU64::new(0),
         revisions,
@@ -202,6 +214,7 @@ pub async fn prepare_state(config: ServerConfig) -> Result<Arc<ServerState>, Ser
         crl_refresh: tokio::sync::Mutex::new(()),
         audit,
         shutdown,
+        federation: federation::FederationState::default(),
     });
     if let Err(err) = state.refresh_crl().await {
         tracing::error!(error = %err, "cannot build the CRL; agents get none until it can be");
@@ -217,11 +230,12 @@ async fn serve(state: Arc<ServerState>) -> Result<RunningServer, ServerError> {
         .map_err(|err| ServerError::Task(err.to_string()))?;
     let (server_key, renew_in) = issue_server_svid(&state, &server_id)?;
     let cert_slot = Arc::new(ServerCertSlot::new(server_key));
+    let (authorities, _) = state.rotation.bundle_content().await?;
     let verifier = Arc::new(BundleClientVerifier::new(
-        &[state.ca.certificate_der().to_vec()],
+        &authorities,
         Arc::clone(&provider),
     )?);
-    let tls_config = tls::server_config(Arc::clone(&cert_slot), verifier, provider)?;
+    let tls_config = tls::server_config(Arc::clone(&cert_slot), Arc::clone(&verifier), provider)?;
 
     let listener = TcpListener::bind(state.config.bind_address)
         .await
@@ -273,6 +287,7 @@ async fn serve(state: Arc<ServerState>) -> Result<RunningServer, ServerError> {
             .await
             .map_err(|err| ServerError::Task(format!("admin API: {err}")))
     });
+    let federation_address = federation::start(&state, Arc::clone(&cert_slot), &mut tasks).await?;
     tasks.spawn(renew_server_svid(
         Arc::clone(&state),
         server_id,
@@ -280,6 +295,7 @@ async fn serve(state: Arc<ServerState>) -> Result<RunningServer, ServerError> {
         renew_in,
     ));
     tasks.spawn(maintenance(Arc::clone(&state)));
+    tasks.spawn(rotate_keys(Arc::clone(&state), verifier));
 
     tracing::info!(
         trust_domain = %state.config.trust_domain,
@@ -290,6 +306,7 @@ async fn serve(state: Arc<ServerState>) -> Result<RunningServer, ServerError> {
     Ok(RunningServer {
         node_address,
         admin_socket,
+        federation_address,
         state,
         tasks,
     })
@@ -310,62 +327,6 @@ async fn tls_accept(
     .await;
     Ok(())
 }
-
-/// The JWT keys a bundle publication is about.
-#[derive(Debug, Clone, Copy)]
-pub struct JwtKeys<'a> {
-    /// The key that signs now.
-    pub current: &'a tessera_plugin_sdk::jwt::JwtSigner,
-    /// The next key, published before it signs anything.
-    pub prepared: Option<&'a tessera_plugin_sdk::jwt::JwtSigner>,
-    /// A key replaced just now: published until its tokens have expired.
-    pub retired: Option<&'a StoredJwtAuthority>,
-}
-
-/// Publishes the trust domain's bundle: the CA certificate, the current (and prepared)
-/// JWT key and the replaced JWT keys whose tokens may still be valid. Stores it,
-/// bumping the sequence number, only when it changed; agents receive it through `Sync`.
-/// Returns whether it changed.
-pub async fn publish_own_bundle(
-    datastore: &dyn Datastore,
-    config: &ServerConfig,
-    ca: &CertificateAuthority,
-    keys: JwtKeys<'_>,
-) -> Result<bool, ServerError> {
-    let td = config.trust_domain.name();
-    let x509_authorities = vec![ca.certificate_der().to_vec()];
-    let stored = datastore.get_bundle(td).await?;
-    let mut earlier: Vec<StoredJwtAuthority> = stored
-        .as_ref()
-        .map(|b| b.jwt_authorities.clone())
-        .unwrap_or_default();
-    earlier.splice(0..0, keys.retired.cloned());
-    let jwt_authorities = jwt_authority::published_authorities(
-        keys.current,
-        keys.prepared,
-        &earlier,
-        config.max_jwt_svid_ttl,
-        SystemTime::now(),
-    );
-    if stored.as_ref().is_some_and(|b| {
-        b.x509_authorities == x509_authorities && b.jwt_authorities == jwt_authorities
-    }) {
-        return Ok(false);
-    }
-    let sequence_number = stored.map_or(1, |b| b.sequence_number + 1);
-    datastore
-        .set_bundle(StoredBundle {
-            trust_domain: td.to_owned(),
-            x509_authorities,
-            jwt_authorities,
-            sequence_number,
-        })
-        .await?;
-    Ok(true)
-}
-
-/// How often the server checks whether its CA nears expiry.
-const CA_EXPIRY_CHECK: Duration = Duration::from_secs(3600);
 
 /// Lifetime of the server's own TLS SVID.
 const SERVER_SVID_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -388,7 +349,7 @@ fn issue_server_svid(
         .duration_since(SystemTime::now())
         .unwrap_or_default();
     let certified = tls::certified_key(vec![issued.der], key.serialize_der())?;
-    Ok((certified, lifetime / 2))
+    Ok((certified, (lifetime / 2).max(Duration::from_millis(500))))
 }
 
 async fn renew_server_svid(
@@ -398,20 +359,16 @@ async fn renew_server_svid(
     renew_in: Duration,
 ) -> Result<(), ServerError> {
     let mut renew_at = tokio::time::Instant::now() + renew_in;
+    // A new CA or JWT key became active: renew at once, so the server's SVID comes
+    // from the CA that signs now.
+    let mut activations = state.rotation.activations();
     loop {
         tokio::select! {
             () = state.shutdown.cancelled() => return Ok(()),
-            () = tokio::time::sleep(CA_EXPIRY_CHECK) => {
-                state.ca.warn_if_expiring();
-                // Drops replaced JWT keys whose tokens have all expired.
-                let current = state.jwt.current();
-                let keys = JwtKeys { current: &current, prepared: None, retired: None };
-                match publish_own_bundle(state.datastore.as_ref(), &state.config, &state.ca, keys).await {
-                    Ok(true) => state.publish_revision().await,
-                    Ok(false) => {}
-                    Err(err) => tracing::warn!(error = %err, "cannot refresh the bundle"),
+            changed = activations.changed() => {
+                if changed.is_err() {
+                    return Ok(());
                 }
-                continue;
             }
             () = tokio::time::sleep_until(renew_at) => {}
         }
@@ -419,12 +376,64 @@ async fn renew_server_svid(
             Ok((key, next)) => {
                 slot.replace(key);
                 renew_at = tokio::time::Instant::now() + next;
-                tracing::info!("server SVID renewed");
+                tracing::debug!("server SVID renewed");
             }
             Err(err) => {
                 tracing::error!(error = %err, "cannot renew the server SVID; retrying in 30s");
                 renew_at = tokio::time::Instant::now() + Duration::from_secs(30);
             }
+        }
+    }
+}
+
+/// Checks the rotation schedule of the CA and JWT keys, publishes the bundle when the
+/// keys change (agents receive it through `Sync`) and makes the node API trust every
+/// published CA. A key manager or datastore failure keeps the current keys; the step
+/// is retried at the next check.
+async fn rotate_keys(
+    state: Arc<ServerState>,
+    verifier: Arc<BundleClientVerifier>,
+) -> Result<(), ServerError> {
+    let interval = state.rotation.check_interval();
+    // A publication that failed is retried even when the keys did not change since.
+    let mut unpublished = false;
+    loop {
+        tokio::select! {
+            () = state.shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(interval) => {}
+        }
+        match state.rotation.tick(SystemTime::now()).await {
+            Ok(changed) => unpublished |= changed,
+            Err(err) if err.is_unavailable() => {
+                tracing::warn!(error = %err, "key rotation postponed; keeping the current keys");
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "key rotation failed; keeping the current keys")
+            }
+        }
+        if !unpublished {
+            continue;
+        }
+        match state
+            .rotation
+            .publish(state.datastore.as_ref(), SystemTime::now())
+            .await
+        {
+            Ok(changed) => {
+                unpublished = false;
+                if changed {
+                    state.publish_revision().await;
+                }
+                match state.rotation.bundle_content().await {
+                    Ok((authorities, _)) => {
+                        if let Err(err) = verifier.update(&authorities) {
+                            tracing::error!(error = %err, "cannot trust the new bundle on the node API");
+                        }
+                    }
+                    Err(err) => tracing::error!(error = %err, "cannot read the bundle"),
+                }
+            }
+            Err(err) => tracing::warn!(error = %err, "cannot publish the bundle; retrying"),
         }
     }
 }

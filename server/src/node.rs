@@ -17,8 +17,9 @@ use std::time::SystemTime;
 use futures::Stream;
 use tessera_audit::{Outcome, ServerEvent};
 use tessera_plugin_join_token::{JoinToken, agent_path_segments};
-use tessera_plugin_sdk::{RegistrationEntry, SpiffeId, TemplateValues};
+use tessera_plugin_sdk::{RegistrationEntry, SpiffeId, TemplateValues, TrustDomain};
 use tessera_proto::convert::entry_to_proto;
+use tessera_proto::node::FederatedBundles;
 use tessera_proto::node::node_server::Node;
 use tessera_proto::node::{
     AgentStatus, AgentSvid, AttestAgentRequest, AttestAgentResponse, AttestationParams,
@@ -27,6 +28,7 @@ use tessera_proto::node::{
     SyncRequest, SyncResponse, X509Svid, X509svidResult, attest_agent_request,
     attest_agent_response, x509svid_result,
 };
+use tessera_proto::types::{Bundle, JwtAuthority};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -393,6 +395,7 @@ impl NodeService {
                     .map(revoked_to_proto)
                     .collect();
                 let crl = Arc::clone(&self.state.crl.borrow());
+                let federated_bundles = Some(self.federated_bundles(&entries).await?);
                 return Ok(SyncStep::Message(SyncResponse {
                     revision,
                     snapshot: true,
@@ -402,6 +405,7 @@ impl NodeService {
                     revoked,
                     crls: Some(crl.to_proto()),
                     agent_status: AgentStatus::Active.into(),
+                    federated_bundles,
                 }));
             }
         };
@@ -410,7 +414,9 @@ impl NodeService {
         let mut entry_ids = BTreeSet::new();
         let mut revoked_ids = BTreeSet::new();
         let mut bundle_changed = false;
+        let mut federated_changed = false;
         let mut status = None;
+        let own = self.state.trust_domain().name();
         for change in &changes {
             revision = revision.max(change.revision);
             let concerned = agent.concerns(change.scope.iter().map(String::as_str));
@@ -419,9 +425,13 @@ impl NodeService {
                 // agent never learns the ids of other agents' entries.
                 ChangeKind::EntryUpserted | ChangeKind::EntryDeleted if concerned => {
                     entry_ids.insert(change.object_id.clone());
+                    // The entry may name other federated trust domains now.
+                    federated_changed = true;
                 }
                 ChangeKind::EntryUpserted | ChangeKind::EntryDeleted => {}
-                ChangeKind::BundleUpdated => bundle_changed = true,
+                ChangeKind::BundleUpdated if change.object_id == own => bundle_changed = true,
+                ChangeKind::BundleUpdated | ChangeKind::BundleDeleted => federated_changed = true,
+                ChangeKind::FederationUpdated => {}
                 ChangeKind::AgentUpdated => {}
                 ChangeKind::AgentBanned if change.object_id == agent.id.as_str() => {
                     status = Some((change.revision, AgentStatus::Banned));
@@ -465,8 +475,48 @@ impl NodeService {
         if bundle_changed {
             message.bundle = Some(self.state.bundle().await?);
         }
+        if federated_changed {
+            let entries = datastore
+                .list_entries_by_parent(&agent.parent_ids())
+                .await?;
+            message.federated_bundles = Some(self.federated_bundles(&entries).await?);
+        }
         message.crls = crl.map(CurrentCrl::to_proto);
         Ok(SyncStep::Message(message))
+    }
+
+    /// The stored bundles of the trust domains `entries` federate with (those without
+    /// a stored bundle are left out), one per trust domain.
+    async fn federated_bundles(
+        &self,
+        entries: &[RegistrationEntry],
+    ) -> Result<FederatedBundles, ApiError> {
+        let wanted: BTreeSet<&str> = entries
+            .iter()
+            .flat_map(|e| e.federates_with.iter().map(TrustDomain::name))
+            .filter(|td| *td != self.state.trust_domain().name())
+            .collect();
+        let mut bundles = Vec::with_capacity(wanted.len());
+        for td in wanted {
+            if let Some(stored) = self.state.datastore.get_bundle(td).await? {
+                bundles.push(Bundle {
+                    trust_domain: stored.trust_domain,
+                    x509_authorities: stored.x509_authorities,
+                    sequence_number: stored.sequence_number,
+                    refresh_hint_seconds: 0,
+                    jwt_authorities: stored
+                        .jwt_authorities
+                        .into_iter()
+                        .map(|a| JwtAuthority {
+                            kid: a.kid,
+                            public_key: a.public_key,
+                            expires_at: a.expires_at.map_or(0, unix_seconds),
+                        })
+                        .collect(),
+                });
+            }
+        }
+        Ok(FederatedBundles { bundles })
     }
 
     /// Runs one `Sync` stream until the agent goes away, is banned or evicted, or the
@@ -480,6 +530,7 @@ impl NodeService {
         let mut revisions = self.state.revisions.subscribe();
         let mut crls = self.state.crl.subscribe();
         let mut crl_sent: Option<u64> = None;
+        let mut federated_sent: Option<FederatedBundles> = None;
         let mut first = true;
         loop {
             let crl = Arc::clone(&crls.borrow_and_update());
@@ -488,8 +539,18 @@ impl NodeService {
                 .sync_message(&agent, since, send_crl.then_some(&*crl))
                 .await
             {
-                Ok(SyncStep::Message(message)) => {
+                Ok(SyncStep::Message(mut message)) => {
                     since = message.revision;
+                    // Federated bundles go only when the set the agent holds changes.
+                    if message.federated_bundles.is_some()
+                        && message.federated_bundles == federated_sent
+                        && !message.snapshot
+                    {
+                        message.federated_bundles = None;
+                    }
+                    if message.federated_bundles.is_some() {
+                        federated_sent.clone_from(&message.federated_bundles);
+                    }
                     // Changes that concerned other agents only: nothing to send, but
                     // the stream moves past them. The first message always goes: it
                     // tells the agent it is up to date.
@@ -498,7 +559,8 @@ impl NodeService {
                         && message.deleted_entry_ids.is_empty()
                         && message.bundle.is_none()
                         && message.revoked.is_empty()
-                        && message.crls.is_none();
+                        && message.crls.is_none()
+                        && message.federated_bundles.is_none();
                     if !empty || first {
                         if message.crls.is_some() {
                             crl_sent = Some(crl.number);
@@ -1054,6 +1116,7 @@ mod tests {
                 jwt_multi_audience: false,
                 dns_names: Vec::new(),
                 hint: String::new(),
+                federates_with: Vec::new(),
             })
             .await
             .unwrap()

@@ -11,7 +11,7 @@ use tessera_proto::types;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::ca::{CRL_VALIDITY, CertificateAuthority};
+use crate::ca::{CRL_VALIDITY, X509Authority};
 use crate::config::ServerConfig;
 use crate::datastore::{Datastore, RevokedSerial};
 use crate::error::ApiError;
@@ -43,10 +43,13 @@ pub struct ServerState {
     pub config: ServerConfig,
     /// The datastore.
     pub datastore: Arc<dyn Datastore>,
-    /// The signing CA.
-    pub ca: Arc<CertificateAuthority>,
-    /// The JWT-SVID signing key.
+    /// The signing CA (the active one; switched by [`ServerState::rotation`]).
+    pub ca: Arc<X509Authority>,
+    /// The JWT-SVID signing key (the active one; switched by [`ServerState::rotation`]).
     pub jwt: Arc<JwtAuthority>,
+    /// The rotation of the CA and JWT keys: journal, prepared keys, the bundle they
+    /// publish.
+    pub rotation: Arc<crate::rotation::Rotation>,
     /// X.509-SVIDs signed since start (workload SVIDs, not agent or server SVIDs).
     pub x509_svids_signed: AtomicU64,
     /// JWT-SVIDs signed since start.
@@ -63,6 +66,8 @@ pub struct ServerState {
     pub audit: AuditLog<ServerEvent>,
     /// Cancelled when the server stops.
     pub shutdown: CancellationToken,
+    /// Federation refresh status and serialisation.
+    pub federation: crate::federation::FederationState,
 }
 
 /// The CRL of the server's CA as last built.

@@ -35,6 +35,9 @@ pub struct Harness {
     server_extra: String,
     /// Port of the node API, kept across restarts.
     port: u16,
+    /// The trust domain of this deployment ([`TRUST_DOMAIN`] unless
+    /// [`Harness::start_in`] says otherwise).
+    trust_domain: String,
 }
 
 impl Harness {
@@ -45,6 +48,12 @@ impl Harness {
 
     /// Starts a server with extra `[server]` config lines.
     pub async fn start_with(server_extra: &str) -> Self {
+        Self::start_in(TRUST_DOMAIN, server_extra).await
+    }
+
+    /// Starts a server of `trust_domain` (a second deployment, for federation) with
+    /// extra `[server]` config lines; its agents are of that trust domain too.
+    pub async fn start_in(trust_domain: &str, server_extra: &str) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("tessera-test")
             .tempdir()
@@ -61,6 +70,7 @@ impl Harness {
             server: None,
             server_extra: server_extra.to_owned(),
             port: 0,
+            trust_domain: trust_domain.to_owned(),
         };
         harness.start_server().await;
         harness
@@ -69,7 +79,8 @@ impl Harness {
     /// The server's config text.
     pub fn server_config_text(&self) -> String {
         format!(
-            "[server]\ntrust_domain = \"{TRUST_DOMAIN}\"\nbind_address = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\nadmin_socket_path = \"{}\"\n{}\n",
+            "[server]\ntrust_domain = \"{}\"\nbind_address = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\nadmin_socket_path = \"{}\"\n{}\n",
+            self.trust_domain,
             self.port,
             self.path("server-data").display(),
             self.admin_socket().display(),
@@ -93,6 +104,11 @@ impl Harness {
         if let Some(server) = self.server.take() {
             server.stop().await.expect("server stops cleanly");
         }
+    }
+
+    /// The trust domain of this deployment.
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
     }
 
     /// A path under the scenario directory.
@@ -175,7 +191,8 @@ impl Harness {
     pub fn agent_config(&self, name: &str) -> AgentConfig {
         std::fs::create_dir_all(self.path(name)).expect("agent dir");
         let text = format!(
-            "[agent]\ntrust_domain = \"{TRUST_DOMAIN}\"\nserver_address = \"{}\"\nsocket_path = \"{}\"\ndata_dir = \"{}\"\ntrust_bundle_path = \"{}\"\n",
+            "[agent]\ntrust_domain = \"{}\"\nserver_address = \"{}\"\nsocket_path = \"{}\"\ndata_dir = \"{}\"\ntrust_bundle_path = \"{}\"\n",
+            self.trust_domain,
             self.node_address(),
             self.agent_socket(name).display(),
             self.path(&format!("{name}/data")).display(),

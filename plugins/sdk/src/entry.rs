@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use crate::id::SpiffeId;
+use crate::id::TrustDomain;
 use crate::selector::Selector;
 use crate::template::SpiffeIdTemplate;
 
@@ -36,6 +37,9 @@ pub struct RegistrationEntry {
     pub dns_names: Vec<String>,
     /// Hint passed to workloads to tell several identities apart; may be empty.
     pub hint: String,
+    /// Federated trust domains whose bundles workloads of this entry receive besides
+    /// their own (sorted, without duplicates, never the entry's own trust domain).
+    pub federates_with: Vec<TrustDomain>,
     /// Revision of the change feed at which the entry was created.
     pub created_revision: u64,
     /// Revision of the change feed at which the entry last changed.

@@ -35,7 +35,7 @@ use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::hash::BuildHasher;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_lc_rs::encoding::AsDer;
@@ -54,6 +54,7 @@ use x509_parser::public_key::PublicKey as X509PublicKey;
 use x509_parser::x509::SubjectPublicKeyInfo;
 
 use crate::id::{IdError, SpiffeId, TrustDomain};
+use crate::keymanager::{SignatureFormat, SigningKey};
 
 // base64: the `base64` crate (0.22, already in Cargo.lock through sqlx and tonic) with
 // its `URL_SAFE_NO_PAD` engine is strict in exactly the way a JWS needs: padding is an
@@ -673,23 +674,49 @@ fn der_unsigned_integer(value: &[u8], out: &mut Vec<u8>) {
 // ---------------------------------------------------------------------------------------
 // Signing
 
-/// A JWT-SVID signing key (ES256, P-256), parsed once. `Debug` does not show the key.
+/// A JWT-SVID signing key, parsed once. `Debug` does not show the key.
+///
+/// Either a P-256 key held here ([`JwtSigner::generate`], [`JwtSigner::from_pkcs8`]),
+/// or a key that stays inside a key manager ([`JwtSigner::from_signing_key`]: the
+/// server's keys), which signs ES256, ES384 or RS256 according to its type.
 pub struct JwtSigner {
     kid: String,
-    key: EcdsaKeyPair,
-    /// PKCS#8 v1 of `key`; aws-lc zeroes a `Document` when it is dropped.
-    pkcs8: Document,
+    key: SignerKey,
+    alg: &'static str,
     public: JwtPublicKey,
     /// The encoded header: it depends on the `kid` only.
     header_b64: String,
     rng: SystemRandom,
 }
 
+/// Where the private key of a [`JwtSigner`] lives.
+enum SignerKey {
+    /// Held here, with its PKCS#8 v1 (aws-lc zeroes a `Document` when it is dropped).
+    Local { key: EcdsaKeyPair, pkcs8: Document },
+    /// Held by a key manager, which signs without ever handing out the key.
+    Managed(Arc<dyn SigningKey>),
+}
+
+impl SignerKey {
+    /// The JWS signature of `message` (ECDSA: fixed-width `r || s`).
+    fn sign(&self, rng: &SystemRandom, message: &[u8]) -> Result<Vec<u8>, JwtError> {
+        match self {
+            SignerKey::Local { key, .. } => key
+                .sign(rng, message)
+                .map(|signature| signature.as_ref().to_vec())
+                .map_err(|_| JwtError::Signing),
+            SignerKey::Managed(key) => key
+                .sign(message, SignatureFormat::Fixed)
+                .map_err(|_| JwtError::Signing),
+        }
+    }
+}
+
 impl fmt::Debug for JwtSigner {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("JwtSigner")
             .field("kid", &self.kid)
-            .field("alg", &"ES256")
+            .field("alg", &self.alg)
             .finish_non_exhaustive()
     }
 }
@@ -756,6 +783,15 @@ impl JwtSigner {
         Self::with_key(kid, key)
     }
 
+    /// A signer over a key manager's key, which never leaves the key manager. The
+    /// token's `alg` follows the key type (ES256, ES384 or RS256); `kid` names the key
+    /// in tokens and bundles (it need not be the key manager's id).
+    pub fn from_signing_key(kid: String, key: Arc<dyn SigningKey>) -> Result<Self, JwtError> {
+        let public = JwtPublicKey::from_spki_der(kid.clone(), key.public_key_der())?;
+        let alg = key.key_type().jws_algorithm();
+        Self::assemble(kid, SignerKey::Managed(key), alg, public)
+    }
+
     fn with_key(kid: String, key: EcdsaKeyPair) -> Result<Self, JwtError> {
         if kid.is_empty() {
             return Err(JwtError::InvalidKey("kid must not be empty"));
@@ -772,8 +808,20 @@ impl JwtSigner {
             }
             _ => return Err(JwtError::InvalidKey("unexpected public key encoding")),
         };
+        Self::assemble(kid, SignerKey::Local { key, pkcs8 }, "ES256", public)
+    }
+
+    fn assemble(
+        kid: String,
+        key: SignerKey,
+        alg: &'static str,
+        public: JwtPublicKey,
+    ) -> Result<Self, JwtError> {
+        if kid.is_empty() {
+            return Err(JwtError::InvalidKey("kid must not be empty"));
+        }
         let header = serde_json::to_vec(&SignerHeader {
-            alg: "ES256",
+            alg,
             kid: &kid,
             typ: "JWT",
         })
@@ -785,16 +833,25 @@ impl JwtSigner {
         Ok(Self {
             kid,
             key,
-            pkcs8,
+            alg,
             public,
             header_b64,
             rng: SystemRandom::new(),
         })
     }
 
-    /// The private key as PKCS#8 v1 DER, for persisting (secret: 0600 files only).
-    pub fn pkcs8(&self) -> Vec<u8> {
-        self.pkcs8.as_ref().to_vec()
+    /// The private key as PKCS#8 v1 DER, for persisting (secret: 0600 files only);
+    /// `None` for a key manager's key, which never leaves it.
+    pub fn pkcs8(&self) -> Option<Vec<u8>> {
+        match &self.key {
+            SignerKey::Local { pkcs8, .. } => Some(pkcs8.as_ref().to_vec()),
+            SignerKey::Managed(_) => None,
+        }
+    }
+
+    /// The JWS `alg` of the tokens it signs.
+    pub fn algorithm(&self) -> &'static str {
+        self.alg
     }
 
     /// The key ID put in every token's header and in the bundle.
@@ -863,7 +920,7 @@ impl JwtSigner {
             .sign(&self.rng, token.as_bytes())
             .map_err(|_| JwtError::Signing)?;
         token.push('.');
-        URL_SAFE_NO_PAD.encode_string(signature.as_ref(), &mut token);
+        URL_SAFE_NO_PAD.encode_string(&signature, &mut token);
         if token.len() > MAX_TOKEN_LEN {
             return Err(JwtError::TooLong {
                 len: token.len(),
@@ -1645,7 +1702,7 @@ mod tests {
     #[test]
     fn pkcs8_round_trip_keeps_the_key() {
         let s = setup();
-        let reloaded = JwtSigner::from_pkcs8("k1".to_owned(), &s.signer.pkcs8()).unwrap();
+        let reloaded = JwtSigner::from_pkcs8("k1".to_owned(), &s.signer.pkcs8().unwrap()).unwrap();
         assert_eq!(reloaded.public_key(), s.signer.public_key());
         assert_eq!(reloaded.kid(), "k1");
         let signed = reloaded
@@ -1681,7 +1738,7 @@ mod tests {
             .unwrap();
         let signer_debug = format!("{:?}", s.signer);
         assert!(signer_debug.contains("k1"));
-        let pkcs8 = s.signer.pkcs8();
+        let pkcs8 = s.signer.pkcs8().unwrap();
         assert!(!signer_debug.contains(&lower_hex(&pkcs8[pkcs8.len() - 32..])));
         assert!(!signer_debug.contains(&format!("{:?}", &pkcs8[pkcs8.len() - 8..])));
         let signed_debug = format!("{signed:?}");

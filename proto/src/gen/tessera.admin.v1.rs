@@ -151,6 +151,143 @@ pub struct HealthResponse {
     #[prost(uint64, tag = "5")]
     pub jwt_svids_signed: u64,
 }
+/// A federation relationship with another trust domain.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct FederationRelationship {
+    /// The federated trust domain, e.g. "example-federated.org".
+    #[prost(string, tag = "1")]
+    pub trust_domain: ::prost::alloc::string::String,
+    /// Its bundle endpoint, an https:// URL.
+    #[prost(string, tag = "2")]
+    pub bundle_endpoint_url: ::prost::alloc::string::String,
+    /// "https_web" or "https_spiffe".
+    #[prost(string, tag = "3")]
+    pub profile: ::prost::alloc::string::String,
+    /// https_spiffe: the SPIFFE ID the endpoint must present (default
+    /// spiffe://\<trust_domain>/tessera/server).
+    #[prost(string, tag = "4")]
+    pub endpoint_spiffe_id: ::prost::alloc::string::String,
+    /// On create/update: a bundle to store now for the trust domain (PEM or SPIFFE bundle
+    /// document), needed to authenticate an https_spiffe endpoint the first time.
+    #[prost(bytes = "vec", tag = "5")]
+    pub trust_domain_bundle: ::prost::alloc::vec::Vec<u8>,
+    /// Read only: the stored bundle's sequence number (0 when none is stored).
+    #[prost(uint64, tag = "6")]
+    pub bundle_sequence_number: u64,
+    /// Read only: unix seconds of the last successful fetch (0: never).
+    #[prost(int64, tag = "7")]
+    pub last_refresh_at: i64,
+    /// Read only: the error of the last fetch, empty when it succeeded.
+    #[prost(string, tag = "8")]
+    pub last_error: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct GetFederationRelationshipRequest {
+    #[prost(string, tag = "1")]
+    pub trust_domain: ::prost::alloc::string::String,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListFederationRelationshipsRequest {}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ListFederationRelationshipsResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub relationships: ::prost::alloc::vec::Vec<FederationRelationship>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct DeleteFederationRelationshipRequest {
+    #[prost(string, tag = "1")]
+    pub trust_domain: ::prost::alloc::string::String,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct DeleteFederationRelationshipResponse {}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RefreshFederatedBundleRequest {
+    #[prost(string, tag = "1")]
+    pub trust_domain: ::prost::alloc::string::String,
+    /// Store the fetched bundle even if its sequence number is lower than the stored one
+    /// (the peer domain was rebuilt).
+    #[prost(bool, tag = "2")]
+    pub accept_lower_sequence: bool,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct RefreshFederatedBundleResponse {
+    /// "stored", "unchanged", "ignored_lower_sequence" or "rejected_empty".
+    #[prost(string, tag = "1")]
+    pub outcome: ::prost::alloc::string::String,
+    /// The bundle stored for the trust domain afterwards.
+    #[prost(message, optional, tag = "2")]
+    pub bundle: ::core::option::Option<super::super::types::v1::Bundle>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SetFederatedBundleRequest {
+    #[prost(string, tag = "1")]
+    pub trust_domain: ::prost::alloc::string::String,
+    /// PEM certificates or a SPIFFE bundle document (JSON).
+    #[prost(bytes = "vec", tag = "2")]
+    pub bundle: ::prost::alloc::vec::Vec<u8>,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListFederatedBundlesRequest {}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ListFederatedBundlesResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub bundles: ::prost::alloc::vec::Vec<super::super::types::v1::Bundle>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct DeleteFederatedBundleRequest {
+    #[prost(string, tag = "1")]
+    pub trust_domain: ::prost::alloc::string::String,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct DeleteFederatedBundleResponse {}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListAuthoritiesRequest {}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ListAuthoritiesResponse {
+    /// X.509 CAs first, then JWT keys; newest first within each.
+    #[prost(message, repeated, tag = "1")]
+    pub authorities: ::prost::alloc::vec::Vec<Authority>,
+    /// The key manager holding the private keys: "disk" or "memory".
+    #[prost(string, tag = "2")]
+    pub key_manager: ::prost::alloc::string::String,
+    #[prost(int64, tag = "3")]
+    pub ca_ttl_seconds: i64,
+    #[prost(int64, tag = "4")]
+    pub jwt_key_ttl_seconds: i64,
+}
+/// One signing key and its place in the rotation.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Authority {
+    /// "x509" (a CA) or "jwt" (a JWT-SVID signing key).
+    #[prost(string, tag = "1")]
+    pub kind: ::prost::alloc::string::String,
+    /// "prepared" (published, not signing yet), "active" (signing) or "old" (replaced,
+    /// published until what it signed has expired).
+    #[prost(string, tag = "2")]
+    pub state: ::prost::alloc::string::String,
+    /// The key manager's key id.
+    #[prost(string, tag = "3")]
+    pub key_id: ::prost::alloc::string::String,
+    /// X.509: the certificate serial (hex); JWT: the kid.
+    #[prost(string, tag = "4")]
+    pub id: ::prost::alloc::string::String,
+    /// Unix seconds. X.509: the certificate's NotBefore/NotAfter; JWT: when the key was
+    /// made and the end of its scheduled life.
+    #[prost(int64, tag = "5")]
+    pub not_before: i64,
+    #[prost(int64, tag = "6")]
+    pub not_after: i64,
+    /// Unix seconds until which it stays in the bundle; 0 while it is prepared or active
+    /// (JWT) or until NotAfter (X.509).
+    #[prost(int64, tag = "7")]
+    pub published_until: i64,
+    /// Unix seconds when it started signing; 0 if it never did.
+    #[prost(int64, tag = "8")]
+    pub activated_at: i64,
+    /// X.509: the CA certificate, DER.
+    #[prost(bytes = "vec", tag = "9")]
+    pub certificate: ::prost::alloc::vec::Vec<u8>,
+}
 /// Generated client implementations.
 pub mod admin_client {
     #![allow(
@@ -591,6 +728,284 @@ pub mod admin_client {
                 .insert(GrpcMethod::new("tessera.admin.v1.Admin", "Health"));
             self.inner.unary(req, path, codec).await
         }
+        /// Federation (SPIFFE Federation): relationships with other trust domains, whose
+        /// bundle endpoints the server polls, and the federated bundles it stores per trust
+        /// domain (never merged).
+        pub async fn create_federation_relationship(
+            &mut self,
+            request: impl tonic::IntoRequest<super::FederationRelationship>,
+        ) -> std::result::Result<
+            tonic::Response<super::FederationRelationship>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/tessera.admin.v1.Admin/CreateFederationRelationship",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new(
+                        "tessera.admin.v1.Admin",
+                        "CreateFederationRelationship",
+                    ),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn update_federation_relationship(
+            &mut self,
+            request: impl tonic::IntoRequest<super::FederationRelationship>,
+        ) -> std::result::Result<
+            tonic::Response<super::FederationRelationship>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/tessera.admin.v1.Admin/UpdateFederationRelationship",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new(
+                        "tessera.admin.v1.Admin",
+                        "UpdateFederationRelationship",
+                    ),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn get_federation_relationship(
+            &mut self,
+            request: impl tonic::IntoRequest<super::GetFederationRelationshipRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::FederationRelationship>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/tessera.admin.v1.Admin/GetFederationRelationship",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new(
+                        "tessera.admin.v1.Admin",
+                        "GetFederationRelationship",
+                    ),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn list_federation_relationships(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ListFederationRelationshipsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListFederationRelationshipsResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/tessera.admin.v1.Admin/ListFederationRelationships",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new(
+                        "tessera.admin.v1.Admin",
+                        "ListFederationRelationships",
+                    ),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        /// Deletes the relationship and the bundle stored for its trust domain.
+        pub async fn delete_federation_relationship(
+            &mut self,
+            request: impl tonic::IntoRequest<super::DeleteFederationRelationshipRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::DeleteFederationRelationshipResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/tessera.admin.v1.Admin/DeleteFederationRelationship",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new(
+                        "tessera.admin.v1.Admin",
+                        "DeleteFederationRelationship",
+                    ),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        /// Fetches the relationship's bundle endpoint now and reports what was done.
+        pub async fn refresh_federated_bundle(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RefreshFederatedBundleRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RefreshFederatedBundleResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/tessera.admin.v1.Admin/RefreshFederatedBundle",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new("tessera.admin.v1.Admin", "RefreshFederatedBundle"),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        /// Stores a federated bundle given by the operator (PEM or SPIFFE bundle document).
+        pub async fn set_federated_bundle(
+            &mut self,
+            request: impl tonic::IntoRequest<super::SetFederatedBundleRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::super::super::types::v1::Bundle>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/tessera.admin.v1.Admin/SetFederatedBundle",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("tessera.admin.v1.Admin", "SetFederatedBundle"));
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn list_federated_bundles(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ListFederatedBundlesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListFederatedBundlesResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/tessera.admin.v1.Admin/ListFederatedBundles",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new("tessera.admin.v1.Admin", "ListFederatedBundles"),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn delete_federated_bundle(
+            &mut self,
+            request: impl tonic::IntoRequest<super::DeleteFederatedBundleRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::DeleteFederatedBundleResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/tessera.admin.v1.Admin/DeleteFederatedBundle",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new("tessera.admin.v1.Admin", "DeleteFederatedBundle"),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        /// The CA and JWT signing keys with their rotation state (`authority show`).
+        pub async fn list_authorities(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ListAuthoritiesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListAuthoritiesResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/tessera.admin.v1.Admin/ListAuthorities",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("tessera.admin.v1.Admin", "ListAuthorities"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -711,6 +1126,83 @@ pub mod admin_server {
             &self,
             request: tonic::Request<super::HealthRequest>,
         ) -> std::result::Result<tonic::Response<super::HealthResponse>, tonic::Status>;
+        /// Federation (SPIFFE Federation): relationships with other trust domains, whose
+        /// bundle endpoints the server polls, and the federated bundles it stores per trust
+        /// domain (never merged).
+        async fn create_federation_relationship(
+            &self,
+            request: tonic::Request<super::FederationRelationship>,
+        ) -> std::result::Result<
+            tonic::Response<super::FederationRelationship>,
+            tonic::Status,
+        >;
+        async fn update_federation_relationship(
+            &self,
+            request: tonic::Request<super::FederationRelationship>,
+        ) -> std::result::Result<
+            tonic::Response<super::FederationRelationship>,
+            tonic::Status,
+        >;
+        async fn get_federation_relationship(
+            &self,
+            request: tonic::Request<super::GetFederationRelationshipRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::FederationRelationship>,
+            tonic::Status,
+        >;
+        async fn list_federation_relationships(
+            &self,
+            request: tonic::Request<super::ListFederationRelationshipsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListFederationRelationshipsResponse>,
+            tonic::Status,
+        >;
+        /// Deletes the relationship and the bundle stored for its trust domain.
+        async fn delete_federation_relationship(
+            &self,
+            request: tonic::Request<super::DeleteFederationRelationshipRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::DeleteFederationRelationshipResponse>,
+            tonic::Status,
+        >;
+        /// Fetches the relationship's bundle endpoint now and reports what was done.
+        async fn refresh_federated_bundle(
+            &self,
+            request: tonic::Request<super::RefreshFederatedBundleRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RefreshFederatedBundleResponse>,
+            tonic::Status,
+        >;
+        /// Stores a federated bundle given by the operator (PEM or SPIFFE bundle document).
+        async fn set_federated_bundle(
+            &self,
+            request: tonic::Request<super::SetFederatedBundleRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::super::super::types::v1::Bundle>,
+            tonic::Status,
+        >;
+        async fn list_federated_bundles(
+            &self,
+            request: tonic::Request<super::ListFederatedBundlesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListFederatedBundlesResponse>,
+            tonic::Status,
+        >;
+        async fn delete_federated_bundle(
+            &self,
+            request: tonic::Request<super::DeleteFederatedBundleRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::DeleteFederatedBundleResponse>,
+            tonic::Status,
+        >;
+        /// The CA and JWT signing keys with their rotation state (`authority show`).
+        async fn list_authorities(
+            &self,
+            request: tonic::Request<super::ListAuthoritiesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListAuthoritiesResponse>,
+            tonic::Status,
+        >;
     }
     #[derive(Debug)]
     pub struct AdminServer<T> {
@@ -1426,6 +1918,480 @@ pub mod admin_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = HealthSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/tessera.admin.v1.Admin/CreateFederationRelationship" => {
+                    #[allow(non_camel_case_types)]
+                    struct CreateFederationRelationshipSvc<T: Admin>(pub Arc<T>);
+                    impl<
+                        T: Admin,
+                    > tonic::server::UnaryService<super::FederationRelationship>
+                    for CreateFederationRelationshipSvc<T> {
+                        type Response = super::FederationRelationship;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::FederationRelationship>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::create_federation_relationship(
+                                        &inner,
+                                        request,
+                                    )
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = CreateFederationRelationshipSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/tessera.admin.v1.Admin/UpdateFederationRelationship" => {
+                    #[allow(non_camel_case_types)]
+                    struct UpdateFederationRelationshipSvc<T: Admin>(pub Arc<T>);
+                    impl<
+                        T: Admin,
+                    > tonic::server::UnaryService<super::FederationRelationship>
+                    for UpdateFederationRelationshipSvc<T> {
+                        type Response = super::FederationRelationship;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::FederationRelationship>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::update_federation_relationship(
+                                        &inner,
+                                        request,
+                                    )
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = UpdateFederationRelationshipSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/tessera.admin.v1.Admin/GetFederationRelationship" => {
+                    #[allow(non_camel_case_types)]
+                    struct GetFederationRelationshipSvc<T: Admin>(pub Arc<T>);
+                    impl<
+                        T: Admin,
+                    > tonic::server::UnaryService<
+                        super::GetFederationRelationshipRequest,
+                    > for GetFederationRelationshipSvc<T> {
+                        type Response = super::FederationRelationship;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<
+                                super::GetFederationRelationshipRequest,
+                            >,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::get_federation_relationship(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = GetFederationRelationshipSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/tessera.admin.v1.Admin/ListFederationRelationships" => {
+                    #[allow(non_camel_case_types)]
+                    struct ListFederationRelationshipsSvc<T: Admin>(pub Arc<T>);
+                    impl<
+                        T: Admin,
+                    > tonic::server::UnaryService<
+                        super::ListFederationRelationshipsRequest,
+                    > for ListFederationRelationshipsSvc<T> {
+                        type Response = super::ListFederationRelationshipsResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<
+                                super::ListFederationRelationshipsRequest,
+                            >,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::list_federation_relationships(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ListFederationRelationshipsSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/tessera.admin.v1.Admin/DeleteFederationRelationship" => {
+                    #[allow(non_camel_case_types)]
+                    struct DeleteFederationRelationshipSvc<T: Admin>(pub Arc<T>);
+                    impl<
+                        T: Admin,
+                    > tonic::server::UnaryService<
+                        super::DeleteFederationRelationshipRequest,
+                    > for DeleteFederationRelationshipSvc<T> {
+                        type Response = super::DeleteFederationRelationshipResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<
+                                super::DeleteFederationRelationshipRequest,
+                            >,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::delete_federation_relationship(
+                                        &inner,
+                                        request,
+                                    )
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = DeleteFederationRelationshipSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/tessera.admin.v1.Admin/RefreshFederatedBundle" => {
+                    #[allow(non_camel_case_types)]
+                    struct RefreshFederatedBundleSvc<T: Admin>(pub Arc<T>);
+                    impl<
+                        T: Admin,
+                    > tonic::server::UnaryService<super::RefreshFederatedBundleRequest>
+                    for RefreshFederatedBundleSvc<T> {
+                        type Response = super::RefreshFederatedBundleResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RefreshFederatedBundleRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::refresh_federated_bundle(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RefreshFederatedBundleSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/tessera.admin.v1.Admin/SetFederatedBundle" => {
+                    #[allow(non_camel_case_types)]
+                    struct SetFederatedBundleSvc<T: Admin>(pub Arc<T>);
+                    impl<
+                        T: Admin,
+                    > tonic::server::UnaryService<super::SetFederatedBundleRequest>
+                    for SetFederatedBundleSvc<T> {
+                        type Response = super::super::super::types::v1::Bundle;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::SetFederatedBundleRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::set_federated_bundle(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = SetFederatedBundleSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/tessera.admin.v1.Admin/ListFederatedBundles" => {
+                    #[allow(non_camel_case_types)]
+                    struct ListFederatedBundlesSvc<T: Admin>(pub Arc<T>);
+                    impl<
+                        T: Admin,
+                    > tonic::server::UnaryService<super::ListFederatedBundlesRequest>
+                    for ListFederatedBundlesSvc<T> {
+                        type Response = super::ListFederatedBundlesResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ListFederatedBundlesRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::list_federated_bundles(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ListFederatedBundlesSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/tessera.admin.v1.Admin/DeleteFederatedBundle" => {
+                    #[allow(non_camel_case_types)]
+                    struct DeleteFederatedBundleSvc<T: Admin>(pub Arc<T>);
+                    impl<
+                        T: Admin,
+                    > tonic::server::UnaryService<super::DeleteFederatedBundleRequest>
+                    for DeleteFederatedBundleSvc<T> {
+                        type Response = super::DeleteFederatedBundleResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::DeleteFederatedBundleRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::delete_federated_bundle(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = DeleteFederatedBundleSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/tessera.admin.v1.Admin/ListAuthorities" => {
+                    #[allow(non_camel_case_types)]
+                    struct ListAuthoritiesSvc<T: Admin>(pub Arc<T>);
+                    impl<
+                        T: Admin,
+                    > tonic::server::UnaryService<super::ListAuthoritiesRequest>
+                    for ListAuthoritiesSvc<T> {
+                        type Response = super::ListAuthoritiesResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ListAuthoritiesRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::list_authorities(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ListAuthoritiesSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

@@ -100,6 +100,18 @@ pub struct SyncResponse {
     /// stops serving, deletes its SVID and exits.
     #[prost(enumeration = "AgentStatus", tag = "8")]
     pub agent_status: i32,
+    /// The bundles of the federated trust domains named in the `federates_with` of this
+    /// agent's entries, one per trust domain, never merged: present in a snapshot and
+    /// whenever that set or one of its bundles changed; the agent then replaces every
+    /// federated bundle it holds with these.
+    #[prost(message, optional, tag = "9")]
+    pub federated_bundles: ::core::option::Option<FederatedBundles>,
+}
+/// The complete set of federated bundles an agent needs (may be empty).
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct FederatedBundles {
+    #[prost(message, repeated, tag = "1")]
+    pub bundles: ::prost::alloc::vec::Vec<super::super::types::v1::Bundle>,
 }
 /// An identity (rendered SPIFFE ID) that no agent may serve any more.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

@@ -43,6 +43,11 @@ pub struct Entry {
     /// Whether one JWT-SVID may carry several audiences.
     #[prost(bool, tag = "12")]
     pub jwt_multi_audience: bool,
+    /// Trust domain names (e.g. "example-federated.org") whose bundles workloads of this
+    /// entry receive besides their own (SPIFFE Federation): in FetchX509SVID
+    /// `federated_bundles`, FetchX509Bundles and FetchJWTBundles.
+    #[prost(string, repeated, tag = "13")]
+    pub federates_with: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 /// The X.509 part of a trust bundle of one trust domain.
 #[derive(Clone, PartialEq, ::prost::Message)]

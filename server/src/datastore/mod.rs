@@ -28,7 +28,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tessera_plugin_sdk::{RegistrationEntry, Selector, SpiffeId, SpiffeIdTemplate};
+use tessera_plugin_sdk::{RegistrationEntry, Selector, SpiffeId, SpiffeIdTemplate, TrustDomain};
 
 /// A boxed error kept as the source of a [`DatastoreError`].
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -186,6 +186,51 @@ pub trait Datastore: Send + Sync + std::fmt::Debug {
     /// sequence numbers is the caller's business.
     async fn set_bundle(&self, bundle: StoredBundle) -> Result<(), DatastoreError>;
 
+    /// Every stored bundle (the own trust domain's and federated ones), ordered by
+    /// trust domain.
+    async fn list_bundles(&self) -> Result<Vec<StoredBundle>, DatastoreError>;
+
+    /// Deletes the bundle of a trust domain and records [`ChangeKind::BundleDeleted`]
+    /// with the trust domain as object id. `false` (nothing recorded) when none is
+    /// stored. Refusing to delete the own trust domain's bundle is the caller's
+    /// business.
+    async fn delete_bundle(&self, trust_domain: &str) -> Result<bool, DatastoreError>;
+
+    /// Stores a new federation relationship and records
+    /// [`ChangeKind::FederationUpdated`] with the trust domain as object id;
+    /// [`DatastoreError::Conflict`] when one exists for the trust domain.
+    async fn create_federation_relationship(
+        &self,
+        relationship: FederationRelationship,
+    ) -> Result<(), DatastoreError>;
+
+    /// Replaces the relationship of `relationship.trust_domain` and records
+    /// [`ChangeKind::FederationUpdated`]; `false` (nothing recorded) when there is none.
+    async fn update_federation_relationship(
+        &self,
+        relationship: FederationRelationship,
+    ) -> Result<bool, DatastoreError>;
+
+    /// The relationship with a trust domain, if any.
+    async fn get_federation_relationship(
+        &self,
+        trust_domain: &str,
+    ) -> Result<Option<FederationRelationship>, DatastoreError>;
+
+    /// Every relationship, ordered by trust domain.
+    async fn list_federation_relationships(
+        &self,
+    ) -> Result<Vec<FederationRelationship>, DatastoreError>;
+
+    /// Deletes the relationship with a trust domain and, in the same transaction, the
+    /// bundle stored for it, recording [`ChangeKind::FederationUpdated`] (and
+    /// [`ChangeKind::BundleDeleted`] when a bundle went). `false` (nothing recorded)
+    /// when there is no such relationship.
+    async fn delete_federation_relationship(
+        &self,
+        trust_domain: &str,
+    ) -> Result<bool, DatastoreError>;
+
     /// Revokes one rendered SPIFFE ID, in one transaction: stores the revocation and
     /// records [`ChangeKind::IdentityRevoked`] with the ID as object and `scope` (the
     /// parent IDs of the entries it instantiates) as scope.
@@ -313,6 +358,44 @@ pub struct NewEntry {
     pub dns_names: Vec<String>,
     /// Hint for workloads holding several identities; may be empty.
     pub hint: String,
+    /// Federated trust domains whose bundles the entry's workloads receive; stored
+    /// sorted and deduplicated.
+    pub federates_with: Vec<TrustDomain>,
+}
+
+/// A federation relationship with another trust domain (SPIFFE Federation §5): where
+/// the server fetches that domain's bundle and how it authenticates the endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FederationRelationship {
+    /// The federated trust domain.
+    pub trust_domain: TrustDomain,
+    /// Its bundle endpoint, an https URL (checked by the caller).
+    pub bundle_endpoint_url: String,
+    /// How the endpoint is authenticated.
+    pub profile: EndpointProfile,
+}
+
+/// The bundle endpoint profile of a [`FederationRelationship`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndpointProfile {
+    /// `https_web`: a Web PKI server certificate.
+    HttpsWeb,
+    /// `https_spiffe`: the endpoint presents an X509-SVID with exactly this ID, which
+    /// chains to the stored bundle of the federated trust domain.
+    HttpsSpiffe {
+        /// The SPIFFE ID the endpoint must present.
+        endpoint_spiffe_id: SpiffeId,
+    },
+}
+
+impl EndpointProfile {
+    /// `https_web` or `https_spiffe`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::HttpsWeb => "https_web",
+            Self::HttpsSpiffe { .. } => "https_spiffe",
+        }
+    }
 }
 
 /// A join token to store.
@@ -447,6 +530,12 @@ pub enum ChangeKind {
     EntryDeleted,
     /// A bundle was stored; object id: the trust domain name.
     BundleUpdated,
+    /// A (federated) bundle was deleted; object id: the trust domain name.
+    BundleDeleted,
+    /// A federation relationship was created, updated or deleted; object id: the
+    /// trust domain name. Agents do not sync relationships; the server's refresh tasks
+    /// follow them.
+    FederationUpdated,
     /// An agent was attested, renewed or confirmed; object id: the agent ID.
     AgentUpdated,
     /// An agent was banned; object id and scope: the agent ID.
@@ -460,10 +549,12 @@ pub enum ChangeKind {
 
 impl ChangeKind {
     /// Every kind (a test keeps the stored names in sync over it).
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 9] = [
         Self::EntryUpserted,
         Self::EntryDeleted,
         Self::BundleUpdated,
+        Self::BundleDeleted,
+        Self::FederationUpdated,
         Self::AgentUpdated,
         Self::AgentBanned,
         Self::AgentEvicted,
@@ -476,6 +567,8 @@ impl ChangeKind {
             Self::EntryUpserted => "entry_upserted",
             Self::EntryDeleted => "entry_deleted",
             Self::BundleUpdated => "bundle_updated",
+            Self::BundleDeleted => "bundle_deleted",
+            Self::FederationUpdated => "federation_updated",
             Self::AgentUpdated => "agent_updated",
             Self::AgentBanned => "agent_banned",
             Self::AgentEvicted => "agent_evicted",
@@ -489,6 +582,8 @@ impl ChangeKind {
             "entry_upserted" => Self::EntryUpserted,
             "entry_deleted" => Self::EntryDeleted,
             "bundle_updated" => Self::BundleUpdated,
+            "bundle_deleted" => Self::BundleDeleted,
+            "federation_updated" => Self::FederationUpdated,
             "agent_updated" => Self::AgentUpdated,
             "agent_banned" => Self::AgentBanned,
             "agent_evicted" => Self::AgentEvicted,

@@ -32,14 +32,15 @@ use sqlx::sqlite::{
     SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
 use sqlx::{Row, SqlSafeStr, Sqlite, Transaction};
-use tessera_plugin_sdk::{RegistrationEntry, Selector, SpiffeId};
+use tessera_plugin_sdk::{RegistrationEntry, Selector, SpiffeId, TrustDomain};
 
 use super::{
-    AttestedAgent, Change, ChangeKind, ChangeSet, Datastore, DatastoreError, InstanceSvid,
-    NewEntry, NewJoinToken, Revocation, RevokedSerial, StoredBundle, TokenOutcome, from_unix_secs,
-    json_list, jwt_authorities_json, new_entry_id, normalize_jwt_audiences, now_unix_secs,
-    similarity_key, stored_bool, stored_json_list, stored_jwt_authorities, stored_spiffe_id,
-    stored_spiffe_id_template, stored_u64, to_unix_secs, ttl_to_secs,
+    AttestedAgent, Change, ChangeKind, ChangeSet, Datastore, DatastoreError, EndpointProfile,
+    FederationRelationship, InstanceSvid, NewEntry, NewJoinToken, Revocation, RevokedSerial,
+    StoredBundle, TokenOutcome, from_unix_secs, json_list, jwt_authorities_json, new_entry_id,
+    normalize_jwt_audiences, now_unix_secs, similarity_key, stored_bool, stored_json_list,
+    stored_jwt_authorities, stored_spiffe_id, stored_spiffe_id_template, stored_u64, to_unix_secs,
+    ttl_to_secs,
 };
 
 /// The migrations, in version order: (version, description, SQL). Every file of
@@ -60,6 +61,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "revocation",
         include_str!("../../migrations/sqlite/0003_revocation.sql"),
     ),
+    (
+        4,
+        "federation",
+        include_str!("../../migrations/sqlite/0004_federation.sql"),
+    ),
 ];
 
 /// How long a statement waits for SQLite's write lock before failing `Unavailable`.
@@ -77,7 +83,7 @@ macro_rules! select_entries {
         concat!(
             "SELECT id, spiffe_id, parent_id, selectors, x509_svid_ttl_secs, ",
             "jwt_svid_ttl_secs, jwt_audiences, jwt_multi_audience, dns_names, hint, ",
-            "created_revision, revision FROM entries ",
+            "federates_with, created_revision, revision FROM entries ",
             $tail
         )
     };
@@ -320,6 +326,11 @@ fn entry_from_row(row: &SqliteRow) -> Result<RegistrationEntry, DatastoreError> 
         |s| Ok::<_, std::convert::Infallible>(s.to_owned()),
     )?;
     let hint: String = row.try_get("hint")?;
+    let federates_with = stored_json_list(
+        &row.try_get::<String, _>("federates_with")?,
+        &what("federates_with"),
+        TrustDomain::new,
+    )?;
     let created_revision = stored_u64(row.try_get("created_revision")?, &what("created_revision"))?;
     let revision = stored_u64(row.try_get("revision")?, &what("revision"))?;
     Ok(RegistrationEntry {
@@ -333,6 +344,7 @@ fn entry_from_row(row: &SqliteRow) -> Result<RegistrationEntry, DatastoreError> 
         jwt_multi_audience,
         dns_names,
         hint,
+        federates_with,
         created_revision,
         revision,
     })
@@ -384,6 +396,61 @@ fn bundle_from_row(row: &SqliteRow) -> Result<StoredBundle, DatastoreError> {
         x509_authorities,
         jwt_authorities,
         sequence_number,
+    })
+}
+
+/// Deletes a bundle inside a write transaction, recording [`ChangeKind::BundleDeleted`]
+/// when there was one.
+async fn delete_bundle_in(
+    conn: &mut SqliteConnection,
+    trust_domain: &str,
+) -> Result<bool, DatastoreError> {
+    let deleted = sqlx::query("DELETE FROM bundles WHERE trust_domain = ?")
+        .bind(trust_domain)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+    if deleted == 0 {
+        return Ok(false);
+    }
+    record_change(conn, ChangeKind::BundleDeleted, trust_domain, &[]).await?;
+    Ok(true)
+}
+
+/// The `endpoint_spiffe_id` column of a profile.
+fn endpoint_id_column(profile: &EndpointProfile) -> Option<&str> {
+    match profile {
+        EndpointProfile::HttpsWeb => None,
+        EndpointProfile::HttpsSpiffe { endpoint_spiffe_id } => Some(endpoint_spiffe_id.as_str()),
+    }
+}
+
+fn relationship_from_row(row: &SqliteRow) -> Result<FederationRelationship, DatastoreError> {
+    let raw: String = row.try_get("trust_domain")?;
+    let trust_domain = TrustDomain::new(&raw).map_err(|e| {
+        DatastoreError::Corrupt(format!(
+            "federation_relationships.trust_domain: invalid trust domain: {e}"
+        ))
+    })?;
+    let what = |col: &str| format!("federation_relationships[{trust_domain}].{col}");
+    let profile: String = row.try_get("profile")?;
+    let endpoint_id: Option<String> = row.try_get("endpoint_spiffe_id")?;
+    let profile = match (profile.as_str(), endpoint_id) {
+        ("https_web", _) => EndpointProfile::HttpsWeb,
+        ("https_spiffe", Some(id)) => EndpointProfile::HttpsSpiffe {
+            endpoint_spiffe_id: stored_spiffe_id(&id, &what("endpoint_spiffe_id"))?,
+        },
+        _ => {
+            return Err(DatastoreError::Corrupt(format!(
+                "{}: unknown profile or missing endpoint SPIFFE ID",
+                what("profile")
+            )));
+        }
+    };
+    Ok(FederationRelationship {
+        bundle_endpoint_url: row.try_get("bundle_endpoint_url")?,
+        profile,
+        trust_domain,
     })
 }
 
@@ -483,6 +550,7 @@ struct EntryColumns {
     jwt_svid_ttl_secs: Option<i64>,
     jwt_audiences: String,
     dns_names: String,
+    federates_with: String,
 }
 
 impl EntryColumns {
@@ -498,7 +566,16 @@ impl EntryColumns {
             .map(|t| ttl_to_secs(t, "jwt_svid_ttl"))
             .transpose()?;
         entry.jwt_audiences = normalize_jwt_audiences(std::mem::take(&mut entry.jwt_audiences))?;
+        entry.federates_with.sort();
+        entry.federates_with.dedup();
         Ok(Self {
+            federates_with: json_list(
+                &entry
+                    .federates_with
+                    .iter()
+                    .map(TrustDomain::name)
+                    .collect::<Vec<_>>(),
+            )?,
             similarity_key: similarity_key(&entry.spiffe_id, &entry.parent_id, &entry.selectors)?,
             selectors: json_list(&entry.selectors)?,
             jwt_audiences: json_list(&entry.jwt_audiences)?,
@@ -523,6 +600,7 @@ impl EntryColumns {
             jwt_multi_audience: e.jwt_multi_audience,
             dns_names: e.dns_names,
             hint: e.hint,
+            federates_with: e.federates_with,
             created_revision,
             revision,
         }
@@ -547,8 +625,8 @@ impl Datastore for SqliteDatastore {
         let inserted = sqlx::query(
             "INSERT INTO entries (id, spiffe_id, parent_id, selectors, similarity_key, \
              x509_svid_ttl_secs, jwt_svid_ttl_secs, jwt_audiences, jwt_multi_audience, \
-             dns_names, hint, created_revision, revision) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             dns_names, hint, federates_with, created_revision, revision) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&id)
         .bind(row.entry.spiffe_id.as_str())
@@ -561,6 +639,7 @@ impl Datastore for SqliteDatastore {
         .bind(row.entry.jwt_multi_audience)
         .bind(&row.dns_names)
         .bind(&row.entry.hint)
+        .bind(&row.federates_with)
         .bind(revision_i64)
         .bind(revision_i64)
         .execute(&mut *tx)
@@ -598,7 +677,8 @@ impl Datastore for SqliteDatastore {
         let updated: Result<Option<i64>, _> = sqlx::query_scalar(
             "UPDATE entries SET spiffe_id = ?, parent_id = ?, selectors = ?, \
              similarity_key = ?, x509_svid_ttl_secs = ?, jwt_svid_ttl_secs = ?, \
-             jwt_audiences = ?, jwt_multi_audience = ?, dns_names = ?, hint = ?, revision = ? \
+             jwt_audiences = ?, jwt_multi_audience = ?, dns_names = ?, hint = ?, \
+             federates_with = ?, revision = ? \
              WHERE id = ? RETURNING created_revision",
         )
         .bind(row.entry.spiffe_id.as_str())
@@ -611,6 +691,7 @@ impl Datastore for SqliteDatastore {
         .bind(row.entry.jwt_multi_audience)
         .bind(&row.dns_names)
         .bind(&row.entry.hint)
+        .bind(&row.federates_with)
         .bind(revision_to_i64(revision)?)
         .bind(id)
         .fetch_optional(&mut *tx)
@@ -939,6 +1020,136 @@ impl Datastore for SqliteDatastore {
         .await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn list_bundles(&self) -> Result<Vec<StoredBundle>, DatastoreError> {
+        sqlx::query(
+            "SELECT trust_domain, x509_authorities, jwt_authorities, sequence_number \
+             FROM bundles ORDER BY trust_domain",
+        )
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(bundle_from_row)
+        .collect()
+    }
+
+    async fn delete_bundle(&self, trust_domain: &str) -> Result<bool, DatastoreError> {
+        let mut tx = self.begin_write().await?;
+        let deleted = delete_bundle_in(&mut tx, trust_domain).await?;
+        if deleted {
+            tx.commit().await?;
+        } else {
+            tx.rollback().await?;
+        }
+        Ok(deleted)
+    }
+
+    async fn create_federation_relationship(
+        &self,
+        relationship: FederationRelationship,
+    ) -> Result<(), DatastoreError> {
+        let now = now_unix_secs();
+        let td = relationship.trust_domain.name().to_owned();
+        let mut tx = self.begin_write().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO federation_relationships (trust_domain, bundle_endpoint_url, \
+             profile, endpoint_spiffe_id, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&td)
+        .bind(&relationship.bundle_endpoint_url)
+        .bind(relationship.profile.name())
+        .bind(endpoint_id_column(&relationship.profile))
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await;
+        inserted.map_err(|e| match DatastoreError::from(e) {
+            DatastoreError::Conflict(_) => {
+                DatastoreError::Conflict(format!("a federation relationship with {td} exists"))
+            }
+            other => other,
+        })?;
+        record_change(&mut tx, ChangeKind::FederationUpdated, &td, &[]).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn update_federation_relationship(
+        &self,
+        relationship: FederationRelationship,
+    ) -> Result<bool, DatastoreError> {
+        let td = relationship.trust_domain.name();
+        let mut tx = self.begin_write().await?;
+        let updated = sqlx::query(
+            "UPDATE federation_relationships SET bundle_endpoint_url = ?, profile = ?, \
+             endpoint_spiffe_id = ?, updated_at = ? WHERE trust_domain = ?",
+        )
+        .bind(&relationship.bundle_endpoint_url)
+        .bind(relationship.profile.name())
+        .bind(endpoint_id_column(&relationship.profile))
+        .bind(now_unix_secs())
+        .bind(td)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if updated == 0 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        record_change(&mut tx, ChangeKind::FederationUpdated, td, &[]).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn get_federation_relationship(
+        &self,
+        trust_domain: &str,
+    ) -> Result<Option<FederationRelationship>, DatastoreError> {
+        sqlx::query(
+            "SELECT trust_domain, bundle_endpoint_url, profile, endpoint_spiffe_id \
+             FROM federation_relationships WHERE trust_domain = ?",
+        )
+        .bind(trust_domain)
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(relationship_from_row)
+        .transpose()
+    }
+
+    async fn list_federation_relationships(
+        &self,
+    ) -> Result<Vec<FederationRelationship>, DatastoreError> {
+        sqlx::query(
+            "SELECT trust_domain, bundle_endpoint_url, profile, endpoint_spiffe_id \
+             FROM federation_relationships ORDER BY trust_domain",
+        )
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(relationship_from_row)
+        .collect()
+    }
+
+    async fn delete_federation_relationship(
+        &self,
+        trust_domain: &str,
+    ) -> Result<bool, DatastoreError> {
+        let mut tx = self.begin_write().await?;
+        let deleted = sqlx::query("DELETE FROM federation_relationships WHERE trust_domain = ?")
+            .bind(trust_domain)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if deleted == 0 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        record_change(&mut tx, ChangeKind::FederationUpdated, trust_domain, &[]).await?;
+        delete_bundle_in(&mut tx, trust_domain).await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     async fn ban_agent(
@@ -1306,6 +1517,7 @@ mod tests {
             jwt_multi_audience: false,
             dns_names: vec!["bot.example.org".to_owned()],
             hint: "internal".to_owned(),
+            federates_with: Vec::new(),
         }
     }
 
@@ -2745,6 +2957,7 @@ mod tests {
             jwt_multi_audience: true,
             dns_names: vec![],
             hint: "renamed".to_owned(),
+            federates_with: Vec::new(),
         };
         let updated = ds.update_entry(&a.id, new.clone()).await.unwrap().unwrap();
         assert_eq!(
@@ -2760,6 +2973,7 @@ mod tests {
                 jwt_multi_audience: true,
                 dns_names: vec![],
                 hint: "renamed".to_owned(),
+                federates_with: Vec::new(),
                 created_revision: a.created_revision,
                 revision: 3,
             }
@@ -2921,7 +3135,7 @@ mod tests {
                 .fetch_all(&ds.pool)
                 .await
                 .unwrap();
-        assert_eq!(versions, vec![1, 2, 3]);
+        assert_eq!(versions, vec![1, 2, 3, 4]);
         let expected = RegistrationEntry {
             id: entry_id.to_owned(),
             spiffe_id: old.spiffe_id.clone(),
@@ -2933,6 +3147,7 @@ mod tests {
             jwt_multi_audience: false,
             dns_names: vec!["bot.example.org".to_owned()],
             hint: "internal".to_owned(),
+            federates_with: Vec::new(),
             created_revision: 1,
             revision: 1,
         };

@@ -59,19 +59,16 @@ type Expected<'a> = (&'a str, &'a dyn Fn(&Value) -> bool);
 fn assert_in_order(records: &[Value], expected: &[Expected]) {
     let mut from = 0;
     for (what, matches) in expected {
-        let found = records[from..]
-            .iter()
-            .position(matches)
-            .unwrap_or_else(|| {
-                panic!(
-                    "no `{what}` record after seq {from}:\n{}",
-                    records
-                        .iter()
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>()
-                        .join("\n")
-                )
-            });
+        let found = records[from..].iter().position(matches).unwrap_or_else(|| {
+            panic!(
+                "no `{what}` record after seq {from}:\n{}",
+                records
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            )
+        });
         from += found + 1;
     }
 }

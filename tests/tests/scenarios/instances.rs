@@ -132,9 +132,11 @@ async fn every_process_gets_its_own_id_that_lives_and_dies_with_it() {
     })
     .await;
     // The JWT client's process exited too: only this process's identity remains.
-    wait_until("only this process's identity held", Duration::from_secs(10), || {
-        agent.instance_identities().0 == 1
-    })
+    wait_until(
+        "only this process's identity held",
+        Duration::from_secs(10),
+        || agent.instance_identities().0 == 1,
+    )
     .await;
 
     // The audit log binds each instance ID to the process it was served to.

@@ -11,14 +11,17 @@
     reason = "scenario tests: a failed step is a failed test"
 )]
 
+mod audit;
 mod cli;
 mod entries;
+mod federation;
 mod hardening;
 mod instances;
 mod jwt;
 mod node_api;
 mod propagation;
 mod revocation;
+mod rotation;
 mod selectors;
 mod support;
 mod workload_api;
