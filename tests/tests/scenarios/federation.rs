@@ -2,8 +2,8 @@
 //! `example-federated.org`) on loopback, federated both ways over `https_spiffe`, and a
 //! third domain over `https_web`. Workloads receive the other domain's bundle, verify
 //! its X.509-SVIDs and JWT-SVIDs, and talk mutual TLS with rustls until the
-//! relationship is deleted; a JWT key rotation reaches the other domain without a
-//! restart; SECURITY.md §3.11 items 107-113 and §3.7 item 71 at the server level.
+//! relationship is deleted; a JWT key rotation and X.509 CA rotations reach the other
+//! domain without a restart; SECURITY.md §3.11 items 107-113 and §3.7 item 71 at the server level.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -513,6 +513,87 @@ async fn a_jwt_key_rotation_reaches_the_other_domain_without_a_restart() {
     p.agent_a.stop().await.unwrap();
     p.agent_b.stop().await.unwrap();
     drop((p.a, p.b));
+}
+
+/// The federated domain rotates its X.509 CA (12 s lifetime): every new authority
+/// reaches the other domain's workloads within one refresh interval (1 s), without a
+/// restart, and the other domain keeps verifying its SVIDs across the rotations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_x509_ca_rotation_reaches_the_other_domain_without_a_restart() {
+    let a = Harness::start_in(A, &spiffe_endpoint("")).await;
+    let b = Harness::start_in(
+        B,
+        &format!(
+            "ca_ttl = \"12s\"\nallow_short_key_lifetimes = true\ndefault_x509_svid_ttl = \"4s\"\nagent_svid_ttl = \"6s\"\n{}",
+            spiffe_endpoint("")
+        ),
+    )
+    .await;
+    let bundle_b = std::fs::read(b.bootstrap_bundle()).unwrap();
+    a.admin()
+        .await
+        .create_federation_relationship(relationship(B, endpoint_url(&b), bundle_b))
+        .await
+        .unwrap();
+    let (agent_a, _) = workload(&a, &[B]).await;
+    let (agent_b, id_b) = workload(&b, &[]).await;
+    let sock_a = agent_a.socket_path().to_owned();
+    let sock_b = agent_b.socket_path().to_owned();
+    let first = x509_until(&sock_a, "B's bundle at A", |r| federated_of(r, B).is_some()).await;
+    let mut seen: Vec<Vec<u8>> = federated_of(&first, B).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    // Two new CAs of B in A's view, each reaching A while B's agent is served by it.
+    while seen.len() < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "B's new CAs did not reach A: {} seen",
+            seen.len()
+        );
+        let b_view = fetch_x509_raw(&sock_b).await.unwrap();
+        let b_time = std::time::SystemTime::now();
+        let b_authorities = split_der(&b_view.svids[0].bundle);
+        let a_view = fetch_x509_raw(&sock_a).await.unwrap();
+        let a_authorities = federated_of(&a_view, B).unwrap();
+        for ca in &a_authorities {
+            if !seen.contains(ca) {
+                seen.push(ca.clone());
+            }
+        }
+        // A new CA published by B reaches A within the refresh interval plus the push:
+        // whatever B's workload holds now, A's workloads hold within 3 s.
+        let lag_deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        loop {
+            let a_now = federated_of(&fetch_x509_raw(&sock_a).await.unwrap(), B).unwrap();
+            if b_authorities.iter().all(|ca| a_now.contains(ca)) {
+                // And B's SVID (from the same answer as B's authorities) verifies
+                // against the bundle A holds for B.
+                let leaf: Vec<CertificateDer<'static>> = split_der(&b_view.svids[0].x509_svid)
+                    .into_iter()
+                    .map(CertificateDer::from)
+                    .collect();
+                let bundle =
+                    SpiffeBundle::from_x509_authorities(TrustDomain::new(B).unwrap(), a_now);
+                let id = tessera_federation::verify_x509_svid(
+                    &leaf,
+                    &bundle,
+                    rustls::pki_types::UnixTime::since_unix_epoch(
+                        b_time.duration_since(std::time::UNIX_EPOCH).unwrap(),
+                    ),
+                )
+                .expect("B's SVID verifies with A's copy of B's bundle");
+                assert_eq!(id.as_str(), id_b);
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < lag_deadline,
+                "B's authorities took longer than 3 s to reach A"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    agent_a.stop().await.unwrap();
+    agent_b.stop().await.unwrap();
 }
 
 /// A test CA and an `https_web` certificate for `localhost` signed by it, written to

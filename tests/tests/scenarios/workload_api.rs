@@ -260,3 +260,55 @@ async fn agent_answers_unavailable_until_first_sync() {
     assert!(fetch_x509_raw(offline.socket_path()).await.is_ok());
     offline.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entry_dns_names_are_in_the_svid() {
+    let h = Harness::start().await;
+    let agent = h.start_agent("a", Some(h.join_token(None).await)).await;
+    h.admin()
+        .await
+        .create_entry(tessera_proto::admin::CreateEntryRequest {
+            entry: Some(tessera_proto::types::Entry {
+                spiffe_id: "spiffe://example.org/web".into(),
+                parent_id: agent.agent_id().to_string(),
+                selectors: vec![tessera_proto::types::Selector {
+                    r#type: "unix".into(),
+                    value: format!("uid:{}", my_uid()),
+                }],
+                dns_names: vec!["localhost".into(), "web.example.org".into()],
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let mut answer = None;
+    for _ in 0..200 {
+        if let Ok(response) = fetch_x509_raw(agent.socket_path()).await {
+            answer = Some(response);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let answer = answer.expect("an SVID with DNS names");
+    let leaf = tessera_agent::cli::split_der_certificates(&answer.svids[0].x509_svid).unwrap();
+    let (_, cert) = x509_parser::parse_x509_certificate(&leaf[0]).unwrap();
+    let san = cert.subject_alternative_name().unwrap().unwrap().value;
+    let names: Vec<String> = san
+        .general_names
+        .iter()
+        .map(|n| match n {
+            x509_parser::extensions::GeneralName::DNSName(d) => format!("dns:{d}"),
+            x509_parser::extensions::GeneralName::URI(u) => format!("uri:{u}"),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "uri:spiffe://example.org/web",
+            "dns:localhost",
+            "dns:web.example.org"
+        ]
+    );
+    agent.stop().await.unwrap();
+}
