@@ -92,6 +92,10 @@ pub struct CacheSnapshot {
     pub crls: Arc<Vec<Vec<u8>>>,
     /// Bundles of federated trust domains, by trust domain (never merged).
     pub federated: Arc<crate::federation::FederatedSet>,
+    /// Entries (fixed IDs) whose last signing attempt failed and is being retried with
+    /// backoff: callers are served their other identities instead of waiting for this
+    /// one indefinitely.
+    pub failing: Arc<std::collections::BTreeSet<String>>,
 }
 
 impl CacheSnapshot {

@@ -1,4 +1,5 @@
-//! The agent's configuration file (`[agent]` and `[[plugins.workload_attestor]]`),
+//! The agent's configuration file (`[agent]`, `[[plugins.workload_attestor]]` and
+//! `[[plugins.node_attestor]]`),
 //! parsed once into typed values before the runtime starts. Every field documents its
 //! default.
 
@@ -53,6 +54,21 @@ struct RawAgent {
 struct RawPlugins {
     #[serde(default)]
     workload_attestor: Vec<RawPlugin>,
+    #[serde(default)]
+    node_attestor: Vec<RawPlugin>,
+}
+
+/// `[plugins.node_attestor.data]` of the `x509pop` node attestor
+/// (`docs/plugin_agent_nodeattestor_x509pop.md`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct X509PopAgentConfig {
+    /// `certificate_path` (required): PEM chain, the node's certificate first, then any
+    /// intermediates. Read at each attestation.
+    pub certificate_path: PathBuf,
+    /// `private_key_path` (required): the certificate's key, one unencrypted PKCS#8 PEM
+    /// block, mode 0600 or 0400, owned by the agent's user. Read at each attestation.
+    pub private_key_path: PathBuf,
 }
 
 #[derive(Debug, Deserialize)]
@@ -159,6 +175,9 @@ pub struct AgentConfig {
     pub log_format: LogFormat,
     /// `[[plugins.workload_attestor]]` (default: `unix` with its defaults).
     pub workload_attestors: Vec<WorkloadAttestorConfig>,
+    /// `[[plugins.node_attestor]] name = "x509pop"` (default: none): attest with a node
+    /// certificate when the agent holds no valid SVID and no join token is given.
+    pub x509pop: Option<X509PopAgentConfig>,
 }
 
 impl AgentConfig {
@@ -218,6 +237,35 @@ impl AgentConfig {
             };
             workload_attestors.push(attestor);
         }
+        let mut x509pop = None;
+        for (index, plugin) in file.plugins.node_attestor.into_iter().enumerate() {
+            let key = format!("plugins.node_attestor[{index}]");
+            let data = plugin.data.unwrap_or_default();
+            let data_key = format!("{key}.data");
+            match plugin.name.as_str() {
+                "x509pop" if x509pop.is_none() => {
+                    x509pop = Some(plugin_data(data, path, &data_key)?);
+                }
+                "x509pop" => {
+                    return Err(ConfigError::invalid(
+                        path,
+                        &format!("{key}.name"),
+                        "x509pop is configured twice",
+                    ));
+                }
+                other => {
+                    return Err(ConfigError::invalid(
+                        path,
+                        &format!("{key}.name"),
+                        format!(
+                            "unknown node attestor `{}` (available: x509pop; join tokens \
+                             are given with join_token)",
+                            other.escape_debug()
+                        ),
+                    ));
+                }
+            }
+        }
         if workload_attestors.is_empty() {
             workload_attestors.push(WorkloadAttestorConfig::Unix(UnixAttestorConfig::default()));
         }
@@ -240,6 +288,7 @@ impl AgentConfig {
             log_level: raw.log_level,
             log_format: raw.log_format,
             workload_attestors,
+            x509pop,
         })
     }
 }
@@ -262,6 +311,39 @@ mod tests {
     use super::*;
 
     const MINIMAL: &str = "[agent]\ntrust_domain = \"example.org\"\nserver_address = \"127.0.0.1:8081\"\ndata_dir = \"/tmp/a\"\n";
+
+    #[test]
+    fn x509pop_node_attestor() {
+        let c = AgentConfig::parse(MINIMAL, Path::new("a.toml")).unwrap();
+        assert_eq!(c.x509pop, None);
+        let text = format!(
+            "{MINIMAL}[[plugins.node_attestor]]\nname = \"x509pop\"\n\
+             [plugins.node_attestor.data]\ncertificate_path = \"/c.pem\"\n\
+             private_key_path = \"/k.pem\"\n"
+        );
+        let c = AgentConfig::parse(&text, Path::new("a.toml")).unwrap();
+        assert_eq!(
+            c.x509pop,
+            Some(X509PopAgentConfig {
+                certificate_path: PathBuf::from("/c.pem"),
+                private_key_path: PathBuf::from("/k.pem"),
+            })
+        );
+        let err = AgentConfig::parse(
+            &format!("{MINIMAL}[[plugins.node_attestor]]\nname = \"x509pop\"\n"),
+            Path::new("a.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("plugins.node_attestor[0].data"), "{err}");
+        let err = AgentConfig::parse(
+            &format!("{MINIMAL}[[plugins.node_attestor]]\nname = \"tpm\"\n"),
+            Path::new("a.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("unknown node attestor `tpm`"), "{err}");
+    }
 
     #[test]
     fn defaults_apply() {

@@ -416,18 +416,25 @@ async fn start_with(
             if stored.is_some() {
                 tracing::info!("the stored agent SVID has expired; attesting again");
             }
-            let token = join_token.or_else(|| config.join_token.clone()).ok_or_else(|| {
-                AgentError::Config(
-                    "the agent has no valid SVID; attestation needs a join token (--join-token or join_token)".into(),
-                )
-            })?;
+            let method = match (
+                join_token.or_else(|| config.join_token.clone()),
+                &config.x509pop,
+            ) {
+                (Some(token), _) => NodeAttestation::JoinToken(token),
+                (None, Some(x509pop)) => NodeAttestation::X509Pop(x509pop.clone()),
+                (None, None) => {
+                    return Err(AgentError::Config(
+                        "the agent has no valid SVID; attestation needs a join token (--join-token or join_token) or the x509pop node attestor".into(),
+                    ));
+                }
+            };
             attest_agent(
                 &config,
                 &store,
                 &trust,
                 Arc::clone(&verifier),
                 Arc::clone(&provider),
-                &token,
+                method,
             )
             .await?
         }
@@ -458,6 +465,7 @@ async fn start_with(
         revoked: Arc::new(cache::RevokedSet::default()),
         crls: Arc::new(Vec::new()),
         federated: Arc::default(),
+        failing: Arc::default(),
     };
     let (cache_tx, cache_rx) = watch::channel(Arc::new(initial));
     let shutdown = CancellationToken::new();
@@ -559,19 +567,60 @@ async fn start_with(
     })
 }
 
+/// How the agent attests when it holds no valid SVID.
+enum NodeAttestation {
+    /// A join token (`--join-token` or `join_token`), used when given.
+    JoinToken(String),
+    /// The configured x509pop node attestor.
+    X509Pop(config::X509PopAgentConfig),
+}
+
+/// A [`NodeAttestation`] ready to send: the x509pop files are loaded.
+enum Prepared {
+    JoinToken(String),
+    X509Pop(Arc<tessera_plugin_x509pop::AgentCredentials>),
+}
+
 async fn attest_agent(
     config: &AgentConfig,
     store: &Store,
     trust: &ServerTrust,
     verifier: Arc<ServerVerifier>,
     provider: Arc<rustls::crypto::CryptoProvider>,
-    token: &str,
+    method: NodeAttestation,
 ) -> Result<AgentSvidFiles, AgentError> {
+    // The x509pop files first: a bad certificate or key fails before any key is made.
+    let credentials = match method {
+        NodeAttestation::X509Pop(x509pop) => {
+            let credentials = blocking(move || {
+                tessera_plugin_x509pop::AgentCredentials::load(
+                    &x509pop.certificate_path,
+                    &x509pop.private_key_path,
+                )
+                .map_err(|err| AgentError::Config(format!("x509pop: {err}")))
+            })
+            .await?;
+            tracing::info!(
+                fingerprint = credentials.fingerprint(),
+                "attesting with x509pop"
+            );
+            Prepared::X509Pop(Arc::new(credentials))
+        }
+        NodeAttestation::JoinToken(token) => Prepared::JoinToken(token),
+    };
     let (key, csr) = blocking(store::new_key_and_csr).await?;
-    let tls = tls::client_config(verifier, None, provider)
-        .map_err(|err| AgentError::Crypto(err.to_string()))?;
-    let svid =
-        node::attest_with_join_token(&config.server_address, Arc::new(tls), token, csr).await?;
+    let tls = Arc::new(
+        tls::client_config(verifier, None, provider)
+            .map_err(|err| AgentError::Crypto(err.to_string()))?,
+    );
+    let svid = match credentials {
+        Prepared::JoinToken(token) => {
+            node::attest_with_join_token(&config.server_address, tls, &token, csr).await?
+        }
+        Prepared::X509Pop(x509pop) => {
+            node::attest_with_x509pop(&config.server_address, tls, x509pop, csr).await?
+        }
+    };
     let leaf = svid
         .cert_chain
         .first()

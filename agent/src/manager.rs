@@ -80,6 +80,7 @@ impl SvidManager {
         let mut entries = (*state.entries).clone();
         let mut svids = (*state.svids).clone();
         let mut retry_at: HashMap<String, (Instant, Duration)> = HashMap::new();
+        let mut failing: std::collections::BTreeSet<String> = (*state.failing).clone();
         // Hashes the host's interpreters in the background (SECURITY.md §3.3 item 34).
         let mut interpreter_lint = crate::interpreters::InterpreterLint::start();
         loop {
@@ -122,6 +123,7 @@ impl SvidManager {
                     match minted.svid {
                         Ok(svid) => {
                             retry_at.remove(&minted.entry_id);
+                            failing.remove(&minted.entry_id);
                             svids.insert(minted.entry_id, Arc::new(svid));
                             changed = true;
                         }
@@ -131,13 +133,17 @@ impl SvidManager {
                                 .map_or(MIN_BACKOFF, |(_, d)| (*d * 2).min(MAX_BACKOFF));
                             let jittered = delay.mul_f64(0.5 + 0.5 * jitter_fraction());
                             tracing::warn!(entry_id = %minted.entry_id, %reason, retry_in = ?jittered, "cannot obtain an X.509-SVID");
+                            failing.insert(minted.entry_id.clone());
+                            changed = true;
                             retry_at.insert(minted.entry_id, (Instant::now() + jittered, delay));
                         }
                     }
                 }
             }
             if changed {
+                failing.retain(|id| entries.contains_key(id));
                 state.svids = Arc::new(svids.clone());
+                state.failing = Arc::new(failing.clone());
                 self.cache.send_replace(Arc::new(state.clone()));
             }
 

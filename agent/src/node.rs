@@ -1,5 +1,5 @@
 //! The agent's side of the node API: channels to the server over mutual TLS, node
-//! attestation with a join token, and agent SVID renewal.
+//! attestation with a join token or x509pop, and agent SVID renewal.
 
 use std::io;
 use std::sync::{Arc, RwLock};
@@ -121,6 +121,67 @@ pub async fn attest_with_join_token(
                 return Err(AgentError::Attestation(
                     "join_token attestation takes no challenge".into(),
                 ));
+            }
+            None => {}
+        }
+    }
+}
+
+/// Node attestation with x509pop: sends the chain of `credentials` and a CSR, answers
+/// the server's one challenge with the leaf key (on a blocking thread), returns the
+/// agent SVID, bundle and revision.
+pub async fn attest_with_x509pop(
+    address: &str,
+    tls: Arc<rustls::ClientConfig>,
+    credentials: Arc<tessera_plugin_x509pop::AgentCredentials>,
+    csr_der: Vec<u8>,
+) -> Result<AgentSvid, AgentError> {
+    let mut client = NodeClient::new(channel(address, tls)?);
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    let params = AttestAgentRequest {
+        step: Some(attest_agent_request::Step::Params(AttestationParams {
+            r#type: tessera_plugin_x509pop::PLUGIN_NAME.into(),
+            payload: credentials.attestation_payload(),
+            csr: csr_der,
+        })),
+    };
+    tx.send(params)
+        .await
+        .map_err(|_| AgentError::Attestation("attestation stream closed".into()))?;
+    let mut responses = client
+        .attest_agent(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map_err(|status| AgentError::Attestation(status.message().to_owned()))?
+        .into_inner();
+    let mut answered = false;
+    loop {
+        let message = responses
+            .message()
+            .await
+            .map_err(|status| AgentError::Attestation(status.message().to_owned()))?
+            .ok_or_else(|| {
+                AgentError::Attestation("server ended attestation without a result".into())
+            })?;
+        match message.step {
+            Some(attest_agent_response::Step::Result(svid)) => return Ok(svid),
+            Some(attest_agent_response::Step::Challenge(challenge)) => {
+                if answered {
+                    return Err(AgentError::Attestation(
+                        "x509pop attestation takes one challenge only".into(),
+                    ));
+                }
+                answered = true;
+                let credentials = Arc::clone(&credentials);
+                let signature =
+                    tokio::task::spawn_blocking(move || credentials.respond(&challenge))
+                        .await
+                        .map_err(|err| AgentError::Task(err.to_string()))?
+                        .map_err(|err| AgentError::Attestation(err.to_string()))?;
+                tx.send(AttestAgentRequest {
+                    step: Some(attest_agent_request::Step::ChallengeResponse(signature)),
+                })
+                .await
+                .map_err(|_| AgentError::Attestation("attestation stream closed".into()))?;
             }
             None => {}
         }

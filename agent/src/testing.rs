@@ -222,5 +222,6 @@ pub(crate) fn snapshot_with(entries: &[Arc<RegistrationEntry>]) -> CacheSnapshot
         revoked: Arc::new(RevokedSet::default()),
         crls: Arc::new(Vec::new()),
         federated: Arc::default(),
+        failing: Arc::default(),
     }
 }

@@ -1114,6 +1114,9 @@ fn x509_push(ctx: &Ctx<'_>) -> Push<X509svidResponse, SentX509> {
                 Some(svid) if svid.not_after > now && svid.entry_revision == entry.revision => {
                     ready.push((Arc::clone(entry), Arc::clone(svid), None));
                 }
+                // The server refused it and the manager retries with backoff: serve the
+                // caller's other identities rather than none until it succeeds.
+                _ if snapshot.failing.contains(&entry.id) => {}
                 _ => return Push::Wait,
             },
             Grant::Templated(rendered, state) => {
@@ -1134,6 +1137,11 @@ fn x509_push(ctx: &Ctx<'_>) -> Push<X509svidResponse, SentX509> {
                 }
             }
         }
+    }
+    if ready.is_empty() {
+        // Every identity is failing: keep waiting for the retries (the client's own
+        // deadline applies), never an empty answer.
+        return Push::Wait;
     }
     let bundle = snapshot.bundle.concatenated_der();
     let federated = crate::federation::bundles_for(
@@ -1490,6 +1498,7 @@ mod tests {
             revoked: Arc::new(crate::cache::RevokedSet::default()),
             crls: Arc::new(Vec::new()),
             federated: Arc::default(),
+            failing: Arc::default(),
         };
         let verifier = Arc::new(crate::tls::ServerVerifier::new(
             Arc::new(crate::tls::ServerTrust::default()),

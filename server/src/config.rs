@@ -1,5 +1,6 @@
-//! The server's configuration file (`[server]` and `[server.datastore]`), parsed once
-//! into typed values before the runtime starts. Every field documents its default.
+//! The server's configuration file (`[server]`, `[server.datastore]` and
+//! `[[plugins.node_attestor]]`), parsed once into typed values before the runtime starts.
+//! Every field documents its default.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -15,6 +16,56 @@ use tessera_plugin_sdk::config::{ConfigDuration, ConfigError, LogFormat, LogLeve
 #[serde(deny_unknown_fields)]
 struct File {
     server: RawServer,
+    #[serde(default)]
+    plugins: RawPlugins,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlugins {
+    #[serde(default)]
+    node_attestor: Vec<RawPlugin>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlugin {
+    name: String,
+    #[serde(default)]
+    data: Option<toml::Table>,
+}
+
+/// `[plugins.node_attestor.data]` of the `x509pop` node attestor
+/// (`docs/plugin_server_nodeattestor_x509pop.md`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct X509PopConfig {
+    /// `ca_bundle_path` (required): PEM file of the CAs a node certificate must chain
+    /// to (not the tessera trust bundle). Read when the server starts.
+    pub ca_bundle_path: PathBuf,
+    /// `max_intermediates` (default 4, 0 to 6): most intermediate certificates the agent
+    /// may send after its leaf.
+    #[serde(default = "default_max_intermediates")]
+    pub max_intermediates: usize,
+    /// `max_rsa_key_size` (default 8192, 2048 to 8192): largest RSA modulus, in bits,
+    /// accepted in any certificate of the chain, including the configured CAs.
+    #[serde(default = "default_max_rsa_key_size")]
+    pub max_rsa_key_size: usize,
+}
+
+fn default_max_intermediates() -> usize {
+    tessera_plugin_x509pop::DEFAULT_MAX_INTERMEDIATES
+}
+
+fn default_max_rsa_key_size() -> usize {
+    tessera_plugin_x509pop::DEFAULT_MAX_RSA_KEY_SIZE
+}
+
+/// The node attestors enabled besides `join_token` (always on).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeAttestorsConfig {
+    /// `[[plugins.node_attestor]] name = "x509pop"` (default: not enabled).
+    pub x509pop: Option<X509PopConfig>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -153,19 +204,78 @@ pub struct ServerConfig {
     pub datastore: DatastoreKind,
     /// `[server.federation]`: the bundle endpoint and the polling of federated ones.
     pub federation: FederationConfig,
+    /// `[[plugins.node_attestor]]` (default: none; `join_token` attestation is always
+    /// available).
+    pub node_attestors: NodeAttestorsConfig,
 }
 
 impl ServerConfig {
     /// Reads and validates the configuration file at `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let file: File = load_toml(path)?;
-        Self::from_raw(file.server, path)
+        Self::from_file(file, path)
     }
 
     /// Parses configuration text (`path` only names the source in errors).
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
         let file: File = tessera_plugin_sdk::config::parse_toml(text, path)?;
-        Self::from_raw(file.server, path)
+        Self::from_file(file, path)
+    }
+
+    fn from_file(file: File, path: &Path) -> Result<Self, ConfigError> {
+        let mut config = Self::from_raw(file.server, path)?;
+        for (index, plugin) in file.plugins.node_attestor.into_iter().enumerate() {
+            let key = format!("plugins.node_attestor[{index}]");
+            let data = plugin.data.unwrap_or_default();
+            let data_key = format!("{key}.data");
+            match plugin.name.as_str() {
+                "x509pop" => {
+                    if config.node_attestors.x509pop.is_some() {
+                        return Err(ConfigError::invalid(
+                            path,
+                            &format!("{key}.name"),
+                            "x509pop is configured twice",
+                        ));
+                    }
+                    let x509pop: X509PopConfig =
+                        toml::Value::Table(data)
+                            .try_into()
+                            .map_err(|err: toml::de::Error| {
+                                ConfigError::invalid(
+                                    path,
+                                    &data_key,
+                                    err.message().replace('\n', " "),
+                                )
+                            })?;
+                    if x509pop.max_intermediates > 6 {
+                        return Err(ConfigError::invalid(
+                            path,
+                            &format!("{data_key}.max_intermediates"),
+                            "must be at most 6",
+                        ));
+                    }
+                    if !(2048..=8192).contains(&x509pop.max_rsa_key_size) {
+                        return Err(ConfigError::invalid(
+                            path,
+                            &format!("{data_key}.max_rsa_key_size"),
+                            "must be between 2048 and 8192 bits",
+                        ));
+                    }
+                    config.node_attestors.x509pop = Some(x509pop);
+                }
+                other => {
+                    return Err(ConfigError::invalid(
+                        path,
+                        &format!("{key}.name"),
+                        format!(
+                            "unknown node attestor `{}` (available: x509pop; join_token is always on)",
+                            other.escape_debug()
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(config)
     }
 
     fn from_raw(raw: RawServer, path: &Path) -> Result<Self, ConfigError> {
@@ -211,6 +321,7 @@ impl ServerConfig {
             log_format: raw.log_format,
             datastore: raw.datastore.kind,
             federation: FederationConfig::from_raw(raw.federation, path)?,
+            node_attestors: NodeAttestorsConfig::default(),
         };
         if config
             .audit_log_path
@@ -448,6 +559,47 @@ mod tests {
     use super::*;
 
     const MINIMAL: &str = "[server]\ntrust_domain = \"example.org\"\ndata_dir = \"/tmp/x\"\n";
+
+    #[test]
+    fn x509pop_node_attestor() {
+        let c = ServerConfig::parse(MINIMAL, Path::new("s.toml")).unwrap();
+        assert_eq!(c.node_attestors.x509pop, None);
+        let text = format!(
+            "{MINIMAL}[[plugins.node_attestor]]\nname = \"x509pop\"\n\
+             [plugins.node_attestor.data]\nca_bundle_path = \"/etc/ca.pem\"\n"
+        );
+        let c = ServerConfig::parse(&text, Path::new("s.toml")).unwrap();
+        assert_eq!(
+            c.node_attestors.x509pop,
+            Some(X509PopConfig {
+                ca_bundle_path: PathBuf::from("/etc/ca.pem"),
+                max_intermediates: 4,
+                max_rsa_key_size: 8192,
+            })
+        );
+        for (extra, key) in [
+            ("max_intermediates = 7\n", "max_intermediates"),
+            ("max_rsa_key_size = 1024\n", "max_rsa_key_size"),
+            ("colour = 1\n", "plugins.node_attestor[0].data"),
+        ] {
+            let err = ServerConfig::parse(&format!("{text}{extra}"), Path::new("s.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{err}");
+        }
+        let err = ServerConfig::parse(
+            &format!("{MINIMAL}[[plugins.node_attestor]]\nname = \"tpm\"\n"),
+            Path::new("s.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("unknown node attestor `tpm`"), "{err}");
+        let twice = format!("{text}{}", &text[MINIMAL.len()..]);
+        let err = ServerConfig::parse(&twice, Path::new("s.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("configured twice"), "{err}");
+    }
 
     #[test]
     fn defaults_apply() {

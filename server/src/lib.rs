@@ -68,6 +68,9 @@ pub enum ServerError {
     /// A task of the server failed.
     #[error("{0}")]
     Task(String),
+    /// A node attestor could not be set up from its configuration.
+    #[error("node attestor: {0}")]
+    NodeAttestor(#[from] tessera_plugin_x509pop::ConfigError),
 }
 
 fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServerError {
@@ -174,6 +177,24 @@ pub async fn prepare_state(config: ServerConfig) -> Result<Arc<ServerState>, Ser
     .await
     .map_err(|err| ServerError::Task(err.to_string()))??;
 
+    // The x509pop CA bundle is read once, at start: a bad bundle stops the server.
+    let x509pop = match config.node_attestors.x509pop.clone() {
+        Some(x509pop) => Some(Arc::new(
+            tokio::task::spawn_blocking(move || {
+                let cas = tessera_plugin_x509pop::load_ca_bundle(&x509pop.ca_bundle_path)?;
+                tessera_plugin_x509pop::X509PopVerifier::new(
+                    cas,
+                    tessera_plugin_x509pop::Limits::default()
+                        .with_max_intermediates(x509pop.max_intermediates)
+                        .with_max_rsa_key_size(x509pop.max_rsa_key_size),
+                )
+            })
+            .await
+            .map_err(|err| ServerError::Task(err.to_string()))??,
+        )),
+        None => None,
+    };
+
     let datastore: Arc<dyn Datastore> = match config.datastore {
         DatastoreKind::Sqlite => {
             datastore::open_sqlite(&config.data_dir.join("datastore.sqlite3")).await?
@@ -215,6 +236,7 @@ pub async fn prepare_state(config: ServerConfig) -> Result<Arc<ServerState>, Ser
         audit,
         shutdown,
         federation: federation::FederationState::default(),
+        x509pop,
     });
     if let Err(err) = state.refresh_crl().await {
         tracing::error!(error = %err, "cannot build the CRL; agents get none until it can be");

@@ -1,4 +1,5 @@
-//! The node API (`tessera.node.v1.Node`): agent attestation with join tokens, agent SVID
+//! The node API (`tessera.node.v1.Node`): agent attestation with join tokens or x509pop
+//! (one challenge on the same stream), agent SVID
 //! renewal bound to the current serial, the `Sync` push stream (entries, bundle,
 //! revocations, CRL, and the final word to a banned or evicted agent), and X.509- and
 //! JWT-SVID signing for the entries an agent is authorized for, never for a revoked
@@ -18,6 +19,7 @@ use futures::Stream;
 use tessera_audit::{Outcome, ServerEvent};
 use tessera_plugin_join_token::{JoinToken, agent_path_segments};
 use tessera_plugin_sdk::{RegistrationEntry, SpiffeId, TemplateValues, TrustDomain};
+use tessera_plugin_x509pop::{AttestationError, Candidate, Challenge, X509PopVerifier};
 use tessera_proto::convert::entry_to_proto;
 use tessera_proto::node::FederatedBundles;
 use tessera_proto::node::node_server::Node;
@@ -198,19 +200,179 @@ impl NodeService {
             },
             Err(err) => Err(err),
         };
-        let (outcome, reason) = match &result {
-            Ok(_) => (Outcome::Ok, None),
-            Err(err) => (Outcome::Error, Some(err.to_string())),
+        self.record_attestation(audit, peer, result.as_ref().err());
+        result
+    }
+
+    /// Audits one attestation attempt (`node_attested`): `error` is `None` on success.
+    fn record_attestation(
+        &self,
+        audit: AttestAudit,
+        peer: Option<String>,
+        error: Option<&ApiError>,
+    ) {
+        let (outcome, reason) = match error {
+            None => (Outcome::Ok, None),
+            Some(err) => (Outcome::Error, Some(err.to_string())),
         };
         self.state.audit.record(ServerEvent::NodeAttested {
             method: audit.method,
-            agent_id: result.is_ok().then_some(audit.agent_id).flatten(),
+            agent_id: error.is_none().then_some(audit.agent_id).flatten(),
             token_id: audit.token_id,
             peer,
             result: outcome,
             reason,
         });
-        result
+    }
+
+    /// x509pop attestation (`docs/plugin_server_nodeattestor_x509pop.md`): checks the
+    /// payload and the CSR, then answers with a stream that carries the challenge and,
+    /// once the agent's response on `inbound` verifies, the agent SVID. Failures before
+    /// the challenge are the call's status; later ones end the stream. Every attempt is
+    /// audited once.
+    async fn attest_x509pop(
+        &self,
+        verifier: Arc<X509PopVerifier>,
+        params: AttestationParams,
+        inbound: Streaming<AttestAgentRequest>,
+        peer: Option<String>,
+    ) -> Result<BoxStream<AttestAgentResponse>, ApiError> {
+        let mut audit = AttestAudit {
+            method: tessera_plugin_x509pop::PLUGIN_NAME.into(),
+            ..AttestAudit::default()
+        };
+        let started = async {
+            let public_key = ca::public_key_from_csr(&params.csr)?;
+            let payload = params.payload;
+            let checker = Arc::clone(&verifier);
+            let candidate = tokio::task::spawn_blocking(move || {
+                checker.verify_payload(&payload, SystemTime::now())
+            })
+            .await
+            .map_err(|err| ApiError::Internal(format!("x509pop task: {err}")))?
+            .map_err(x509pop_error)?;
+            Ok::<_, ApiError>((public_key, candidate))
+        }
+        .await;
+        let (public_key, candidate) = match started {
+            Ok(started) => started,
+            Err(err) => {
+                tracing::info!(reason = %err, "refused an x509pop attestation");
+                self.record_attestation(audit, peer, Some(&err));
+                return Err(err);
+            }
+        };
+        let challenge = verifier.challenge();
+        let first = AttestAgentResponse {
+            step: Some(attest_agent_response::Step::Challenge(
+                challenge.encoded().to_vec(),
+            )),
+        };
+        let (tx, rx) = mpsc::channel(2);
+        let service = self.clone();
+        tokio::spawn(async move {
+            if tx.send(Ok(first)).await.is_err() {
+                return;
+            }
+            let shutdown = service.state.shutdown.clone();
+            let result = tokio::select! {
+                result = service.finish_x509pop(
+                    &verifier, &candidate, challenge, inbound, &public_key, &mut audit,
+                ) => result,
+                () = shutdown.cancelled() => Err(ApiError::Unavailable("the server is stopping".into())),
+            };
+            if let Err(err) = &result {
+                tracing::info!(reason = %err, "refused an x509pop attestation");
+            }
+            service.record_attestation(audit, peer, result.as_ref().err());
+            let _ = tx.send(result.map_err(Status::from)).await;
+        });
+        Ok(Box::pin(ReceiverStream::new(rx)))
+    }
+
+    /// The second half of x509pop: waits (bounded by the challenge timeout) for the
+    /// agent's answer, verifies it, refuses a banned agent, signs and records.
+    async fn finish_x509pop(
+        &self,
+        verifier: &Arc<X509PopVerifier>,
+        candidate: &Candidate,
+        challenge: Challenge,
+        mut inbound: Streaming<AttestAgentRequest>,
+        public_key: &[u8],
+        audit: &mut AttestAudit,
+    ) -> Result<AttestAgentResponse, ApiError> {
+        let wait = verifier.limits().challenge_timeout;
+        let response = match tokio::time::timeout(wait, inbound.message()).await {
+            Err(_) => return Err(x509pop_error(AttestationError::ChallengeExpired)),
+            Ok(Ok(Some(AttestAgentRequest {
+                step: Some(attest_agent_request::Step::ChallengeResponse(response)),
+            }))) => response,
+            Ok(Ok(Some(_))) => {
+                return Err(ApiError::InvalidArgument(
+                    "expected the x509pop challenge response".into(),
+                ));
+            }
+            Ok(Ok(None)) => {
+                return Err(ApiError::InvalidArgument(
+                    "the attestation stream ended before the challenge response".into(),
+                ));
+            }
+            Ok(Err(status)) => return Err(ApiError::InvalidArgument(status.message().to_owned())),
+        };
+        let node = {
+            let verifier = Arc::clone(verifier);
+            let candidate = candidate.clone();
+            tokio::task::spawn_blocking(move || {
+                verifier.verify_response(&candidate, challenge, &response)
+            })
+            .await
+            .map_err(|err| ApiError::Internal(format!("x509pop task: {err}")))?
+            .map_err(x509pop_error)?
+        };
+        let agent_id = node
+            .agent_id(self.state.trust_domain())
+            .map_err(|err| ApiError::Internal(format!("x509pop agent id: {err}")))?;
+        audit.agent_id = Some(agent_id.to_string());
+        // Re-attestation is allowed (same certificate, same ID), a ban is not: checked
+        // before signing, and again by the upsert in the same statement as the write.
+        let existing = self.state.datastore.get_agent(&agent_id).await?;
+        if existing.as_ref().is_some_and(|a| a.banned_at.is_some()) {
+            tracing::warn!(agent_id = %agent_id, "a banned agent tried to attest");
+            return Err(ApiError::PermissionDenied(AGENT_BANNED.into()));
+        }
+        let svid = self.sign_agent_svid(public_key, &agent_id)?;
+        let now = SystemTime::now();
+        let agent = AttestedAgent {
+            spiffe_id: agent_id.clone(),
+            attestation_type: tessera_plugin_x509pop::PLUGIN_NAME.into(),
+            serial: svid.serial_hex.clone(),
+            previous_serial: None,
+            expires_at: svid.not_after,
+            // Aliases an operator gave the agent survive its re-attestation.
+            aliases: existing.map(|a| a.aliases).unwrap_or_default(),
+            first_attested_at: now,
+            last_seen_at: now,
+            banned_at: None,
+        };
+        match self.state.datastore.upsert_agent(agent).await {
+            Err(DatastoreError::AgentBanned) => {
+                tracing::warn!(agent_id = %agent_id, "a banned agent tried to attest");
+                return Err(ApiError::PermissionDenied(AGENT_BANNED.into()));
+            }
+            other => other?,
+        }
+        self.state.publish_revision().await;
+        tracing::info!(
+            agent_id = %agent_id,
+            serial = %svid.serial_hex,
+            selectors = node.selectors().len(),
+            "agent attested with x509pop"
+        );
+        Ok(AttestAgentResponse {
+            step: Some(attest_agent_response::Step::Result(
+                self.agent_svid_message(&agent_id, svid.der).await?,
+            )),
+        })
     }
 
     async fn attest_join_token(
@@ -846,6 +1008,16 @@ impl NodeService {
     }
 }
 
+/// An x509pop refusal: malformed or over-the-cap input is `InvalidArgument`, a failed
+/// verification `PermissionDenied`.
+fn x509pop_error(err: AttestationError) -> ApiError {
+    if err.is_invalid_input() {
+        ApiError::InvalidArgument(err.to_string())
+    } else {
+        ApiError::PermissionDenied(err.to_string())
+    }
+}
+
 /// `PermissionDenied` message for a banned agent (SECURITY.md §3.9 item 89).
 pub const AGENT_BANNED: &str = "agent is banned";
 /// `PermissionDenied` message for an agent that is not (or no longer) attested.
@@ -899,6 +1071,15 @@ impl Node for NodeService {
             Ok(None) => Err(ApiError::InvalidArgument("empty attestation stream".into())),
             Err(status) => Err(ApiError::InvalidArgument(status.message().to_owned())),
         };
+        if let Ok(params) = &params
+            && params.r#type == tessera_plugin_x509pop::PLUGIN_NAME
+            && let Some(verifier) = self.state.x509pop.clone()
+        {
+            let params = params.clone();
+            return Ok(Response::new(
+                self.attest_x509pop(verifier, params, inbound, peer).await?,
+            ));
+        }
         let response = self.attest(params, peer).await?;
         Ok(Response::new(Box::pin(futures::stream::once(async move {
             Ok(response)

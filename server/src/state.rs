@@ -68,6 +68,9 @@ pub struct ServerState {
     pub shutdown: CancellationToken,
     /// Federation refresh status and serialisation.
     pub federation: crate::federation::FederationState,
+    /// The x509pop node attestor, built from its CA bundle at start (`None` when not
+    /// configured: x509pop attestation is then refused).
+    pub x509pop: Option<Arc<tessera_plugin_x509pop::X509PopVerifier>>,
 }
 
 /// The CRL of the server's CA as last built.

@@ -25,3 +25,4 @@ mod rotation;
 mod selectors;
 mod support;
 mod workload_api;
+mod x509pop;

@@ -242,6 +242,8 @@ async fn unknown_attestation_type_and_missing_params_are_refused() {
     let h = Harness::start().await;
     let token = h.join_token(None).await;
     let (address, ca) = (h.node_address(), ca_der(&h));
+    // `x509pop` exists but is not configured on this server: refused like an unknown
+    // type (tests/tests/scenarios/x509pop.rs covers a server that has it).
     for kind in ["x509pop", "Join_Token", "join_token ", ""] {
         let message = AttestAgentRequest {
             step: Some(attest_agent_request::Step::Params(AttestationParams {
