@@ -1418,6 +1418,71 @@ mod tests {
     use crate::cache::TrustBundle;
     use crate::peer::{KernelPeerSys, PeerCred};
 
+    /// An identity the server keeps refusing must not hold back the caller's others:
+    /// with one SVID cached and the other entry failing, the answer carries the first;
+    /// while the other is merely pending (not failing), the answer waits; with every
+    /// identity failing, it waits for the retries rather than answering with none.
+    #[test]
+    fn a_failing_identity_does_not_hold_back_the_others() {
+        let good = Arc::new(crate::testing::entry(
+            "good",
+            "spiffe://example.org/good",
+            &["unix:uid:1"],
+        ));
+        let bad = Arc::new(crate::testing::entry(
+            "bad",
+            "spiffe://example.org/bad",
+            &["unix:uid:1"],
+        ));
+        let mut snapshot = crate::testing::snapshot_with(&[Arc::clone(&good), Arc::clone(&bad)]);
+        let svid = crate::cache::WorkloadSvid {
+            entry_id: "good".into(),
+            entry_revision: good.revision,
+            spiffe_id: SpiffeId::parse("spiffe://example.org/good").unwrap(),
+            cert_chain: vec![vec![0x30, 0x00]],
+            private_key: vec![1, 2, 3],
+            serial_hex: "01".into(),
+            not_before: SystemTime::now(),
+            not_after: SystemTime::now() + std::time::Duration::from_secs(3600),
+            renew_at: SystemTime::now() + std::time::Duration::from_secs(1800),
+        };
+        snapshot.svids = Arc::new(HashMap::from([("good".to_owned(), Arc::new(svid))]));
+        let grants = |entries: &[&Arc<RegistrationEntry>]| Resolution {
+            grants: entries
+                .iter()
+                .map(|e| Grant::Fixed(Arc::clone(e), e.spiffe_id.as_fixed().unwrap().clone()))
+                .collect(),
+            skipped: Vec::new(),
+            watching: Vec::new(),
+        };
+        let both = grants(&[&good, &bad]);
+        let push = |snapshot: &CacheSnapshot, resolution: &Resolution| {
+            x509_push(&Ctx {
+                snapshot,
+                selectors: &[],
+                resolution,
+                pid: 1,
+                uid: 1,
+            })
+        };
+        assert!(
+            matches!(push(&snapshot, &both), Push::Wait),
+            "pending: wait"
+        );
+        snapshot.failing = Arc::new(std::collections::BTreeSet::from(["bad".to_owned()]));
+        match push(&snapshot, &both) {
+            Push::Send(message, _, _) => {
+                let ids: Vec<&str> = message.svids.iter().map(|s| s.spiffe_id.as_str()).collect();
+                assert_eq!(ids, ["spiffe://example.org/good"]);
+            }
+            _ => panic!("the cached identity was held back"),
+        }
+        assert!(
+            matches!(push(&snapshot, &grants(&[&bad])), Push::Wait),
+            "all failing: wait"
+        );
+    }
+
     /// The kernel's answers, except credentials when `cred` says otherwise; counts the
     /// pidfd calls (= connections that got past the connection cap).
     #[derive(Debug, Default)]
