@@ -362,6 +362,9 @@ enum Push<T, K> {
     Send(T, K, Vec<AgentEvent>),
     Wait,
     Deny,
+    /// Every identity of the caller keeps failing to sign: a retryable error rather
+    /// than a wait without end.
+    Unavailable(&'static str),
 }
 
 /// One identity a caller is entitled to.
@@ -807,6 +810,10 @@ impl WorkloadApi {
                         return;
                     }
                     Push::Wait => {}
+                    Push::Unavailable(reason) => {
+                        let _ = tx.send(Err(refuse(Status::unavailable(reason)))).await;
+                        return;
+                    }
                     Push::Send(message, key, served) => {
                         if last.as_ref() != Some(&key) {
                             if let Err(status) = ensure_alive(&caller) {
@@ -1139,9 +1146,11 @@ fn x509_push(ctx: &Ctx<'_>) -> Push<X509svidResponse, SentX509> {
         }
     }
     if ready.is_empty() {
-        // Every identity is failing: keep waiting for the retries (the client's own
-        // deadline applies), never an empty answer.
-        return Push::Wait;
+        // Every identity is failing (the server refuses or cannot be reached; the
+        // manager retries with backoff): never an empty answer, never a silent wait.
+        return Push::Unavailable(
+            "identity not yet available: the server has not signed it; retrying",
+        );
     }
     let bundle = snapshot.bundle.concatenated_der();
     let federated = crate::federation::bundles_for(
@@ -1421,7 +1430,7 @@ mod tests {
     /// An identity the server keeps refusing must not hold back the caller's others:
     /// with one SVID cached and the other entry failing, the answer carries the first;
     /// while the other is merely pending (not failing), the answer waits; with every
-    /// identity failing, it waits for the retries rather than answering with none.
+    /// identity failing, the caller gets a retryable `Unavailable`, not a wait without end.
     #[test]
     fn a_failing_identity_does_not_hold_back_the_others() {
         let good = Arc::new(crate::testing::entry(
@@ -1478,8 +1487,8 @@ mod tests {
             _ => panic!("the cached identity was held back"),
         }
         assert!(
-            matches!(push(&snapshot, &grants(&[&bad])), Push::Wait),
-            "all failing: wait"
+            matches!(push(&snapshot, &grants(&[&bad])), Push::Unavailable(_)),
+            "all failing: a retryable error"
         );
     }
 

@@ -212,6 +212,11 @@ async fn agent_restart_needs_no_token_and_keeps_its_id() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_restart_keeps_bundle_and_entries() {
     let (mut h, agent, _) = one_agent(0).await;
+    // The agent holds the workload's SVID before the server goes away.
+    wait_until("the first SVID", Duration::from_secs(10), || {
+        !agent.snapshot().svids.is_empty()
+    })
+    .await;
     let ca_before = h.server.as_ref().unwrap().ca_certificate_der();
     let entries_before = h
         .admin()
