@@ -97,6 +97,7 @@ struct RawServer {
     log_format: LogFormat,
     #[serde(default)]
     datastore: RawDatastore,
+    upstream_authority: Option<RawUpstreamAuthority>,
     #[serde(default)]
     federation: RawFederation,
 }
@@ -106,15 +107,140 @@ struct RawServer {
 struct RawDatastore {
     #[serde(default)]
     kind: DatastoreKind,
+    connection_string: Option<String>,
+    max_connections: Option<u32>,
 }
 
-/// Which datastore holds entries, agents, tokens and bundles.
+/// `[server.datastore] kind`: which datastore holds entries, agents, tokens and bundles.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DatastoreKind {
     /// SQLite file `datastore.sqlite3` in `data_dir` (the default).
     #[default]
     Sqlite,
+    /// A PostgreSQL database, which several servers of one trust domain may share.
+    Postgres,
+}
+
+/// Default `[server.datastore] max_connections` (PostgreSQL): ten.
+pub const DEFAULT_POSTGRES_MAX_CONNECTIONS: u32 = 10;
+
+/// `[server.datastore]`, validated.
+#[derive(Clone, PartialEq, Eq)]
+pub enum DatastoreConfig {
+    /// `kind = "sqlite"` (the default): the file `<data_dir>/datastore.sqlite3`.
+    Sqlite,
+    /// `kind = "postgres"`.
+    Postgres(PostgresConfig),
+}
+
+/// `[server.datastore]` with `kind = "postgres"`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PostgresConfig {
+    /// `connection_string` (required): a libpq-style URL or key=value string, e.g.
+    /// `postgres://tessera@db.example.org/tessera?sslmode=verify-full` or
+    /// `host=/run/postgresql dbname=tessera`. Never logged: it may hold a password.
+    pub connection_string: String,
+    /// `max_connections` (default 10, 1 to 1000): size of the connection pool, plus
+    /// one connection that listens for the other servers' changes.
+    pub max_connections: u32,
+}
+
+impl std::fmt::Debug for DatastoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Sqlite => f.write_str("Sqlite"),
+            Self::Postgres(pg) => f
+                .debug_struct("Postgres")
+                .field("connection_string", &"<redacted>")
+                .field("max_connections", &pg.max_connections)
+                .finish(),
+        }
+    }
+}
+
+impl DatastoreConfig {
+    fn from_raw(raw: RawDatastore, path: &Path) -> Result<Self, ConfigError> {
+        match raw.kind {
+            DatastoreKind::Sqlite => {
+                for (key, set) in [
+                    ("connection_string", raw.connection_string.is_some()),
+                    ("max_connections", raw.max_connections.is_some()),
+                ] {
+                    if set {
+                        return Err(ConfigError::invalid(
+                            path,
+                            &format!("server.datastore.{key}"),
+                            "only applies to kind = \"postgres\"",
+                        ));
+                    }
+                }
+                Ok(Self::Sqlite)
+            }
+            DatastoreKind::Postgres => {
+                let connection_string = raw.connection_string.ok_or_else(|| {
+                    ConfigError::invalid(
+                        path,
+                        "server.datastore.connection_string",
+                        "is required with kind = \"postgres\"",
+                    )
+                })?;
+                if connection_string.trim().is_empty() {
+                    return Err(ConfigError::invalid(
+                        path,
+                        "server.datastore.connection_string",
+                        "must not be empty",
+                    ));
+                }
+                let max_connections = raw
+                    .max_connections
+                    .unwrap_or(DEFAULT_POSTGRES_MAX_CONNECTIONS);
+                if !(1..=1000).contains(&max_connections) {
+                    return Err(ConfigError::invalid(
+                        path,
+                        "server.datastore.max_connections",
+                        "must be between 1 and 1000",
+                    ));
+                }
+                Ok(Self::Postgres(PostgresConfig {
+                    connection_string,
+                    max_connections,
+                }))
+            }
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, tag = "kind", rename_all = "lowercase")]
+enum RawUpstreamAuthority {
+    Disk {
+        cert_file_path: PathBuf,
+        key_file_path: PathBuf,
+        bundle_file_path: Option<PathBuf>,
+    },
+}
+
+/// `[server.upstream_authority]`: who signs the server's CA certificates
+/// (`docs/ca.md`). Without it the server's CAs are self-signed roots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamAuthorityConfig {
+    /// `kind = "disk"`: an existing CA whose certificate and key are files. Each server
+    /// CA becomes an intermediate signed by it; the trust bundle then holds the
+    /// upstream roots instead of the server CAs, and workloads get the chain up to them.
+    Disk {
+        /// `cert_file_path` (required): PEM certificate of the upstream CA, optionally
+        /// followed by its own intermediates up to (not including) a root.
+        cert_file_path: PathBuf,
+        /// `key_file_path` (required): PEM private key (PKCS#8, SEC1 or PKCS#1) of the
+        /// first certificate of `cert_file_path`. Read at start and at each rotation;
+        /// must not be readable by group or others.
+        key_file_path: PathBuf,
+        /// `bundle_file_path` (default: none, `cert_file_path`'s last certificate must
+        /// then be self-signed): PEM roots to publish in the trust bundle when the
+        /// upstream CA is itself an intermediate.
+        bundle_file_path: Option<PathBuf>,
+    },
 }
 
 fn default_bind() -> String {
@@ -200,8 +326,10 @@ pub struct ServerConfig {
     pub log_level: LogLevel,
     /// `log_format` (default `text`).
     pub log_format: LogFormat,
-    /// `[server.datastore] kind` (default `sqlite`).
-    pub datastore: DatastoreKind,
+    /// `[server.datastore]` (default `kind = "sqlite"`).
+    pub datastore: DatastoreConfig,
+    /// `[server.upstream_authority]` (default: none, the server's CAs are self-signed).
+    pub upstream_authority: Option<UpstreamAuthorityConfig>,
     /// `[server.federation]`: the bundle endpoint and the polling of federated ones.
     pub federation: FederationConfig,
     /// `[[plugins.node_attestor]]` (default: none; `join_token` attestation is always
@@ -319,7 +447,18 @@ impl ServerConfig {
             audit_log_path: raw.audit_log_path,
             log_level: raw.log_level,
             log_format: raw.log_format,
-            datastore: raw.datastore.kind,
+            datastore: DatastoreConfig::from_raw(raw.datastore, path)?,
+            upstream_authority: raw.upstream_authority.map(|raw| match raw {
+                RawUpstreamAuthority::Disk {
+                    cert_file_path,
+                    key_file_path,
+                    bundle_file_path,
+                } => UpstreamAuthorityConfig::Disk {
+                    cert_file_path,
+                    key_file_path,
+                    bundle_file_path,
+                },
+            }),
             federation: FederationConfig::from_raw(raw.federation, path)?,
             node_attestors: NodeAttestorsConfig::default(),
         };
@@ -606,7 +745,8 @@ mod tests {
         let c = ServerConfig::parse(MINIMAL, Path::new("s.toml")).unwrap();
         assert_eq!(c.bind_address.port(), 8081);
         assert_eq!(c.ca_ttl, DEFAULT_CA_TTL);
-        assert_eq!(c.datastore, DatastoreKind::Sqlite);
+        assert_eq!(c.datastore, DatastoreConfig::Sqlite);
+        assert_eq!(c.upstream_authority, None);
     }
 
     #[test]

@@ -30,7 +30,7 @@ use tokio::task::JoinSet;
 use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{DatastoreKind, ServerConfig};
+use crate::config::{DatastoreConfig, ServerConfig};
 use crate::datastore::Datastore;
 use crate::rotation::{Rotation, RotationConfig};
 use crate::state::{CurrentCrl, ServerState};
@@ -195,9 +195,14 @@ pub async fn prepare_state(config: ServerConfig) -> Result<Arc<ServerState>, Ser
         None => None,
     };
 
-    let datastore: Arc<dyn Datastore> = match config.datastore {
-        DatastoreKind::Sqlite => {
+    let datastore: Arc<dyn Datastore> = match &config.datastore {
+        DatastoreConfig::Sqlite => {
             datastore::open_sqlite(&config.data_dir.join("datastore.sqlite3")).await?
+        }
+        DatastoreConfig::Postgres(_) => {
+            return Err(ServerError::Task(
+                "the PostgreSQL datastore is not built yet".into(),
+            ));
         }
     };
     // The keys, from the key manager and the rotation journal; published before

@@ -40,7 +40,9 @@ use tokio::sync::{Mutex, watch};
 
 use crate::ca::{CaError, CertificateAuthority, X509Authority};
 use crate::config::ServerConfig;
-use crate::datastore::{Datastore, DatastoreError, StoredBundle, StoredJwtAuthority};
+use crate::datastore::{
+    AuthorityContribution, Datastore, DatastoreError, StoredBundle, StoredJwtAuthority,
+};
 use crate::jwt_authority::JwtAuthority;
 use crate::state::unix_seconds;
 
@@ -267,6 +269,11 @@ pub struct JwtRecord {
 pub struct Journal {
     /// Format version (1).
     pub version: u32,
+    /// This server's instance id: its keys' contribution to the shared bundle is
+    /// stored under it (`Datastore::publish_authorities`). Random, 32 hex characters;
+    /// written on first start (journals of older servers get one then).
+    #[serde(default)]
+    pub server_id: String,
     /// X.509 CAs, newest first.
     pub x509: Vec<X509Record>,
     /// JWT keys, newest first.
@@ -529,6 +536,11 @@ impl Rotation {
         };
 
         let mut journal = journal;
+        let mut fresh = fresh;
+        if journal.server_id.is_empty() {
+            journal.server_id = random_hex(16)?;
+            fresh = true;
+        }
         for record in journal
             .jwt
             .iter_mut()
@@ -695,6 +707,7 @@ impl Rotation {
         );
         Ok(Journal {
             version: JOURNAL_VERSION,
+            server_id: random_hex(16)?,
             x509: vec![X509Record {
                 activated_at: Some(secs(now)),
                 ..ca_record
@@ -915,10 +928,12 @@ impl Rotation {
         Ok((x509, jwt))
     }
 
-    /// Stores the bundle of the journal's keys in the datastore, bumping its sequence
-    /// number, when it differs from the stored one; then marks every key in it as
-    /// published (which lets a prepared key become active later). Returns whether the
-    /// stored bundle changed (the caller wakes `Sync` streams).
+    /// Stores this server's keys as its contribution to the trust domain's bundle
+    /// (`Datastore::publish_authorities`, which merges the contributions of every server
+    /// sharing the datastore and bumps the sequence number when the bundle changes);
+    /// then marks every key in it as published (which lets a prepared key become active
+    /// later). Returns whether the stored bundle changed (the caller wakes `Sync`
+    /// streams).
     pub async fn publish(
         &self,
         datastore: &dyn Datastore,
@@ -926,24 +941,35 @@ impl Rotation {
     ) -> Result<bool, RotationError> {
         let td = self.config.trust_domain.name();
         let (x509_authorities, jwt_authorities) = self.bundle_content().await?;
-        let stored = datastore.get_bundle(td).await?;
-        let changed = !stored.as_ref().is_some_and(|b| {
-            b.x509_authorities == x509_authorities && b.jwt_authorities == jwt_authorities
-        });
+        let (server_id, last_not_after) = {
+            let inner = self.inner.lock().await;
+            let journal = &inner.journal;
+            let last = journal
+                .x509
+                .iter()
+                .map(|r| r.not_after)
+                .chain(journal.jwt.iter().map(|r| r.not_after))
+                .chain(journal.jwt.iter().filter_map(|r| r.expires_at))
+                .max()
+                .unwrap_or(0);
+            (journal.server_id.clone(), last)
+        };
+        let expires_at = SystemTime::UNIX_EPOCH
+            + Duration::from_secs(u64::try_from(last_not_after).unwrap_or(0));
+        let contribution = AuthorityContribution {
+            trust_domain: td.to_owned(),
+            server_id,
+            x509_authorities,
+            jwt_authorities,
+            expires_at,
+        };
+        let changed = datastore.publish_authorities(contribution, now).await?;
         if changed {
-            let sequence_number = stored.map_or(1, |b| b.sequence_number + 1);
-            datastore
-                .set_bundle(StoredBundle {
-                    trust_domain: td.to_owned(),
-                    x509_authorities: x509_authorities.clone(),
-                    jwt_authorities: jwt_authorities.clone(),
-                    sequence_number,
-                })
-                .await?;
+            let published = datastore.get_bundle(td).await?;
             tracing::info!(
-                sequence_number,
-                x509_authorities = x509_authorities.len(),
-                jwt_authorities = jwt_authorities.len(),
+                sequence_number = published.as_ref().map(|b| b.sequence_number),
+                x509_authorities = published.as_ref().map(|b| b.x509_authorities.len()),
+                jwt_authorities = published.as_ref().map(|b| b.jwt_authorities.len()),
                 "trust bundle published"
             );
         }
@@ -1429,6 +1455,7 @@ pub mod legacy {
             jwt.retain(|r| tessera_plugin_sdk::keymanager::validate_key_id(&r.key_id).is_ok());
             Ok(Journal {
                 version: JOURNAL_VERSION,
+                server_id: super::random_hex(16)?,
                 x509,
                 jwt,
             })
@@ -1624,6 +1651,7 @@ mod tests {
         let dir = private_dir(&root);
         let journal = Journal {
             version: JOURNAL_VERSION,
+            server_id: "0123456789abcdef0123456789abcdef".into(),
             x509: vec![
                 record("x509-ca-b", KeyState::Prepared),
                 record("x509-ca-a", KeyState::Active),

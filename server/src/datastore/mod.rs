@@ -186,6 +186,33 @@ pub trait Datastore: Send + Sync + std::fmt::Debug {
     /// sequence numbers is the caller's business.
     async fn set_bundle(&self, bundle: StoredBundle) -> Result<(), DatastoreError>;
 
+    /// One server's publication of its own keys (several servers may share a trust
+    /// domain and a datastore, each with its own CA and JWT key), in one transaction
+    /// that publications of other servers wait for:
+    ///
+    /// 1. stores `contribution` as this server's (replacing its previous one, keyed by
+    ///    trust domain and `server_id`);
+    /// 2. deletes the trust domain's other contributions whose `expires_at` is not
+    ///    after `now` (servers gone for good: their keys are then past use);
+    /// 3. rebuilds the trust domain's bundle from the remaining contributions with
+    ///    [`merge_contributions`]; when its authorities differ from the stored bundle's
+    ///    (or none is stored), stores it with the sequence number plus one (1 for the
+    ///    first) and records [`ChangeKind::BundleUpdated`].
+    ///
+    /// Returns whether the stored bundle changed. [`DatastoreError::InvalidArgument`]
+    /// when `server_id` is empty or longer than 64 bytes.
+    async fn publish_authorities(
+        &self,
+        contribution: AuthorityContribution,
+        now: SystemTime,
+    ) -> Result<bool, DatastoreError>;
+
+    /// Every stored contribution to `trust_domain`'s bundle, ordered by `server_id`.
+    async fn list_contributions(
+        &self,
+        trust_domain: &str,
+    ) -> Result<Vec<AuthorityContribution>, DatastoreError>;
+
     /// Every stored bundle (the own trust domain's and federated ones), ordered by
     /// trust domain.
     async fn list_bundles(&self) -> Result<Vec<StoredBundle>, DatastoreError>;
@@ -328,6 +355,17 @@ pub trait Datastore: Send + Sync + std::fmt::Debug {
     /// A trivial round trip, for health checks.
     async fn ping(&self) -> Result<(), DatastoreError>;
 
+    /// Wakes when a change may have been recorded by another process sharing this
+    /// datastore (another server on the same PostgreSQL database); the value only
+    /// counts wake-ups. Each wake-up is at least as late as the commit of the changes it
+    /// announces; after a lost connection it also wakes once, since notifications may
+    /// have been missed. The server then reads [`Datastore::current_revision`] and wakes
+    /// its `Sync` streams. `None` when only this process writes (SQLite): the server
+    /// wakes its streams after its own writes.
+    fn change_notifications(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
+
     /// Closes every connection (waits for the ones in use), e.g. at shutdown. Later
     /// calls fail with [`DatastoreError::Unavailable`].
     async fn close(&self);
@@ -420,6 +458,49 @@ impl std::fmt::Debug for NewJoinToken {
             .field("expires_at", &self.expires_at)
             .finish()
     }
+}
+
+/// One server's keys in its trust domain's bundle ([`Datastore::publish_authorities`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthorityContribution {
+    /// The trust domain.
+    pub trust_domain: String,
+    /// The publishing server's stable instance id (from its rotation journal).
+    pub server_id: String,
+    /// Its X.509 authorities (DER), in its own order (active, prepared, old; or the
+    /// upstream roots).
+    pub x509_authorities: Vec<Vec<u8>>,
+    /// Its JWT authorities.
+    pub jwt_authorities: Vec<StoredJwtAuthority>,
+    /// When the last of these keys is past use (the latest `not_after`); the
+    /// contribution is dropped then if the server has not published again.
+    pub expires_at: SystemTime,
+}
+
+/// Maximum length of [`AuthorityContribution::server_id`].
+pub const MAX_SERVER_ID_LEN: usize = 64;
+
+/// The bundle authorities of several servers' contributions: each contribution's
+/// authorities in its own order, contributions in the order given (by `server_id`),
+/// an X.509 authority or a JWT `kid` that appears twice kept once, at its first place.
+pub fn merge_contributions(
+    contributions: &[AuthorityContribution],
+) -> (Vec<Vec<u8>>, Vec<StoredJwtAuthority>) {
+    let mut x509: Vec<Vec<u8>> = Vec::new();
+    let mut jwt: Vec<StoredJwtAuthority> = Vec::new();
+    for c in contributions {
+        for der in &c.x509_authorities {
+            if !x509.contains(der) {
+                x509.push(der.clone());
+            }
+        }
+        for key in &c.jwt_authorities {
+            if !jwt.iter().any(|k| k.kid == key.kid) {
+                jwt.push(key.clone());
+            }
+        }
+    }
+    (x509, jwt)
 }
 
 /// What [`Datastore::consume_join_token`] found.
@@ -654,6 +735,16 @@ pub async fn open_sqlite(path: &Path) -> Result<Arc<dyn Datastore>, DatastoreErr
 }
 
 // Conversions shared by every implementation.
+
+/// Checks [`AuthorityContribution::server_id`]: 1 to [`MAX_SERVER_ID_LEN`] bytes.
+pub(crate) fn check_server_id(server_id: &str) -> Result<(), DatastoreError> {
+    if server_id.is_empty() || server_id.len() > MAX_SERVER_ID_LEN {
+        return Err(DatastoreError::InvalidArgument(format!(
+            "server id must be 1 to {MAX_SERVER_ID_LEN} bytes"
+        )));
+    }
+    Ok(())
+}
 
 /// A fresh entry id: 16 random bytes as 32 lowercase hex characters.
 pub(crate) fn new_entry_id() -> Result<String, DatastoreError> {

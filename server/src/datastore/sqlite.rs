@@ -35,12 +35,12 @@ use sqlx::{Row, SqlSafeStr, Sqlite, Transaction};
 use tessera_plugin_sdk::{RegistrationEntry, Selector, SpiffeId, TrustDomain};
 
 use super::{
-    AttestedAgent, Change, ChangeKind, ChangeSet, Datastore, DatastoreError, EndpointProfile,
-    FederationRelationship, InstanceSvid, NewEntry, NewJoinToken, Revocation, RevokedSerial,
-    StoredBundle, TokenOutcome, from_unix_secs, json_list, jwt_authorities_json, new_entry_id,
-    normalize_jwt_audiences, now_unix_secs, similarity_key, stored_bool, stored_json_list,
-    stored_jwt_authorities, stored_spiffe_id, stored_spiffe_id_template, stored_u64, to_unix_secs,
-    ttl_to_secs,
+    AttestedAgent, AuthorityContribution, Change, ChangeKind, ChangeSet, Datastore, DatastoreError,
+    EndpointProfile, FederationRelationship, InstanceSvid, NewEntry, NewJoinToken, Revocation,
+    RevokedSerial, StoredBundle, TokenOutcome, check_server_id, from_unix_secs, json_list,
+    jwt_authorities_json, merge_contributions, new_entry_id, normalize_jwt_audiences,
+    now_unix_secs, similarity_key, stored_bool, stored_json_list, stored_jwt_authorities,
+    stored_spiffe_id, stored_spiffe_id_template, stored_u64, to_unix_secs, ttl_to_secs,
 };
 
 /// The migrations, in version order: (version, description, SQL). Every file of
@@ -65,6 +65,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         4,
         "federation",
         include_str!("../../migrations/sqlite/0004_federation.sql"),
+    ),
+    (
+        5,
+        "authority_contributions",
+        include_str!("../../migrations/sqlite/0005_authority_contributions.sql"),
     ),
 ];
 
@@ -397,6 +402,41 @@ fn bundle_from_row(row: &SqliteRow) -> Result<StoredBundle, DatastoreError> {
         jwt_authorities,
         sequence_number,
     })
+}
+
+/// The contributions to `trust_domain`'s bundle, ordered by server id.
+async fn contributions_in(
+    conn: &mut SqliteConnection,
+    trust_domain: &str,
+) -> Result<Vec<AuthorityContribution>, DatastoreError> {
+    let rows = sqlx::query(
+        "SELECT server_id, x509_authorities, jwt_authorities, expires_at \
+         FROM authority_contributions WHERE trust_domain = ? ORDER BY server_id",
+    )
+    .bind(trust_domain)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            let server_id: String = row.try_get("server_id")?;
+            let what =
+                |col: &str| format!("authority_contributions[{trust_domain}/{server_id}].{col}");
+            Ok(AuthorityContribution {
+                trust_domain: trust_domain.to_owned(),
+                x509_authorities: stored_json_list(
+                    &row.try_get::<String, _>("x509_authorities")?,
+                    &what("x509_authorities"),
+                    |s| hex::decode(s),
+                )?,
+                jwt_authorities: stored_jwt_authorities(
+                    &row.try_get::<String, _>("jwt_authorities")?,
+                    &what("jwt_authorities"),
+                )?,
+                expires_at: from_unix_secs(row.try_get("expires_at")?, &what("expires_at"))?,
+                server_id,
+            })
+        })
+        .collect()
 }
 
 /// Deletes a bundle inside a write transaction, recording [`ChangeKind::BundleDeleted`]
@@ -1020,6 +1060,108 @@ impl Datastore for SqliteDatastore {
         .await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn publish_authorities(
+        &self,
+        contribution: AuthorityContribution,
+        now: SystemTime,
+    ) -> Result<bool, DatastoreError> {
+        check_server_id(&contribution.server_id)?;
+        let authorities: Vec<String> = contribution
+            .x509_authorities
+            .iter()
+            .map(hex::encode)
+            .collect();
+        let authorities = json_list(&authorities)?;
+        let jwt_authorities = jwt_authorities_json(&contribution.jwt_authorities)?;
+        let expires_at = to_unix_secs(contribution.expires_at, "contribution expires_at")?;
+        let now = to_unix_secs(now, "now")?;
+        let td = contribution.trust_domain.as_str();
+
+        let mut tx = self.begin_write().await?;
+        sqlx::query(
+            "INSERT INTO authority_contributions (trust_domain, server_id, x509_authorities, \
+             jwt_authorities, expires_at, updated_at) VALUES (?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (trust_domain, server_id) DO UPDATE SET \
+               x509_authorities = excluded.x509_authorities, \
+               jwt_authorities = excluded.jwt_authorities, \
+               expires_at = excluded.expires_at, \
+               updated_at = excluded.updated_at",
+        )
+        .bind(td)
+        .bind(&contribution.server_id)
+        .bind(&authorities)
+        .bind(&jwt_authorities)
+        .bind(expires_at)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "DELETE FROM authority_contributions \
+             WHERE trust_domain = ? AND server_id <> ? AND expires_at <= ?",
+        )
+        .bind(td)
+        .bind(&contribution.server_id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        let contributions = contributions_in(&mut tx, td).await?;
+        let (x509, jwt) = merge_contributions(&contributions);
+        let stored = sqlx::query(
+            "SELECT trust_domain, x509_authorities, jwt_authorities, sequence_number \
+             FROM bundles WHERE trust_domain = ?",
+        )
+        .bind(td)
+        .fetch_optional(&mut *tx)
+        .await?
+        .as_ref()
+        .map(bundle_from_row)
+        .transpose()?;
+        if stored
+            .as_ref()
+            .is_some_and(|b| b.x509_authorities == x509 && b.jwt_authorities == jwt)
+        {
+            tx.commit().await?;
+            return Ok(false);
+        }
+        let sequence_number = stored.map_or(Ok(1), |b| {
+            i64::try_from(b.sequence_number)
+                .ok()
+                .and_then(|n| n.checked_add(1))
+                .ok_or_else(|| {
+                    DatastoreError::Corrupt(format!("bundles[{td}].sequence_number: out of range"))
+                })
+        })?;
+        let revision = record_change(&mut tx, ChangeKind::BundleUpdated, td, &[]).await?;
+        let revision = revision_to_i64(revision)?;
+        let hex_x509: Vec<String> = x509.iter().map(hex::encode).collect();
+        sqlx::query(
+            "INSERT INTO bundles (trust_domain, x509_authorities, jwt_authorities, \
+             sequence_number, revision) VALUES (?, ?, ?, ?, ?) \
+             ON CONFLICT (trust_domain) DO UPDATE SET \
+               x509_authorities = excluded.x509_authorities, \
+               jwt_authorities = excluded.jwt_authorities, \
+               sequence_number = excluded.sequence_number, \
+               revision = excluded.revision",
+        )
+        .bind(td)
+        .bind(json_list(&hex_x509)?)
+        .bind(jwt_authorities_json(&jwt)?)
+        .bind(sequence_number)
+        .bind(revision)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn list_contributions(
+        &self,
+        trust_domain: &str,
+    ) -> Result<Vec<AuthorityContribution>, DatastoreError> {
+        let mut conn = self.pool.acquire().await?;
+        contributions_in(&mut conn, trust_domain).await
     }
 
     async fn list_bundles(&self) -> Result<Vec<StoredBundle>, DatastoreError> {
@@ -3135,7 +3277,7 @@ mod tests {
                 .fetch_all(&ds.pool)
                 .await
                 .unwrap();
-        assert_eq!(versions, vec![1, 2, 3, 4]);
+        assert_eq!(versions, vec![1, 2, 3, 4, 5]);
         let expected = RegistrationEntry {
             id: entry_id.to_owned(),
             spiffe_id: old.spiffe_id.clone(),
