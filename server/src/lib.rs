@@ -257,7 +257,13 @@ async fn serve(state: Arc<ServerState>) -> Result<RunningServer, ServerError> {
         .map_err(|err| ServerError::Task(err.to_string()))?;
     let (server_key, renew_in) = issue_server_svid(&state, &server_id)?;
     let cert_slot = Arc::new(ServerCertSlot::new(server_key));
-    let (authorities, _) = state.rotation.bundle_content().await?;
+    // Agents may hold SVIDs of any server sharing the datastore: trust the stored
+    // bundle, which holds every server's CAs.
+    let authorities = state
+        .bundle()
+        .await
+        .map_err(|err| ServerError::Task(format!("trust bundle: {err}")))?
+        .x509_authorities;
     let verifier = Arc::new(BundleClientVerifier::new(
         &authorities,
         Arc::clone(&provider),
@@ -322,7 +328,11 @@ async fn serve(state: Arc<ServerState>) -> Result<RunningServer, ServerError> {
         renew_in,
     ));
     tasks.spawn(maintenance(Arc::clone(&state)));
-    tasks.spawn(rotate_keys(Arc::clone(&state), verifier));
+    tasks.spawn(rotate_keys(Arc::clone(&state)));
+    tasks.spawn(follow_bundle(Arc::clone(&state), verifier));
+    if let Some(notifications) = state.datastore.change_notifications() {
+        tasks.spawn(follow_other_servers(Arc::clone(&state), notifications));
+    }
 
     tracing::info!(
         trust_domain = %state.config.trust_domain,
@@ -413,14 +423,11 @@ async fn renew_server_svid(
     }
 }
 
-/// Checks the rotation schedule of the CA and JWT keys, publishes the bundle when the
-/// keys change (agents receive it through `Sync`) and makes the node API trust every
-/// published CA. A key manager or datastore failure keeps the current keys; the step
-/// is retried at the next check.
-async fn rotate_keys(
-    state: Arc<ServerState>,
-    verifier: Arc<BundleClientVerifier>,
-) -> Result<(), ServerError> {
+/// Checks the rotation schedule of the CA and JWT keys and publishes this server's keys
+/// when they change (agents receive the bundle through `Sync`; [`follow_bundle`] makes
+/// the node API trust it). A key manager or datastore failure keeps the current keys;
+/// the step is retried at the next check.
+async fn rotate_keys(state: Arc<ServerState>) -> Result<(), ServerError> {
     let interval = state.rotation.check_interval();
     // A publication that failed is retried even when the keys did not change since.
     let mut unpublished = false;
@@ -451,16 +458,67 @@ async fn rotate_keys(
                 if changed {
                     state.publish_revision().await;
                 }
-                match state.rotation.bundle_content().await {
-                    Ok((authorities, _)) => {
-                        if let Err(err) = verifier.update(&authorities) {
-                            tracing::error!(error = %err, "cannot trust the new bundle on the node API");
-                        }
-                    }
-                    Err(err) => tracing::error!(error = %err, "cannot read the bundle"),
-                }
             }
             Err(err) => tracing::warn!(error = %err, "cannot publish the bundle; retrying"),
+        }
+    }
+}
+
+/// Makes the node API trust the trust domain's bundle as stored, whoever changed it
+/// (this server's rotation, or another server sharing the datastore): re-read after
+/// every revision of the change feed, applied when its sequence number moved. A read
+/// that fails is retried at the next revision or after [`BUNDLE_RECHECK`].
+async fn follow_bundle(
+    state: Arc<ServerState>,
+    verifier: Arc<BundleClientVerifier>,
+) -> Result<(), ServerError> {
+    let mut revisions = state.revisions.subscribe();
+    let mut trusted: Option<u64> = None;
+    loop {
+        match state.bundle().await {
+            Ok(bundle) if trusted != Some(bundle.sequence_number) => {
+                match verifier.update(&bundle.x509_authorities) {
+                    Ok(()) => {
+                        tracing::debug!(
+                            sequence_number = bundle.sequence_number,
+                            "node API trusts the current bundle"
+                        );
+                        trusted = Some(bundle.sequence_number);
+                    }
+                    Err(err) => {
+                        tracing::error!(error = %err, "cannot trust the new bundle on the node API");
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(err) => tracing::warn!(error = %err, "cannot read the bundle; retrying"),
+        }
+        tokio::select! {
+            () = state.shutdown.cancelled() => return Ok(()),
+            changed = revisions.changed() => if changed.is_err() { return Ok(()) },
+            () = tokio::time::sleep(BUNDLE_RECHECK) => {}
+        }
+    }
+}
+
+/// How often [`follow_bundle`] re-reads the bundle without a revision to wake it.
+const BUNDLE_RECHECK: Duration = Duration::from_secs(30);
+
+/// Wakes this server's `Sync` streams for changes written by other servers sharing the
+/// datastore (PostgreSQL `LISTEN`), and rebuilds the CRL when their revocations change
+/// what it lists.
+async fn follow_other_servers(
+    state: Arc<ServerState>,
+    mut notifications: watch::Receiver<u64>,
+) -> Result<(), ServerError> {
+    loop {
+        tokio::select! {
+            () = state.shutdown.cancelled() => return Ok(()),
+            changed = notifications.changed() => if changed.is_err() { return Ok(()) },
+        }
+        state.publish_revision().await;
+        if let Err(err) = state.refresh_crl().await {
+            tracing::warn!(error = %err, "cannot rebuild the CRL after another server's change");
         }
     }
 }

@@ -10,6 +10,8 @@
     reason = "test harness: a failed setup step is a failed scenario"
 )]
 
+pub mod postgres;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
