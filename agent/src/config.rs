@@ -25,7 +25,7 @@ struct File {
 #[serde(deny_unknown_fields)]
 struct RawAgent {
     trust_domain: String,
-    server_address: String,
+    server_address: ServerAddresses,
     #[serde(default = "default_socket")]
     socket_path: PathBuf,
     data_dir: PathBuf,
@@ -47,6 +47,79 @@ struct RawAgent {
     log_level: LogLevel,
     #[serde(default)]
     log_format: LogFormat,
+}
+
+/// `server_address` as written: one string or a list of strings.
+#[derive(Debug)]
+struct ServerAddresses(Vec<String>);
+
+impl<'de> Deserialize<'de> for ServerAddresses {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = ServerAddresses;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a \"host:port\" string or a list of them")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<Self::Value, E> {
+                Ok(ServerAddresses(vec![value.to_owned()]))
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::new();
+                while let Some(address) = seq.next_element::<String>()? {
+                    out.push(address);
+                }
+                Ok(ServerAddresses(out))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+/// Checks the `server_address` list: at least one entry, each `host:port` with a host
+/// and a port number and no whitespace, none twice.
+fn check_server_addresses(addresses: &[String]) -> Result<(), String> {
+    if addresses.is_empty() {
+        return Err("lists no server: give \"host:port\" or a list of them".to_owned());
+    }
+    for (index, address) in addresses.iter().enumerate() {
+        let which = if addresses.len() == 1 {
+            String::new()
+        } else {
+            format!("entry {index}: ")
+        };
+        if address.trim().is_empty() {
+            return Err(format!("{which}is empty: must be host:port"));
+        }
+        if address.chars().any(char::is_whitespace) {
+            return Err(format!(
+                "{which}`{}` contains whitespace: must be host:port",
+                address.escape_debug()
+            ));
+        }
+        let port_ok = address.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0)
+        });
+        if !port_ok {
+            return Err(format!(
+                "{which}`{}` is not host:port (a host name or IP address, `[...]` for IPv6, and a port)",
+                address.escape_debug()
+            ));
+        }
+        if addresses[..index].contains(address) {
+            return Err(format!(
+                "{which}`{}` is listed twice",
+                address.escape_debug()
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -124,8 +197,17 @@ pub enum WorkloadAttestorConfig {
 pub struct AgentConfig {
     /// `trust_domain` (required).
     pub trust_domain: TrustDomain,
-    /// `server_address` (required): `host:port` of the server's node API.
-    pub server_address: String,
+    /// `server_address` (required, no default): the node API of the server, `host:port`,
+    /// or a list of them for failover (`["10.0.0.1:8081", "10.0.0.2:8081"]`: servers of
+    /// this trust domain sharing one datastore). Not empty, no blank entry, no address
+    /// twice. Every node API call (attestation, agent SVID renewal, the `Sync` stream,
+    /// signing) goes to the server in use; when it cannot be reached or answers
+    /// `Unavailable`, the next one is tried, round robin, and after a full round the
+    /// call's usual backoff applies. The agent stays on a server that answers; an
+    /// answer such as `PermissionDenied` (banned, evicted) is final, not a reason to
+    /// switch. Every server must present `spiffe://<trust_domain>/tessera/server`
+    /// chained to the bundle. In the order written; the first is tried first.
+    pub server_addresses: Vec<String>,
     /// `socket_path` (default `/run/tessera/agent.sock`): the Workload API socket. Its
     /// directory is created 0755 by the agent (or must be owned by root or the agent and
     /// not writable by others); the socket is 0777 since attestation, not the file mode,
@@ -195,13 +277,9 @@ impl AgentConfig {
         let raw = file.agent;
         let trust_domain = TrustDomain::new(&raw.trust_domain)
             .map_err(|err| ConfigError::invalid(path, "agent.trust_domain", err))?;
-        if raw.server_address.trim().is_empty() {
-            return Err(ConfigError::invalid(
-                path,
-                "agent.server_address",
-                "must be host:port",
-            ));
-        }
+        let server_addresses = raw.server_address.0;
+        check_server_addresses(&server_addresses)
+            .map_err(|reason| ConfigError::invalid(path, "agent.server_address", reason))?;
         if let Err(err) = crate::peer::ProcRoot::open(&raw.proc_root) {
             return Err(ConfigError::invalid(path, "agent.proc_root", err));
         }
@@ -271,7 +349,7 @@ impl AgentConfig {
         }
         Ok(Self {
             trust_domain,
-            server_address: raw.server_address,
+            server_addresses,
             socket_path: raw.socket_path,
             data_dir: raw.data_dir,
             trust_bundle_path: raw.trust_bundle_path,
@@ -343,6 +421,79 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("unknown node attestor `tpm`"), "{err}");
+    }
+
+    /// `MINIMAL` with `server_address = <value>` instead of its own.
+    fn with_servers(value: &str) -> String {
+        MINIMAL.replace(
+            "server_address = \"127.0.0.1:8081\"",
+            &format!("server_address = {value}"),
+        )
+    }
+
+    #[test]
+    fn server_address_is_one_string_or_a_list() {
+        let c = AgentConfig::parse(MINIMAL, Path::new("a.toml")).unwrap();
+        assert_eq!(c.server_addresses, ["127.0.0.1:8081"]);
+        let c = AgentConfig::parse(
+            &with_servers(
+                "[\"10.0.0.1:8081\", \"tessera-b.example.internal:8081\", \"[::1]:8081\"]",
+            ),
+            Path::new("a.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            c.server_addresses,
+            [
+                "10.0.0.1:8081",
+                "tessera-b.example.internal:8081",
+                "[::1]:8081"
+            ],
+            "in the order written"
+        );
+        let c =
+            AgentConfig::parse(&with_servers("[\"10.0.0.1:8081\"]"), Path::new("a.toml")).unwrap();
+        assert_eq!(c.server_addresses, ["10.0.0.1:8081"]);
+        // Every refusal names the key.
+        for (value, why) in [
+            ("[]", "lists no server"),
+            ("\"\"", "is empty"),
+            ("\"  \"", "is empty"),
+            ("[\"10.0.0.1:8081\", \"\"]", "entry 1: is empty"),
+            (
+                "[\"10.0.0.1:8081\", \" 10.0.0.2:8081\"]",
+                "entry 1: ` 10.0.0.2:8081` contains whitespace",
+            ),
+            (
+                "[\"10.0.0.1:8081\", \"10.0.0.1:8081\"]",
+                "entry 1: `10.0.0.1:8081` is listed twice",
+            ),
+            ("\"10.0.0.1\"", "is not host:port"),
+            ("\":8081\"", "is not host:port"),
+            ("\"10.0.0.1:0\"", "is not host:port"),
+            (
+                "[\"a:1\", \"b:99999\"]",
+                "entry 1: `b:99999` is not host:port",
+            ),
+        ] {
+            let err = AgentConfig::parse(&with_servers(value), Path::new("a.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("agent.server_address"), "{value}: {err}");
+            assert!(err.contains(why), "{value}: {err}");
+        }
+        // Not a string or a list of strings: a type error at the key's line.
+        for value in ["8081", "[8081]", "{ host = \"a\" }"] {
+            let err = AgentConfig::parse(&with_servers(value), Path::new("a.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("line 3"), "{value}: {err}");
+        }
+        let missing = MINIMAL.replace("server_address = \"127.0.0.1:8081\"\n", "");
+        let err = AgentConfig::parse(&missing, Path::new("a.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("server_address"), "{err}");
     }
 
     #[test]

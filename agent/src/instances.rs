@@ -239,6 +239,10 @@ pub struct SlotState {
     /// The identity was dropped (its holders exited, it was revoked, its entry changed):
     /// acquire it again.
     pub dropped: bool,
+    /// The last signing attempt failed (the server could not be reached, or failed) and
+    /// is retried with backoff: without a valid SVID, callers are served their other
+    /// identities, or get `Unavailable`, rather than wait.
+    pub failing: bool,
 }
 
 /// Why [`Instances::acquire`] did not register the caller.
@@ -778,6 +782,7 @@ async fn run_x509(
 ) {
     let key = &rendered.key;
     let mut delay = Duration::ZERO;
+    let mut reachable_again = inner.signer.reachable_again();
     loop {
         if cancel.is_cancelled() || !inner.still_wanted(key) {
             return;
@@ -791,6 +796,7 @@ async fn run_x509(
         if cancel.is_cancelled() || !inner.still_wanted(key) {
             return;
         }
+        let mut failed = false;
         let next = match minted {
             Ok(svid) => {
                 delay = Duration::ZERO;
@@ -799,6 +805,7 @@ async fn run_x509(
                 state.send_modify(|s| {
                     s.svid = Some(Arc::new(svid));
                     s.refused = None;
+                    s.failing = false;
                 });
                 renew_at
             }
@@ -808,6 +815,7 @@ async fn run_x509(
                 state.send_modify(|s| {
                     s.svid = None;
                     s.refused = Some(format!("the server refused it ({reason})"));
+                    s.failing = false;
                 });
                 SystemTime::now() + delay.mul_f64(0.5 + 0.5 * jitter_fraction())
             }
@@ -815,21 +823,32 @@ async fn run_x509(
                 delay = (delay * 2).clamp(MIN_BACKOFF, MAX_BACKOFF);
                 let wait = delay.mul_f64(0.5 + 0.5 * jitter_fraction());
                 tracing::warn!(entry_id = %key.entry_id, spiffe_id = %key.spiffe_id, %reason, retry_in = ?wait, "cannot obtain a templated X.509-SVID");
+                failed = true;
+                state.send_if_modified(|s| !std::mem::replace(&mut s.failing, true));
                 SystemTime::now() + wait
             }
         };
         // Wait for the renewal or retry time; an SVID that expires meanwhile is
-        // withdrawn at its expiry.
+        // withdrawn at its expiry. A retry after a failure goes at once when a call
+        // reaches a server again.
+        if let Some(rx) = &mut reachable_again {
+            rx.mark_unchanged();
+        }
         loop {
             let expiry = state.borrow().svid.as_ref().map(|s| s.not_after);
             let until = expiry.map_or(next, |e| e.min(next));
             let sleep = until.duration_since(SystemTime::now()).unwrap_or_default();
+            let mut retry_now = false;
             tokio::select! {
                 () = cancel.cancelled() => return,
                 () = inner.shutdown.cancelled() => return,
                 () = tokio::time::sleep(sleep) => {}
+                () = changed(reachable_again.as_mut()), if failed => retry_now = true,
             }
             let now = SystemTime::now();
+            if retry_now {
+                break;
+            }
             if expiry.is_some_and(|e| e <= now) {
                 state.send_modify(|s| s.svid = None);
             }
@@ -838,6 +857,16 @@ async fn run_x509(
             }
         }
     }
+}
+
+/// Waits until `rx` changes (forever without one, or once its sender is gone).
+async fn changed(rx: Option<&mut watch::Receiver<u64>>) {
+    if let Some(rx) = rx
+        && rx.changed().await.is_ok()
+    {
+        return;
+    }
+    std::future::pending().await
 }
 
 /// Registers a pidfd with the runtime for readability (a pidfd becomes readable when

@@ -10,7 +10,9 @@
 //! call answers `PermissionDenied` "agent is banned" / "agent must re-attest"), the
 //! agent logs one error line, stops serving, deletes its SVID and key from `data_dir`,
 //! and [`RunningAgent::wait`] returns [`AgentError::Banned`] or [`AgentError::Evicted`]
-//! (`tessera-agent run` exits 1). Other node API failures are retried with backoff.
+//! (`tessera-agent run` exits 1). Other node API failures are retried with backoff; with
+//! several servers configured, a server that cannot be reached or answers `Unavailable`
+//! is left for the next one first ([`node`]).
 
 pub mod attest;
 pub mod cache;
@@ -404,6 +406,8 @@ async fn start_with(
         blocking(move || store.load_svid()).await?
     };
     let now = SystemTime::now();
+    // Index of the server to use first: the one that attested this agent, if it did.
+    let mut first_server = 0;
     let own = match stored {
         Some(svid)
             if svid.not_after > now + MIN_REMAINING_AT_START
@@ -428,7 +432,7 @@ async fn start_with(
                     ));
                 }
             };
-            attest_agent(
+            let (svid, server) = attest_agent(
                 &config,
                 &store,
                 &trust,
@@ -436,7 +440,9 @@ async fn start_with(
                 Arc::clone(&provider),
                 method,
             )
-            .await?
+            .await?;
+            first_server = server;
+            svid
         }
     };
 
@@ -446,10 +452,10 @@ async fn start_with(
         .map_err(|err| AgentError::Crypto(format!("agent key: {err}")))?;
     let tls_config = tls::client_config(verifier, Some(Arc::clone(&credentials)), provider)
         .map_err(|err| AgentError::Crypto(err.to_string()))?;
-    let connection = Arc::new(ServerConnection::new(
-        &config.server_address,
-        Arc::new(tls_config),
-    )?);
+    let connection = Arc::new(
+        ServerConnection::new(&config.server_addresses, Arc::new(tls_config))?
+            .starting_at(first_server),
+    );
 
     let initial = CacheSnapshot {
         synced: false,
@@ -551,7 +557,8 @@ async fn start_with(
     tracing::info!(
         agent_id = %own.spiffe_id,
         socket = %config.socket_path.display(),
-        server = %config.server_address,
+        server = %connection_address(&config, first_server),
+        servers = config.server_addresses.len(),
         "agent started"
     );
     Ok(RunningAgent {
@@ -588,7 +595,7 @@ async fn attest_agent(
     verifier: Arc<ServerVerifier>,
     provider: Arc<rustls::crypto::CryptoProvider>,
     method: NodeAttestation,
-) -> Result<AgentSvidFiles, AgentError> {
+) -> Result<(AgentSvidFiles, usize), AgentError> {
     // The x509pop files first: a bad certificate or key fails before any key is made.
     let credentials = match method {
         NodeAttestation::X509Pop(x509pop) => {
@@ -613,13 +620,13 @@ async fn attest_agent(
         tls::client_config(verifier, None, provider)
             .map_err(|err| AgentError::Crypto(err.to_string()))?,
     );
+    // Every configured server may attest the agent: they share one datastore.
+    let connection = ServerConnection::new(&config.server_addresses, tls)?;
     let svid = match credentials {
         Prepared::JoinToken(token) => {
-            node::attest_with_join_token(&config.server_address, tls, &token, csr).await?
+            node::attest_with_join_token(&connection, &token, csr).await?
         }
-        Prepared::X509Pop(x509pop) => {
-            node::attest_with_x509pop(&config.server_address, tls, x509pop, csr).await?
-        }
+        Prepared::X509Pop(x509pop) => node::attest_with_x509pop(&connection, x509pop, csr).await?,
     };
     let leaf = svid
         .cert_chain
@@ -648,14 +655,25 @@ async fn attest_agent(
         })
         .await?;
     }
-    tracing::info!(agent_id = %info.spiffe_id, "node attestation succeeded");
-    Ok(AgentSvidFiles {
-        chain,
-        key_pkcs8: key,
-        spiffe_id: info.spiffe_id,
-        not_after: info.not_after,
-        not_before: info.not_before,
-    })
+    tracing::info!(agent_id = %info.spiffe_id, server = %connection.current_address(), "node attestation succeeded");
+    Ok((
+        AgentSvidFiles {
+            chain,
+            key_pkcs8: key,
+            spiffe_id: info.spiffe_id,
+            not_after: info.not_after,
+            not_before: info.not_before,
+        },
+        connection.current_index(),
+    ))
+}
+
+/// The configured server at `index` (for the start log line).
+fn connection_address(config: &AgentConfig, index: usize) -> &str {
+    config
+        .server_addresses
+        .get(index)
+        .map_or("", String::as_str)
 }
 
 /// The checks of [`bind_workload_socket`] without binding: the directory is ours (or
@@ -686,9 +704,10 @@ fn backoff(current: Duration) -> Duration {
 }
 
 /// Follows the server's `Sync` stream, reconnecting with backoff and resuming from the
-/// last revision received. Ends with [`AgentError::Banned`] / [`AgentError::Evicted`]
-/// when the server removes the agent (the stream's last message says so, or the call is
-/// refused for that reason); every other failure is retried.
+/// last revision received (on whichever configured server answers: they share one
+/// datastore, so revisions mean the same on all). Ends with [`AgentError::Banned`] /
+/// [`AgentError::Evicted`] when the server removes the agent (the stream's last message
+/// says so, or the call is refused for that reason); every other failure is retried.
 async fn sync_loop(
     connection: Arc<ServerConnection>,
     updates: mpsc::Sender<SyncResponse>,
@@ -697,11 +716,13 @@ async fn sync_loop(
 ) -> Result<(), AgentError> {
     let mut since = 0;
     let mut delay = Duration::ZERO;
+    let mut reachable_again = connection.reachable_again();
     loop {
-        let mut client = connection.client();
         let opened = tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
-            opened = client.sync(SyncRequest { since_revision: since }) => opened,
+            opened = connection.call("Sync", |mut client| async move {
+                client.sync(SyncRequest { since_revision: since }).await
+            }) => opened,
         };
         match opened {
             Ok(response) => {
@@ -723,14 +744,14 @@ async fn sync_loop(
                             }
                         }
                         Ok(None) => {
-                            tracing::info!("server ended the sync stream; reconnecting");
+                            tracing::info!(server = %connection.current_address(), "server ended the sync stream; reconnecting");
                             break;
                         }
                         Err(status) => {
                             if let Some(removal) = Removal::from_status(&status) {
                                 return Err(ouster.oust(removal).await);
                             }
-                            tracing::warn!(code = ?status.code(), message = status.message(), "sync stream failed");
+                            tracing::warn!(server = %connection.current_address(), error = %node::describe(&status), "sync stream failed");
                             break;
                         }
                     }
@@ -740,14 +761,18 @@ async fn sync_loop(
                 if let Some(removal) = Removal::from_status(&status) {
                     return Err(ouster.oust(removal).await);
                 }
-                tracing::warn!(code = ?status.code(), message = status.message(), "cannot open the sync stream");
+                tracing::warn!(error = %node::describe(&status), "cannot open the sync stream");
             }
         }
         delay = backoff(delay);
         let wait = delay.mul_f64(0.5 + 0.5 * jitter_fraction());
+        reachable_again.mark_unchanged();
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
             () = tokio::time::sleep(wait) => {}
+            // Another call reached a server: reconnect now rather than at the end of
+            // the backoff.
+            Ok(()) = reachable_again.changed() => {}
         }
     }
 }
@@ -766,11 +791,15 @@ async fn renew_loop(
 ) -> Result<(), AgentError> {
     let mut next = renewal_time(SystemTime::now(), current.not_after);
     let mut delay = Duration::ZERO;
+    let mut reachable_again = connection.reachable_again();
     loop {
         let wait = next.duration_since(SystemTime::now()).unwrap_or_default();
+        reachable_again.mark_unchanged();
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
             () = tokio::time::sleep(wait) => {}
+            // A failed renewal waits for its backoff, or until a call reaches a server.
+            Ok(()) = reachable_again.changed(), if !delay.is_zero() => {}
         }
         let (key, csr) = blocking(store::new_key_and_csr).await?;
         let renewed = tokio::select! {
@@ -817,13 +846,12 @@ async fn renew_loop(
                 }
                 if current.not_after <= SystemTime::now() {
                     return Err(AgentError::Rejected(format!(
-                        "agent SVID expired and renewal failed ({:?}: {}); re-attest with a new join token",
-                        status.code(),
-                        status.message()
+                        "agent SVID expired and renewal failed ({}); re-attest with a new join token",
+                        node::describe(&status)
                     )));
                 }
                 delay = backoff(delay);
-                tracing::warn!(code = ?status.code(), message = status.message(), retry_in = ?delay, "agent SVID renewal failed");
+                tracing::warn!(error = %node::describe(&status), retry_in = ?delay, "agent SVID renewal failed");
                 next = SystemTime::now() + delay.mul_f64(0.5 + 0.5 * jitter_fraction());
             }
         }
@@ -874,6 +902,72 @@ mod tests {
             ..SyncResponse::default()
         };
         assert_eq!(Removal::from_sync(&unknown), None);
+    }
+
+    fn test_ouster(dir: &Path) -> Arc<Ouster> {
+        Arc::new(Ouster {
+            store: Store::open(&dir.join("data")).unwrap(),
+            shutdown: CancellationToken::new(),
+            socket_path: dir.join("agent.sock"),
+            done: AtomicBool::new(false),
+        })
+    }
+
+    #[tokio::test]
+    async fn the_sync_stream_moves_to_the_next_server_and_resumes_from_its_revision() {
+        use crate::testing::{FakeCa, NodeMode};
+        let dir = tempfile::tempdir().unwrap();
+        let ca = FakeCa::new();
+        let a = ca.serve("a", "spiffe://example.org/tessera/server").await;
+        let b = ca.serve("b", "spiffe://example.org/tessera/server").await;
+        let connection = Arc::new(
+            ServerConnection::new(&[a.address.clone(), b.address.clone()], ca.client_tls())
+                .unwrap(),
+        );
+        let (tx, mut rx) = mpsc::channel(8);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(sync_loop(
+            Arc::clone(&connection),
+            tx,
+            test_ouster(dir.path()),
+            shutdown.clone(),
+        ));
+        let next = async |rx: &mut mpsc::Receiver<SyncResponse>| {
+            tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .expect("a sync message within 10 s")
+                .expect("sync loop running")
+        };
+        assert_eq!(next(&mut rx).await.revision, 1, "a's snapshot");
+        a.stop().await;
+        // a is gone: b continues the stream from the last revision the agent holds.
+        assert_eq!(next(&mut rx).await.revision, 2);
+        assert_eq!(a.syncs(), [0]);
+        assert_eq!(b.syncs(), [1], "resumed, not a new snapshot");
+        assert_eq!(connection.current_address(), b.address);
+        shutdown.cancel();
+        task.await.unwrap().unwrap();
+
+        // A ban is final: the loop ends with it, and no other server is asked.
+        let c = ca.serve("c", "spiffe://example.org/tessera/server").await;
+        let d = ca.serve("d", "spiffe://example.org/tessera/server").await;
+        c.set_mode(NodeMode::Banned);
+        let connection = Arc::new(
+            ServerConnection::new(&[c.address.clone(), d.address.clone()], ca.client_tls())
+                .unwrap(),
+        );
+        let (tx, _rx) = mpsc::channel(8);
+        let dir = tempfile::tempdir().unwrap();
+        let err = sync_loop(
+            connection,
+            tx,
+            test_ouster(dir.path()),
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, AgentError::Banned), "{err}");
+        assert_eq!((c.calls(), d.calls()), (1, 0));
     }
 
     #[tokio::test]

@@ -83,6 +83,7 @@ impl SvidManager {
         let mut failing: std::collections::BTreeSet<String> = (*state.failing).clone();
         // Hashes the host's interpreters in the background (SECURITY.md §3.3 item 34).
         let mut interpreter_lint = crate::interpreters::InterpreterLint::start();
+        let mut reachable_again = self.connection.reachable_again();
         loop {
             let now = SystemTime::now();
             let instant_now = Instant::now();
@@ -149,9 +150,11 @@ impl SvidManager {
 
             // Sleep until the next renewal, expiry or retry, or until the server sends
             // something.
+            // Both times of each SVID: a renewal that failed leaves `renew_at` in the
+            // past, and the expiry must still wake the manager to withdraw the SVID.
             let next_wake = svids
                 .values()
-                .map(|svid| svid.renew_at.min(svid.not_after))
+                .flat_map(|svid| [svid.renew_at, svid.not_after])
                 .filter_map(|at| at.duration_since(SystemTime::now()).ok())
                 .map(|d| Instant::now() + d)
                 .chain(
@@ -193,6 +196,14 @@ impl SvidManager {
                     self.cache.send_replace(Arc::new(state.clone()));
                 }
                 () = tokio::time::sleep_until(next_wake) => {}
+                // A call reached a server after none could be reached: what waits for
+                // its backoff is retried now (its backoff keeps growing if it fails).
+                Ok(()) = reachable_again.changed(), if !retry_at.is_empty() => {
+                    let now = Instant::now();
+                    for (at, _) in retry_at.values_mut() {
+                        *at = (*at).min(now);
+                    }
+                }
             }
         }
     }
@@ -338,16 +349,20 @@ impl SvidManager {
                 public_key: spki.clone(),
                 template_values: Default::default(),
             })
-            .collect();
+            .collect::<Vec<_>>();
         let response = match self
             .connection
-            .client()
-            .batch_new_x509svid(BatchNewX509svidRequest { params })
+            .call("BatchNewX509SVID", |mut client| {
+                let request = BatchNewX509svidRequest {
+                    params: params.clone(),
+                };
+                async move { client.batch_new_x509svid(request).await }
+            })
             .await
         {
             Ok(response) => response.into_inner(),
             Err(status) => {
-                return failed(due, format!("{:?}: {}", status.code(), status.message()));
+                return failed(due, crate::node::describe(&status));
             }
         };
         let mut out = Vec::with_capacity(due.len());
@@ -448,7 +463,9 @@ mod tests {
         let (cache, _) = watch::channel(Arc::new(snapshot.clone()));
         let manager = SvidManager {
             trust_domain: td,
-            connection: Arc::new(ServerConnection::new("127.0.0.1:1", Arc::new(tls)).unwrap()),
+            connection: Arc::new(
+                ServerConnection::new(&["127.0.0.1:1".to_owned()], Arc::new(tls)).unwrap(),
+            ),
             cache,
             store: Store::open(dir).unwrap(),
             server_trust: Arc::new(ServerTrust::default()),

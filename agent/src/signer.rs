@@ -1,6 +1,7 @@
 //! The two signing calls the agent makes for workloads (`BatchNewX509SVID` for one key,
 //! `NewJWTSVID`), behind a trait so that the SVID caches can be tested against a local
-//! signer. [`ServerConnection`] is the real one.
+//! signer. [`ServerConnection`] is the real one (with failover between the configured
+//! servers).
 
 use std::fmt;
 
@@ -10,6 +11,7 @@ use tessera_proto::node::{
     BatchNewX509svidRequest, NewJwtsvidRequest, NewJwtsvidResponse, NewX509svidParams,
     x509svid_result,
 };
+use tokio::sync::watch;
 use tonic::Status;
 
 use crate::node::ServerConnection;
@@ -34,6 +36,13 @@ pub trait Signer: Send + Sync + fmt::Debug {
         audiences: &'a [String],
         values: &'a TemplateValues,
     ) -> BoxFuture<'a, Result<NewJwtsvidResponse, Status>>;
+
+    /// Changes when a call reaches a server after none could be reached (see
+    /// [`ServerConnection::reachable_again`]), so that retries waiting for their backoff
+    /// can go at once; `None` when the signer cannot tell.
+    fn reachable_again(&self) -> Option<watch::Receiver<u64>> {
+        None
+    }
 }
 
 impl Signer for ServerConnection {
@@ -44,14 +53,17 @@ impl Signer for ServerConnection {
         values: &'a TemplateValues,
     ) -> BoxFuture<'a, Result<Vec<Vec<u8>>, Status>> {
         Box::pin(async move {
+            let request = BatchNewX509svidRequest {
+                params: vec![NewX509svidParams {
+                    entry_id: entry_id.to_owned(),
+                    public_key: spki,
+                    template_values: values.to_map(),
+                }],
+            };
             let response = self
-                .client()
-                .batch_new_x509svid(BatchNewX509svidRequest {
-                    params: vec![NewX509svidParams {
-                        entry_id: entry_id.to_owned(),
-                        public_key: spki,
-                        template_values: values.to_map(),
-                    }],
+                .call("BatchNewX509SVID", |mut client| {
+                    let request = request.clone();
+                    async move { client.batch_new_x509svid(request).await }
                 })
                 .await?
                 .into_inner();
@@ -72,16 +84,23 @@ impl Signer for ServerConnection {
         values: &'a TemplateValues,
     ) -> BoxFuture<'a, Result<NewJwtsvidResponse, Status>> {
         Box::pin(async move {
+            let request = NewJwtsvidRequest {
+                entry_id: entry_id.to_owned(),
+                audiences: audiences.to_vec(),
+                template_values: values.to_map(),
+            };
             Ok(self
-                .client()
-                .new_jwtsvid(NewJwtsvidRequest {
-                    entry_id: entry_id.to_owned(),
-                    audiences: audiences.to_vec(),
-                    template_values: values.to_map(),
+                .call("NewJWTSVID", |mut client| {
+                    let request = request.clone();
+                    async move { client.new_jwtsvid(request).await }
                 })
                 .await?
                 .into_inner())
         })
+    }
+
+    fn reachable_again(&self) -> Option<watch::Receiver<u64>> {
+        Some(ServerConnection::reachable_again(self))
     }
 }
 

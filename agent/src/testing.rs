@@ -225,3 +225,276 @@ pub(crate) fn snapshot_with(entries: &[Arc<RegistrationEntry>]) -> CacheSnapshot
         failing: Arc::default(),
     }
 }
+
+/// How a [`FakeNode`] answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NodeMode {
+    /// Answers every call.
+    Serve,
+    /// `Unavailable` to every call (overloaded, its datastore is down).
+    Unavailable,
+    /// `PermissionDenied` "agent is banned" to every call.
+    Banned,
+}
+
+/// A node API server on loopback TLS presenting `spiffe://example.org/tessera/server`
+/// (or another ID) from a test CA: counts its calls, answers with its own name (the
+/// `spiffe_id` of the SVIDs it sends), and can be told to fail or be stopped.
+#[derive(Debug, Clone)]
+pub(crate) struct FakeNode {
+    pub(crate) name: String,
+    pub(crate) address: String,
+    mode: Arc<Mutex<NodeMode>>,
+    calls: Arc<AtomicUsize>,
+    /// `since_revision` of every `Sync` call received.
+    syncs: Arc<Mutex<Vec<u64>>>,
+    stop: tokio_util::sync::CancellationToken,
+    /// The accept and serve tasks.
+    served: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+/// A test CA and the client TLS configuration that trusts it (no client certificate).
+pub(crate) struct FakeCa {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    cert_der: Vec<u8>,
+}
+
+impl FakeCa {
+    pub(crate) fn new() -> Self {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "fake CA");
+        let cert_der = params.self_signed(&key).unwrap().der().to_vec();
+        Self {
+            issuer: rcgen::Issuer::new(params, key),
+            cert_der,
+        }
+    }
+
+    /// Client TLS config of an agent of `example.org` holding this CA as its bundle.
+    pub(crate) fn client_tls(&self) -> Arc<rustls::ClientConfig> {
+        let trust = Arc::new(crate::tls::ServerTrust::default());
+        trust.set(std::slice::from_ref(&self.cert_der));
+        let td = TrustDomain::new("example.org").unwrap();
+        let verifier = Arc::new(crate::tls::ServerVerifier::new(
+            trust,
+            SpiffeId::from_segments(&td, &["tessera", "server"]).unwrap(),
+            crate::tls::provider(),
+        ));
+        Arc::new(crate::tls::client_config(verifier, None, crate::tls::provider()).unwrap())
+    }
+
+    /// A server certificate for `id` and its key.
+    fn server_cert(&self, id: &str) -> (Vec<u8>, Vec<u8>) {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = vec![rcgen::SanType::URI(
+            rcgen::string::Ia5String::try_from(id).unwrap(),
+        )];
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.der().to_vec(), key.serialize_der())
+    }
+
+    /// Starts a fake node server `name` presenting `server_id`.
+    pub(crate) async fn serve(&self, name: &str, server_id: &str) -> FakeNode {
+        let (cert, key) = self.server_cert(server_id);
+        let mut config = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![rustls::pki_types::CertificateDer::from(cert)],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.into()),
+            )
+            .unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let node = FakeNode {
+            name: name.to_owned(),
+            address: listener.local_addr().unwrap().to_string(),
+            mode: Arc::new(Mutex::new(NodeMode::Serve)),
+            calls: Arc::new(AtomicUsize::new(0)),
+            syncs: Arc::new(Mutex::new(Vec::new())),
+            stop: tokio_util::sync::CancellationToken::new(),
+            served: Arc::default(),
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let stop = node.stop.clone();
+        let accepting = tokio::spawn(async move {
+            loop {
+                let (tcp, _) = tokio::select! {
+                    () = stop.cancelled() => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok(accepted) => accepted,
+                        Err(_) => continue,
+                    },
+                };
+                let acceptor = acceptor.clone();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    if let Ok(tls) = acceptor.accept(tcp).await {
+                        let _ = tx
+                            .send(Ok::<_, std::io::Error>(
+                                tessera_proto::connection::PeerConnection::new(tls, ()),
+                            ))
+                            .await;
+                    }
+                });
+            }
+        });
+        let service = tessera_proto::node::node_server::NodeServer::new(node.clone());
+        let stop = node.stop.clone();
+        let serving = tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::ReceiverStream::new(rx),
+                    stop.cancelled_owned(),
+                )
+                .await;
+        });
+        node.served.lock().unwrap().extend([accepting, serving]);
+        node
+    }
+}
+
+impl FakeNode {
+    pub(crate) fn set_mode(&self, mode: NodeMode) {
+        *self.mode.lock().unwrap() = mode;
+    }
+
+    pub(crate) fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn syncs(&self) -> Vec<u64> {
+        self.syncs.lock().unwrap().clone()
+    }
+
+    /// Stops accepting, ends its streams and closes its connections: the port refuses
+    /// connections once this returns.
+    pub(crate) async fn stop(&self) {
+        self.stop.cancel();
+        let tasks = std::mem::take(&mut *self.served.lock().unwrap());
+        for task in tasks {
+            task.await.unwrap();
+        }
+    }
+
+    /// Counts a call and answers per the mode.
+    fn enter(&self) -> Result<(), Status> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        match *self.mode.lock().unwrap() {
+            NodeMode::Serve => Ok(()),
+            NodeMode::Unavailable => Err(Status::unavailable("datastore unavailable")),
+            NodeMode::Banned => Err(Status::permission_denied("agent is banned")),
+        }
+    }
+
+    fn svid(&self) -> tessera_proto::node::AgentSvid {
+        tessera_proto::node::AgentSvid {
+            spiffe_id: self.name.clone(),
+            ..Default::default()
+        }
+    }
+}
+
+type FakeStream<T> =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl tessera_proto::node::node_server::Node for FakeNode {
+    type AttestAgentStream = FakeStream<tessera_proto::node::AttestAgentResponse>;
+    type SyncStream = FakeStream<tessera_proto::node::SyncResponse>;
+
+    async fn attest_agent(
+        &self,
+        _request: tonic::Request<tonic::Streaming<tessera_proto::node::AttestAgentRequest>>,
+    ) -> Result<tonic::Response<Self::AttestAgentStream>, Status> {
+        self.enter()?;
+        let response = tessera_proto::node::AttestAgentResponse {
+            step: Some(tessera_proto::node::attest_agent_response::Step::Result(
+                self.svid(),
+            )),
+        };
+        Ok(tonic::Response::new(Box::pin(futures::stream::iter([Ok(
+            response,
+        )]))))
+    }
+
+    async fn renew_agent(
+        &self,
+        _request: tonic::Request<tessera_proto::node::RenewAgentRequest>,
+    ) -> Result<tonic::Response<tessera_proto::node::RenewAgentResponse>, Status> {
+        self.enter()?;
+        Ok(tonic::Response::new(
+            tessera_proto::node::RenewAgentResponse {
+                svid: Some(self.svid()),
+            },
+        ))
+    }
+
+    /// One message at `since + 1`, then the stream stays open until the server stops.
+    async fn sync(
+        &self,
+        request: tonic::Request<tessera_proto::node::SyncRequest>,
+    ) -> Result<tonic::Response<Self::SyncStream>, Status> {
+        self.enter()?;
+        let since = request.get_ref().since_revision;
+        self.syncs.lock().unwrap().push(since);
+        let first = tessera_proto::node::SyncResponse {
+            revision: since + 1,
+            snapshot: since == 0,
+            ..Default::default()
+        };
+        let stop = self.stop.clone();
+        let end = futures::stream::once(async move {
+            stop.cancelled().await;
+            Err(Status::unavailable("server stopping"))
+        });
+        Ok(tonic::Response::new(Box::pin(futures::StreamExt::chain(
+            futures::stream::iter([Ok(first)]),
+            end,
+        ))))
+    }
+
+    async fn batch_new_x509svid(
+        &self,
+        _request: tonic::Request<tessera_proto::node::BatchNewX509svidRequest>,
+    ) -> Result<tonic::Response<tessera_proto::node::BatchNewX509svidResponse>, Status> {
+        self.enter()?;
+        Ok(tonic::Response::new(
+            tessera_proto::node::BatchNewX509svidResponse::default(),
+        ))
+    }
+
+    async fn new_jwtsvid(
+        &self,
+        _request: tonic::Request<tessera_proto::node::NewJwtsvidRequest>,
+    ) -> Result<tonic::Response<NewJwtsvidResponse>, Status> {
+        self.enter()?;
+        Ok(tonic::Response::new(NewJwtsvidResponse {
+            spiffe_id: self.name.clone(),
+            ..Default::default()
+        }))
+    }
+}
+
+/// An address nothing listens on (connections are refused).
+pub(crate) async fn closed_address() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap().to_string()
+}

@@ -1140,6 +1140,9 @@ fn x509_push(ctx: &Ctx<'_>) -> Push<X509svidResponse, SentX509> {
                             rendered.instance.clone(),
                         ));
                     }
+                    // As for a fixed ID: signing keeps failing (the server is down),
+                    // so serve the others, or say `Unavailable`, rather than wait.
+                    _ if !state.dropped && state.failing => {}
                     _ => return Push::Wait,
                 }
             }
@@ -1490,6 +1493,69 @@ mod tests {
             matches!(push(&snapshot, &grants(&[&bad])), Push::Unavailable(_)),
             "all failing: a retryable error"
         );
+
+        // The same for a templated identity whose signing keeps failing (the server is
+        // down): pending, it is waited for; failing without a valid SVID, it does not
+        // hold back the others, and alone it is `Unavailable`. An expired SVID is never
+        // sent, failing or not.
+        let signer = crate::testing::LocalSigner::new();
+        let templated = signer.entry("t", "spiffe://example.org/bot/{instance}", &["unix:uid:1"]);
+        let (id, values) = signer.render(&templated, "p1");
+        let rendered = crate::instances::Rendered {
+            entry: Arc::clone(&templated),
+            key: crate::instances::IdentityKey {
+                entry_id: "t".into(),
+                spiffe_id: id.clone(),
+            },
+            values,
+            instance: None,
+        };
+        let (slot, state) = tokio::sync::watch::channel(crate::instances::SlotState::default());
+        let with_templated = |fixed: &[&Arc<RegistrationEntry>]| {
+            let mut resolution = grants(fixed);
+            resolution
+                .grants
+                .push(Grant::Templated(rendered.clone(), state.clone()));
+            resolution
+        };
+        snapshot.failing = Arc::default();
+        let only_good = grants(&[&good]);
+        assert!(matches!(push(&snapshot, &only_good), Push::Send(..)));
+        assert!(
+            matches!(push(&snapshot, &with_templated(&[&good])), Push::Wait),
+            "templated pending: wait"
+        );
+        let expired = crate::cache::WorkloadSvid {
+            entry_id: "t".into(),
+            entry_revision: templated.revision,
+            spiffe_id: id,
+            cert_chain: vec![vec![0x30, 0x00]],
+            private_key: vec![1, 2, 3],
+            serial_hex: "02".into(),
+            not_before: SystemTime::now() - std::time::Duration::from_secs(20),
+            not_after: SystemTime::now() - std::time::Duration::from_secs(1),
+            renew_at: SystemTime::now() - std::time::Duration::from_secs(10),
+        };
+        slot.send_modify(|s| {
+            s.svid = Some(Arc::new(expired));
+            s.failing = true;
+        });
+        match push(&snapshot, &with_templated(&[&good])) {
+            Push::Send(message, _, _) => {
+                let ids: Vec<&str> = message.svids.iter().map(|s| s.spiffe_id.as_str()).collect();
+                assert_eq!(ids, ["spiffe://example.org/good"], "never the expired one");
+            }
+            _ => panic!("a failing templated identity held back the others"),
+        }
+        assert!(
+            matches!(push(&snapshot, &with_templated(&[])), Push::Unavailable(_)),
+            "templated alone, failing and expired: a retryable error"
+        );
+        slot.send_modify(|s| s.failing = false);
+        assert!(
+            matches!(push(&snapshot, &with_templated(&[])), Push::Wait),
+            "expired, renewal pending: wait, never the expired SVID"
+        );
     }
 
     /// The kernel's answers, except credentials when `cred` says otherwise; counts the
@@ -1580,8 +1646,9 @@ mod tests {
             crate::tls::provider(),
         ));
         let tls = crate::tls::client_config(verifier, None, crate::tls::provider()).unwrap();
-        let connection =
-            Arc::new(crate::node::ServerConnection::new("127.0.0.1:1", Arc::new(tls)).unwrap());
+        let connection = Arc::new(
+            crate::node::ServerConnection::new(&["127.0.0.1:1".to_owned()], Arc::new(tls)).unwrap(),
+        );
         serve_full(
             attestor,
             sys,

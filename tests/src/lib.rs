@@ -191,11 +191,21 @@ impl Harness {
 
     /// The config of agent `name` (its own data dir and socket).
     pub fn agent_config(&self, name: &str) -> AgentConfig {
+        self.agent_config_with_servers(name, &[self.node_address()])
+    }
+
+    /// The config of agent `name` whose `server_address` lists `servers` (in order, for
+    /// failover; one address is written as a plain string).
+    pub fn agent_config_with_servers(&self, name: &str, servers: &[String]) -> AgentConfig {
         std::fs::create_dir_all(self.path(name)).expect("agent dir");
+        let server_address = match servers {
+            [one] => format!("{one:?}"),
+            many => format!("{many:?}"),
+        };
         let text = format!(
-            "[agent]\ntrust_domain = \"{}\"\nserver_address = \"{}\"\nsocket_path = \"{}\"\ndata_dir = \"{}\"\ntrust_bundle_path = \"{}\"\n",
+            "[agent]\ntrust_domain = \"{}\"\nserver_address = {}\nsocket_path = \"{}\"\ndata_dir = \"{}\"\ntrust_bundle_path = \"{}\"\n",
             self.trust_domain,
-            self.node_address(),
+            server_address,
             self.agent_socket(name).display(),
             self.path(&format!("{name}/data")).display(),
             self.bootstrap_bundle().display(),

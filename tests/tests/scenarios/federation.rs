@@ -25,7 +25,7 @@ use tessera_proto::workload::{
 use tessera_tests::{Harness, my_uid, wait_until};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::support::{fetch_x509_raw, raw_workload_client};
+use crate::support::{fetch_x509_raw, raw_workload_client, split_der};
 
 const A: &str = "example.org";
 const B: &str = "example-federated.org";
@@ -82,17 +82,6 @@ fn relationship(td: &str, url: String, bundle: Vec<u8>) -> FederationRelationshi
         trust_domain_bundle: bundle,
         ..FederationRelationship::default()
     }
-}
-
-/// Splits concatenated DER certificates.
-fn split_der(mut der: &[u8]) -> Vec<Vec<u8>> {
-    let mut out = Vec::new();
-    while !der.is_empty() {
-        let (rest, _) = x509_parser::parse_x509_certificate(der).unwrap();
-        out.push(der[..der.len() - rest.len()].to_vec());
-        der = rest;
-    }
-    out
 }
 
 fn federated_of(response: &X509svidResponse, td: &str) -> Option<Vec<Vec<u8>>> {

@@ -7,12 +7,13 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rustls::pki_types::{CertificateDer, UnixTime};
 use tessera_agent::cli::with_header;
 use tessera_proto::workload::{JwtsvidRequest, ValidateJwtsvidRequest, X509svidRequest};
 use tessera_tests::Harness;
 
-use crate::support::{arg, product_command, raw_workload_client, run_product, wait_healthy};
+use crate::support::{
+    ServerProcess, arg, raw_workload_client, run_product, split_der, verify, wait_healthy,
+};
 
 /// Key lifetimes of seconds: a CA is prepared 6 s after the previous one and signs
 /// from 10 s after; a rotation every 6 s.
@@ -21,49 +22,6 @@ default_x509_svid_ttl = \"4s\"\nagent_svid_ttl = \"6s\"\ndefault_jwt_svid_ttl = 
 
 fn my_uid() -> u32 {
     nix::unistd::getuid().as_raw()
-}
-
-/// Splits concatenated DER certificates.
-fn split_der(mut bytes: &[u8]) -> Vec<Vec<u8>> {
-    let mut out = Vec::new();
-    while !bytes.is_empty() {
-        let (rest, _) = x509_parser::parse_x509_certificate(bytes).expect("DER certificate");
-        out.push(bytes[..bytes.len() - rest.len()].to_vec());
-        bytes = rest;
-    }
-    out
-}
-
-/// Verifies `chain` (leaf first) against `bundle` with webpki, now; returns the
-/// issuer's subject (it names the CA serial).
-fn verify(chain: &[Vec<u8>], bundle: &[Vec<u8>]) -> String {
-    let anchors: Vec<_> = bundle
-        .iter()
-        .map(|der| {
-            webpki::anchor_from_trusted_cert(&CertificateDer::from(der.as_slice()))
-                .unwrap()
-                .to_owned()
-        })
-        .collect();
-    let leaf_der = CertificateDer::from(chain[0].as_slice());
-    let intermediates: Vec<CertificateDer<'_>> = chain[1..]
-        .iter()
-        .map(|d| CertificateDer::from(d.as_slice()))
-        .collect();
-    let leaf = webpki::EndEntityCert::try_from(&leaf_der).unwrap();
-    let algs = rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms;
-    leaf.verify_for_usage(
-        algs.all,
-        &anchors,
-        &intermediates,
-        UnixTime::now(),
-        webpki::KeyUsage::client_auth(),
-        None,
-        None,
-    )
-    .expect("the SVID verifies against the bundle of the same response");
-    let (_, cert) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
-    cert.issuer().to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -195,35 +153,6 @@ async fn svids_and_jwts_stay_valid_across_three_rotations() {
     agent.stop().await.unwrap();
 }
 
-/// A `tessera-server` started from its binary; killed if dropped.
-struct Server {
-    child: tokio::process::Child,
-    log: PathBuf,
-}
-
-impl Server {
-    fn start(config: &Path, log: PathBuf) -> Self {
-        let file = std::fs::File::create(&log).unwrap();
-        let mut command = product_command("tessera-server");
-        command
-            .args(["run", "--config", arg(config)])
-            .env("RUST_LOG", "info")
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .kill_on_drop(true);
-        Self {
-            child: command.spawn().unwrap(),
-            log,
-        }
-    }
-
-    async fn sigkill(&mut self) {
-        self.child.start_kill().unwrap();
-        let status = self.child.wait().await.unwrap();
-        assert!(status.code().is_none(), "killed by a signal: {status}");
-    }
-}
-
 async fn authorities(socket: &Path) -> serde_json::Value {
     run_product(
         "tessera-server",
@@ -271,7 +200,7 @@ async fn sigkill_between_prepare_and_activate_keeps_the_prepared_ca() {
         ),
     )
     .unwrap();
-    let mut server = Server::start(&config, dir.path().join("server-1.log"));
+    let mut server = ServerProcess::start(&config, dir.path().join("server-1.log"));
     wait_healthy("tessera-server", &socket, Duration::from_secs(20)).await;
 
     // Prepared 12 s after the CA was made, active from 20 s: kill in between.
@@ -318,7 +247,7 @@ async fn sigkill_between_prepare_and_activate_keeps_the_prepared_ca() {
         "no PEM key outside the key manager"
     );
 
-    let mut server = Server::start(&config, dir.path().join("server-2.log"));
+    let mut server = ServerProcess::start(&config, dir.path().join("server-2.log"));
     wait_healthy("tessera-server", &socket, Duration::from_secs(20)).await;
     let json = authorities(&socket).await;
     let again = with_state(&json, "prepared")

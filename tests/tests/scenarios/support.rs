@@ -659,3 +659,80 @@ pub async fn poll_until(what: &str, condition: impl Fn() -> bool + Send + 'stati
     .await
     .unwrap();
 }
+
+/// Splits concatenated DER certificates (the Workload API's `x509_svid` and `bundle`).
+pub fn split_der(mut bytes: &[u8]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        let (rest, _) = x509_parser::parse_x509_certificate(bytes).expect("DER certificate");
+        out.push(bytes[..bytes.len() - rest.len()].to_vec());
+        bytes = rest;
+    }
+    out
+}
+
+/// Verifies `chain` (leaf first) against `bundle` with webpki, now, for client
+/// authentication; returns the issuer's subject (it names the CA serial).
+pub fn verify(chain: &[Vec<u8>], bundle: &[Vec<u8>]) -> String {
+    use rustls::pki_types::{CertificateDer, UnixTime};
+    let anchors: Vec<_> = bundle
+        .iter()
+        .map(|der| {
+            webpki::anchor_from_trusted_cert(&CertificateDer::from(der.as_slice()))
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    let leaf_der = CertificateDer::from(chain[0].as_slice());
+    let intermediates: Vec<CertificateDer<'_>> = chain[1..]
+        .iter()
+        .map(|d| CertificateDer::from(d.as_slice()))
+        .collect();
+    let leaf = webpki::EndEntityCert::try_from(&leaf_der).unwrap();
+    let algs = rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms;
+    leaf.verify_for_usage(
+        algs.all,
+        &anchors,
+        &intermediates,
+        UnixTime::now(),
+        webpki::KeyUsage::client_auth(),
+        None,
+        None,
+    )
+    .expect("the SVID verifies against the bundle");
+    let (_, cert) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
+    cert.issuer().to_string()
+}
+
+/// `tessera-server run` as a child process (killed on drop), its output in `log`.
+pub struct ServerProcess {
+    /// The process.
+    pub child: tokio::process::Child,
+    /// Where its stdout and stderr go.
+    pub log: std::path::PathBuf,
+}
+
+impl ServerProcess {
+    /// Starts `tessera-server run --config <config>` at log level info.
+    pub fn start(config: &Path, log: std::path::PathBuf) -> Self {
+        let file = std::fs::File::create(&log).unwrap();
+        let mut command = product_command("tessera-server");
+        command
+            .args(["run", "--config", arg(config)])
+            .env("RUST_LOG", "info")
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .kill_on_drop(true);
+        Self {
+            child: command.spawn().unwrap(),
+            log,
+        }
+    }
+
+    /// SIGKILL, and checks that the signal is what ended it.
+    pub async fn sigkill(&mut self) {
+        self.child.start_kill().unwrap();
+        let status = self.child.wait().await.unwrap();
+        assert!(status.code().is_none(), "killed by a signal: {status}");
+    }
+}
