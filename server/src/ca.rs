@@ -12,7 +12,12 @@
 //! [`spiffe_id_of_certificate`] and [`serial_of_certificate`] (used by the node API to
 //! identify agents by their SVID).
 //!
-//! Not here: upstream authorities.
+//! With an upstream authority ([`upstream`], `[server.upstream_authority]`) each CA is
+//! an intermediate signed by the upstream CA instead of a self-signed root
+//! ([`CertificateAuthority::signed_by_upstream`]); every SVID it signs then comes with
+//! the chain up to (not including) the upstream root ([`IssuedCertificate::chain`]).
+
+pub mod upstream;
 
 use std::fmt;
 use std::sync::{Arc, PoisonError, RwLock};
@@ -23,10 +28,12 @@ use rcgen::{
     DnType, DnValue, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyUsagePurpose,
     PublicKeyData, RevokedCertParams, SanType, SerialNumber,
 };
+use rustls::pki_types::CertificateDer;
 use tessera_plugin_keymanager::RcgenSigner;
 use tessera_plugin_sdk::keymanager::SigningKey;
 use tessera_plugin_sdk::{SpiffeId, TrustDomain};
 use time::OffsetDateTime;
+use upstream::{UpstreamAuthority, UpstreamError};
 use x509_parser::certificate::X509Certificate;
 use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::extensions::GeneralName;
@@ -100,6 +107,9 @@ pub enum CaError {
     /// [`serial_of_certificate`] is malformed or not an X509-SVID.
     #[error("invalid certificate: {0}")]
     InvalidCertificate(String),
+    /// The upstream authority cannot be used (the message names the configuration key).
+    #[error("{0}")]
+    Upstream(#[from] UpstreamError),
 }
 
 /// One signed X509-SVID.
@@ -114,12 +124,27 @@ pub struct IssuedCertificate {
     pub not_before: SystemTime,
     /// NotAfter as written in the certificate (whole seconds).
     pub not_after: SystemTime,
+    /// The certificates that go after [`IssuedCertificate::der`] in the chain handed
+    /// out, DER: empty when the signing CA is a self-signed root (the trust bundle holds
+    /// it); with an upstream authority, the signing CA and the upstream intermediates
+    /// (never the root).
+    pub chain: Vec<Vec<u8>>,
+}
+
+impl IssuedCertificate {
+    /// The chain to hand out: the certificate, then [`IssuedCertificate::chain`].
+    pub fn cert_chain(&self) -> Vec<Vec<u8>> {
+        std::iter::once(self.der.clone())
+            .chain(self.chain.iter().cloned())
+            .collect()
+    }
 }
 
 impl fmt::Debug for IssuedCertificate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("IssuedCertificate")
             .field("der_len", &self.der.len())
+            .field("chain_len", &self.chain.len())
             .field("serial_hex", &self.serial_hex)
             .field("not_before", &self.not_before)
             .field("not_after", &self.not_after)
@@ -127,7 +152,21 @@ impl fmt::Debug for IssuedCertificate {
     }
 }
 
-/// One CA: a key manager's key and its self-signed certificate.
+/// Where a CA signed by an upstream authority sits: what follows it in a chain, and the
+/// roots the chain ends at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamChain {
+    /// The certificates that follow the CA's own in every chain it hands out: the
+    /// upstream CA and its intermediates, without a root (empty when the upstream CA is
+    /// itself a root). DER.
+    pub intermediates: Vec<Vec<u8>>,
+    /// The roots (trust anchors) the chain ends at: what the trust bundle publishes in
+    /// place of the CA. DER, at least one.
+    pub roots: Vec<Vec<u8>>,
+}
+
+/// One CA: a key manager's key and its certificate, self-signed or signed by an
+/// upstream authority.
 ///
 /// `Send + Sync`; signing takes `&self` and is blocking CPU work (call it from
 /// `spawn_blocking`, or accept a few hundred microseconds on the runtime).
@@ -141,6 +180,11 @@ pub struct CertificateAuthority {
     /// Validity of the CA certificate, Unix seconds.
     not_before: i64,
     not_after: i64,
+    /// `None` for a self-signed root.
+    upstream: Option<UpstreamChain>,
+    /// What follows a leaf it signs: empty for a root; else this certificate and the
+    /// upstream intermediates.
+    chain: Vec<Vec<u8>>,
 }
 
 impl fmt::Debug for CertificateAuthority {
@@ -152,6 +196,7 @@ impl fmt::Debug for CertificateAuthority {
             .field("serial_hex", &self.serial_hex)
             .field("not_before", &self.not_before)
             .field("not_after", &self.not_after)
+            .field("upstream", &self.upstream.is_some())
             .field("key", &"[elided]")
             .finish()
     }
@@ -196,6 +241,93 @@ impl CertificateAuthority {
             serial_hex: serial_hex(&serial),
             not_before,
             not_after,
+            upstream: None,
+            chain: Vec::new(),
+        };
+        ca.self_test()?;
+        Ok(ca)
+    }
+
+    /// A new CA over `key`, an intermediate signed by `upstream` (only the public key
+    /// goes to it): valid from `now` − [`BACKDATE`] (never before the upstream path's
+    /// NotBefore) for `ttl`, but never past the upstream path's NotAfter (check
+    /// [`CertificateAuthority::not_after`] to see whether it was clamped). Same profile
+    /// as a self-signed CA (subject, the trust domain's SPIFFE ID as URI SAN, keyUsage
+    /// keyCertSign + cRLSign), plus an authority key identifier and a path length
+    /// constraint of 0: it signs SVIDs, never another CA. Its self-test signs a probe
+    /// SVID and verifies it with webpki through the upstream chain to the upstream
+    /// roots, so a chain that would not verify never signs. Blocking (signing).
+    pub fn signed_by_upstream(
+        key: Arc<dyn SigningKey>,
+        trust_domain: &TrustDomain,
+        ttl: Duration,
+        now: SystemTime,
+        upstream: &UpstreamAuthority,
+    ) -> Result<Self, CaError> {
+        let ttl_secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
+        if ttl_secs == 0 {
+            return Err(CaError::InvalidRequest(
+                "CA ttl must be at least one second".into(),
+            ));
+        }
+        let signer = RcgenSigner::new(key).map_err(|e| CaError::Signing(format!("CA key: {e}")))?;
+        let now = unix_of(now)?;
+        let not_before = now
+            .saturating_sub(backdate_secs())
+            .max(upstream.not_before());
+        let not_after = now.saturating_add(ttl_secs).min(upstream.not_after());
+        if not_after <= now {
+            return Err(CaError::Upstream(UpstreamError {
+                field: "cert_file_path",
+                path: None,
+                reason: format!(
+                    "the upstream CA ({}) has expired; no CA can be signed under it",
+                    upstream.subject()
+                ),
+            }));
+        }
+        let serial = random_serial()?;
+        let mut params = ca_params(
+            trust_domain,
+            serial.clone(),
+            to_offset(not_before)?,
+            to_offset(not_after)
+                .map_err(|_| CaError::InvalidRequest(format!("CA ttl {ttl:?} is too long")))?,
+        )?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.use_authority_key_identifier_extension = true;
+        let cert = params
+            .signed_by(&signer, upstream.issuer())
+            .map_err(|e| CaError::Signing(format!("CA certificate by the upstream CA: {e}")))?;
+        let cert_der = cert.der().to_vec();
+        {
+            let parsed = parse_certificate(&cert_der)?;
+            if parsed.issuer().as_raw() != upstream.subject_der() {
+                return Err(CaError::Upstream(UpstreamError {
+                    field: "cert_file_path",
+                    path: None,
+                    reason: format!(
+                        "the upstream CA's subject ({}) cannot be reproduced exactly as \
+                         issuer name; use an upstream CA with a simpler subject",
+                        upstream.subject()
+                    ),
+                }));
+            }
+        }
+        let upstream = UpstreamChain {
+            intermediates: upstream.chain().to_vec(),
+            roots: upstream.roots().to_vec(),
+        };
+        let ca = Self {
+            cert_pem: tessera_plugin_sdk::x509::pem_encode("CERTIFICATE", &cert_der),
+            issuer: Issuer::new(params, signer),
+            trust_domain: trust_domain.clone(),
+            chain: chain_after_leaf(&cert_der, &upstream),
+            cert_der,
+            serial_hex: serial_hex(&serial),
+            not_before,
+            not_after,
+            upstream: Some(upstream),
         };
         ca.self_test()?;
         Ok(ca)
@@ -209,10 +341,41 @@ impl CertificateAuthority {
         cert_der: Vec<u8>,
         trust_domain: &TrustDomain,
     ) -> Result<Self, CaError> {
+        Self::load(key, cert_der, trust_domain, None)
+    }
+
+    /// A stored CA signed by an upstream authority: `cert_der` must be a CA certificate
+    /// for `trust_domain` over `key`, and (unless it has expired) a probe SVID it signs
+    /// must verify through `upstream.intermediates` to `upstream.roots`. Blocking.
+    pub fn from_upstream_certificate(
+        key: Arc<dyn SigningKey>,
+        cert_der: Vec<u8>,
+        trust_domain: &TrustDomain,
+        upstream: UpstreamChain,
+    ) -> Result<Self, CaError> {
+        if upstream.roots.is_empty() {
+            return Err(CaError::Corrupt(
+                "a CA signed by an upstream authority needs at least one root".into(),
+            ));
+        }
+        Self::load(key, cert_der, trust_domain, Some(upstream))
+    }
+
+    fn load(
+        key: Arc<dyn SigningKey>,
+        cert_der: Vec<u8>,
+        trust_domain: &TrustDomain,
+        upstream: Option<UpstreamChain>,
+    ) -> Result<Self, CaError> {
         let signer = RcgenSigner::new(key).map_err(|e| CaError::Corrupt(format!("CA key: {e}")))?;
         let (serial, not_before, not_after) = {
             let cert = parse_certificate(&cert_der).map_err(|e| CaError::Corrupt(e.to_string()))?;
-            check_ca_certificate(&cert, signer.key().public_key_der(), trust_domain)?;
+            check_ca_certificate(
+                &cert,
+                signer.key().public_key_der(),
+                trust_domain,
+                upstream.is_none(),
+            )?;
             (
                 serial_of_certificate(&cert_der).map_err(|e| CaError::Corrupt(e.to_string()))?,
                 cert.validity().not_before.timestamp(),
@@ -221,6 +384,10 @@ impl CertificateAuthority {
         };
         let issuer = Issuer::from_ca_cert_der(&cert_der.clone().into(), signer)
             .map_err(|e| CaError::Corrupt(e.to_string()))?;
+        let chain = upstream
+            .as_ref()
+            .map(|u| chain_after_leaf(&cert_der, u))
+            .unwrap_or_default();
         let ca = Self {
             issuer,
             trust_domain: trust_domain.clone(),
@@ -229,6 +396,8 @@ impl CertificateAuthority {
             serial_hex: serial,
             not_before,
             not_after,
+            upstream,
+            chain,
         };
         if unix_now()? < ca.not_after {
             ca.self_test()?;
@@ -274,6 +443,27 @@ impl CertificateAuthority {
     /// Hex serial of the CA certificate (same format as [`serial_of_certificate`]).
     pub fn serial_hex(&self) -> &str {
         &self.serial_hex
+    }
+
+    /// The upstream chain and roots of a CA signed by an upstream authority; `None`
+    /// for a self-signed root.
+    pub fn upstream(&self) -> Option<&UpstreamChain> {
+        self.upstream.as_ref()
+    }
+
+    /// The certificates that follow a leaf this CA signs (see
+    /// [`IssuedCertificate::chain`]). DER.
+    pub fn chain(&self) -> &[Vec<u8>] {
+        &self.chain
+    }
+
+    /// What the trust bundle publishes for this CA: its own certificate if it is a
+    /// root, else the upstream roots. DER.
+    pub fn trust_anchors(&self) -> Vec<Vec<u8>> {
+        match &self.upstream {
+            None => vec![self.cert_der.clone()],
+            Some(upstream) => upstream.roots.clone(),
+        }
     }
 
     /// Signs an X509-SVID for `spiffe_id` over the public key `public_key_spki_der`.
@@ -349,6 +539,7 @@ impl CertificateAuthority {
             serial_hex: serial_hex(&serial),
             not_before: system_time(not_before),
             not_after: system_time(not_after),
+            chain: self.chain.clone(),
         })
     }
 
@@ -422,8 +613,85 @@ impl CertificateAuthority {
         }
         leaf_cert
             .verify_signature(Some(ca.public_key()))
-            .map_err(|e| CaError::Corrupt(format!("self-test signature does not verify: {e}")))
+            .map_err(|e| CaError::Corrupt(format!("self-test signature does not verify: {e}")))?;
+        if let Some(upstream) = &self.upstream {
+            // At the CA's NotBefore if it lies ahead (a CA made for a clock a little ahead
+            // of this one), else now.
+            let at = unix_now()?.max(self.not_before);
+            verify_through_upstream(&leaf.cert_chain(), upstream, at)?;
+        }
+        Ok(())
     }
+}
+
+/// [`CertificateAuthority::chain`] of a CA signed by an upstream authority.
+fn chain_after_leaf(cert_der: &[u8], upstream: &UpstreamChain) -> Vec<Vec<u8>> {
+    std::iter::once(cert_der.to_vec())
+        .chain(upstream.intermediates.iter().cloned())
+        .collect()
+}
+
+/// Path validation of `chain` (leaf first) against `upstream.roots` with webpki at `at`
+/// (Unix seconds), for client and server auth: what every rustls peer of the SVID will
+/// do.
+fn verify_through_upstream(
+    chain: &[Vec<u8>],
+    upstream: &UpstreamChain,
+    at: i64,
+) -> Result<(), CaError> {
+    let failed = |what: String| {
+        CaError::Upstream(UpstreamError {
+            field: "cert_file_path",
+            path: None,
+            reason: what,
+        })
+    };
+    let root_ders: Vec<CertificateDer<'_>> = upstream
+        .roots
+        .iter()
+        .map(|d| CertificateDer::from(d.as_slice()))
+        .collect();
+    let anchors = root_ders
+        .iter()
+        .map(|d| {
+            webpki::anchor_from_trusted_cert(d)
+                .map_err(|e| failed(format!("a root is not a usable trust anchor: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let [leaf, intermediates @ ..] = chain else {
+        return Err(CaError::Signing("empty chain".into()));
+    };
+    let leaf = CertificateDer::from(leaf.as_slice());
+    let intermediates: Vec<CertificateDer<'_>> = intermediates
+        .iter()
+        .map(|d| CertificateDer::from(d.as_slice()))
+        .collect();
+    let ee = webpki::EndEntityCert::try_from(&leaf)
+        .map_err(|e| CaError::Signing(format!("self-test SVID: {e}")))?;
+    let now = rustls::pki_types::UnixTime::since_unix_epoch(Duration::from_secs(
+        u64::try_from(at).unwrap_or(0),
+    ));
+    for usage in [
+        webpki::KeyUsage::client_auth(),
+        webpki::KeyUsage::server_auth(),
+    ] {
+        ee.verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            &anchors,
+            &intermediates,
+            now,
+            usage,
+            None,
+            None,
+        )
+        .map_err(|e| {
+            failed(format!(
+                "an SVID signed under the upstream CA does not verify to the upstream roots \
+                 with rustls/webpki: {e:?}"
+            ))
+        })?;
+    }
+    Ok(())
 }
 
 /// The CA that signs now, switched to the next one when a rotation activates it.
@@ -663,11 +931,14 @@ fn leaf_params(
     p
 }
 
-/// Load-time checks of the CA certificate against the key and the configuration.
+/// Load-time checks of the CA certificate against the key and the configuration (its
+/// self-signature only when it is a root; an upstream-signed CA's path is proven by its
+/// self-test).
 fn check_ca_certificate(
     cert: &X509Certificate<'_>,
     key_spki_der: &[u8],
     trust_domain: &TrustDomain,
+    self_signed: bool,
 ) -> Result<(), CaError> {
     let corrupt = |what: &str| CaError::Corrupt(what.to_owned());
     let bc = cert
@@ -698,8 +969,10 @@ fn check_ca_certificate(
             "the CA certificate does not certify the CA key".into(),
         ));
     }
-    cert.verify_signature(None)
-        .map_err(|e| corrupt(&format!("self-signature does not verify: {e}")))?;
+    if self_signed {
+        cert.verify_signature(None)
+            .map_err(|e| corrupt(&format!("self-signature does not verify: {e}")))?;
+    }
     let configured = trust_domain.id_string();
     let san = cert
         .subject_alternative_name()
@@ -1891,5 +2164,645 @@ mod tests {
         }
         let csr_cost = start.elapsed() / n;
         println!("sign_x509_svid: {sign:?} per call; public_key_from_csr: {csr_cost:?} per call");
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Upstream authority.
+
+    /// A test upstream CA made with rcgen: its key, params and DER.
+    struct TestCa {
+        params: CertificateParams,
+        key: KeyPair,
+        der: Vec<u8>,
+    }
+
+    impl TestCa {
+        fn pem(&self) -> String {
+            tessera_plugin_sdk::x509::pem_encode("CERTIFICATE", &self.der)
+        }
+    }
+
+    fn test_ca_params(cn: &str, not_after: i64) -> CertificateParams {
+        let mut p = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "Upstream Corp");
+        dn.push(DnType::CommonName, cn);
+        p.distinguished_name = dn;
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        p.serial_number = Some(random_serial().unwrap());
+        p.not_before = to_offset(now_unix() - 3600).unwrap();
+        p.not_after = to_offset(not_after).unwrap();
+        p
+    }
+
+    fn test_root_with(params: CertificateParams) -> TestCa {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let der = params.self_signed(&key).unwrap().der().to_vec();
+        TestCa { params, key, der }
+    }
+
+    fn test_root(cn: &str) -> TestCa {
+        test_root_with(test_ca_params(cn, now_unix() + 30 * 24 * 3600))
+    }
+
+    fn test_issue(params: CertificateParams, by: &TestCa) -> TestCa {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let der = params
+            .signed_by(&key, &Issuer::from_params(&by.params, &by.key))
+            .unwrap()
+            .der()
+            .to_vec();
+        TestCa { params, key, der }
+    }
+
+    fn upstream_of(cert_pem: &str, key_pem: &str, bundle_pem: Option<&str>) -> UpstreamAuthority {
+        UpstreamAuthority::from_pem(
+            cert_pem.as_bytes(),
+            key_pem.as_bytes(),
+            bundle_pem.map(str::as_bytes),
+            SystemTime::now(),
+        )
+        .unwrap()
+    }
+
+    fn upstream_err(cert_pem: &str, key_pem: &str, bundle_pem: Option<&str>) -> UpstreamError {
+        UpstreamAuthority::from_pem(
+            cert_pem.as_bytes(),
+            key_pem.as_bytes(),
+            bundle_pem.map(str::as_bytes),
+            SystemTime::now(),
+        )
+        .unwrap_err()
+    }
+
+    /// webpki path validation of `chain` (leaf first) against `roots`, both usages.
+    fn verify_path(chain: &[Vec<u8>], roots: &[Vec<u8>]) -> Result<(), webpki::Error> {
+        let root_ders: Vec<CertificateDer<'_>> = roots
+            .iter()
+            .map(|d| CertificateDer::from(d.as_slice()))
+            .collect();
+        let anchors: Vec<_> = root_ders
+            .iter()
+            .map(|d| webpki::anchor_from_trusted_cert(d).unwrap())
+            .collect();
+        let leaf = CertificateDer::from(chain[0].as_slice());
+        let intermediates: Vec<CertificateDer<'_>> = chain[1..]
+            .iter()
+            .map(|d| CertificateDer::from(d.as_slice()))
+            .collect();
+        let ee = webpki::EndEntityCert::try_from(&leaf).unwrap();
+        for usage in [
+            webpki::KeyUsage::client_auth(),
+            webpki::KeyUsage::server_auth(),
+        ] {
+            ee.verify_for_usage(
+                webpki::ALL_VERIFICATION_ALGS,
+                &anchors,
+                &intermediates,
+                UnixTime::now(),
+                usage,
+                None,
+                None,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn signed_under(upstream: &UpstreamAuthority, ttl: Duration) -> CertificateAuthority {
+        signed_under_with(test_key(KeyType::EcP256), upstream, ttl)
+    }
+
+    fn signed_under_with(
+        key: Arc<dyn SigningKey>,
+        upstream: &UpstreamAuthority,
+        ttl: Duration,
+    ) -> CertificateAuthority {
+        CertificateAuthority::signed_by_upstream(key, &td(), ttl, SystemTime::now(), upstream)
+            .unwrap()
+    }
+
+    /// The server CA is an intermediate under a self-signed upstream root: SPIFFE CA
+    /// profile, path length 0, issuer and AKI of the root; SVIDs carry [leaf, CA] and
+    /// verify to the root alone, which is what the bundle publishes.
+    #[test]
+    fn intermediate_under_an_upstream_root_chains() {
+        let root = test_root("Upstream Root");
+        let upstream = upstream_of(&root.pem(), &root.key.serialize_pem(), None);
+        assert_eq!(upstream.roots(), std::slice::from_ref(&root.der));
+        assert!(upstream.chain().is_empty(), "a root is never served");
+        let key = test_key(KeyType::EcP256);
+        let ca = signed_under_with(Arc::clone(&key), &upstream, 24 * HOUR);
+        assert_eq!(ca.trust_anchors(), vec![root.der.clone()]);
+        assert_eq!(ca.chain(), [ca.certificate_der().to_vec()]);
+        assert!(upstream.signed(ca.certificate_der()));
+
+        let cert = parse_certificate(ca.certificate_der()).unwrap();
+        let root_cert = parse_certificate(&root.der).unwrap();
+        assert_eq!(cert.issuer().as_raw(), root_cert.subject().as_raw());
+        cert.verify_signature(Some(root_cert.public_key())).unwrap();
+        let bc = cert.basic_constraints().unwrap().unwrap();
+        assert!(bc.critical && bc.value.ca);
+        assert_eq!(bc.value.path_len_constraint, Some(0));
+        let ku = cert.key_usage().unwrap().unwrap();
+        assert!(ku.value.key_cert_sign() && ku.value.crl_sign());
+        let san = cert.subject_alternative_name().unwrap().unwrap();
+        assert_eq!(
+            san.value.general_names,
+            [GeneralName::URI("spiffe://example.org")]
+        );
+        assert!(
+            cert.iter_extensions()
+                .any(|e| e.oid.to_id_string() == "2.5.29.35"),
+            "authority key identifier"
+        );
+        let nb = cert.validity().not_before.timestamp();
+        let na = cert.validity().not_after.timestamp();
+        assert_eq!(na - nb, 24 * 3600 + 10);
+
+        let (_key, csr) = plain_csr();
+        let spki = public_key_from_csr(&csr).unwrap();
+        let issued = ca.sign_x509_svid(&spki, &id("/w"), &[], HOUR).unwrap();
+        assert_eq!(issued.chain, [ca.certificate_der().to_vec()]);
+        let chain = issued.cert_chain();
+        assert_eq!(chain.len(), 2);
+        check_svid_profile(&ca, &issued, &id("/w"), &[]);
+        verify_path(&chain, std::slice::from_ref(&root.der)).unwrap();
+        // The leaf alone does not reach the root: the CA must be in the chain.
+        assert!(verify_path(&chain[..1], std::slice::from_ref(&root.der)).is_err());
+        // Reloaded from the journal's pieces: same chain, still signs; never over
+        // another key than the certificate's.
+        let reloaded = CertificateAuthority::from_upstream_certificate(
+            key,
+            ca.certificate_der().to_vec(),
+            &td(),
+            ca.upstream().unwrap().clone(),
+        )
+        .unwrap();
+        assert_eq!(reloaded.chain(), ca.chain());
+        assert_eq!(reloaded.trust_anchors(), vec![root.der.clone()]);
+        let again = reloaded
+            .sign_x509_svid(&spki, &id("/w"), &[], HOUR)
+            .unwrap();
+        verify_path(&again.cert_chain(), std::slice::from_ref(&root.der)).unwrap();
+        assert!(
+            CertificateAuthority::from_upstream_certificate(
+                test_key(KeyType::EcP256),
+                ca.certificate_der().to_vec(),
+                &td(),
+                ca.upstream().unwrap().clone(),
+            )
+            .is_err()
+        );
+    }
+
+    /// Upstream CA = an intermediate of a root given in bundle_file_path: SVIDs carry
+    /// [leaf, server CA, upstream intermediate] and verify to the root only; the same
+    /// with the root appended to cert_file_path and no bundle file.
+    #[test]
+    fn intermediate_under_an_upstream_intermediate_chains() {
+        let root = test_root("Upstream Root");
+        let mid = test_issue(
+            test_ca_params("Upstream Intermediate", now_unix() + 20 * 24 * 3600),
+            &root,
+        );
+        for (cert_pem, bundle) in [
+            (mid.pem(), Some(root.pem())),
+            (format!("{}{}", mid.pem(), root.pem()), None),
+            (format!("{}{}", mid.pem(), root.pem()), Some(root.pem())),
+        ] {
+            let upstream = upstream_of(&cert_pem, &mid.key.serialize_pem(), bundle.as_deref());
+            assert_eq!(upstream.chain(), std::slice::from_ref(&mid.der));
+            assert_eq!(upstream.roots(), std::slice::from_ref(&root.der));
+            assert_eq!(upstream.certificate_der(), mid.der);
+            let key = test_key(KeyType::EcP256);
+            let ca = CertificateAuthority::signed_by_upstream(
+                Arc::clone(&key),
+                &td(),
+                24 * HOUR,
+                SystemTime::now(),
+                &upstream,
+            )
+            .unwrap();
+            let (_key, csr) = plain_csr();
+            let spki = public_key_from_csr(&csr).unwrap();
+            let issued = ca.sign_x509_svid(&spki, &id("/w"), &[], HOUR).unwrap();
+            let chain = issued.cert_chain();
+            assert_eq!(
+                chain[1..],
+                [ca.certificate_der().to_vec(), mid.der.clone()],
+                "leaf, server CA, upstream intermediate"
+            );
+            verify_path(&chain, std::slice::from_ref(&root.der)).unwrap();
+            assert!(verify_path(&chain[..2], std::slice::from_ref(&root.der)).is_err());
+            // Reload from the journal's pieces.
+            let reloaded = CertificateAuthority::from_upstream_certificate(
+                key,
+                ca.certificate_der().to_vec(),
+                &td(),
+                ca.upstream().unwrap().clone(),
+            )
+            .unwrap();
+            assert_eq!(reloaded.chain(), ca.chain());
+            let again = reloaded
+                .sign_x509_svid(&spki, &id("/w"), &[], HOUR)
+                .unwrap();
+            verify_path(&again.cert_chain(), std::slice::from_ref(&root.der)).unwrap();
+        }
+    }
+
+    /// A reloaded upstream-signed CA whose roots do not match its chain is refused.
+    #[test]
+    fn reload_with_foreign_roots_is_refused() {
+        let root = test_root("Upstream Root");
+        let upstream = upstream_of(&root.pem(), &root.key.serialize_pem(), None);
+        let key = test_key(KeyType::EcP256);
+        let ca = CertificateAuthority::signed_by_upstream(
+            Arc::clone(&key),
+            &td(),
+            HOUR,
+            SystemTime::now(),
+            &upstream,
+        )
+        .unwrap();
+        let other = test_root("Other Root");
+        let err = CertificateAuthority::from_upstream_certificate(
+            Arc::clone(&key),
+            ca.certificate_der().to_vec(),
+            &td(),
+            UpstreamChain {
+                intermediates: Vec::new(),
+                roots: vec![other.der],
+            },
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("does not verify"), "{err}");
+        // As a self-signed CA it is refused too (its signature is the root's).
+        assert!(
+            CertificateAuthority::from_certificate(key, ca.certificate_der().to_vec(), &td())
+                .is_err()
+        );
+    }
+
+    /// The CA never outlives the upstream path: NotAfter clamped to the earliest
+    /// NotAfter of the upstream CA, its intermediates and the root; SVIDs with it.
+    #[test]
+    fn not_after_is_clamped_to_the_upstream() {
+        let soon = now_unix() + 1800;
+        let root = test_root_with(test_ca_params("Short Root", soon));
+        let upstream = upstream_of(&root.pem(), &root.key.serialize_pem(), None);
+        assert_eq!(upstream.not_after(), soon);
+        let ca = signed_under(&upstream, 24 * HOUR);
+        assert_eq!(ca.not_after(), system_time(soon));
+        let (_key, csr) = plain_csr();
+        let spki = public_key_from_csr(&csr).unwrap();
+        let issued = ca.sign_x509_svid(&spki, &id("/w"), &[], 24 * HOUR).unwrap();
+        assert_eq!(issued.not_after, system_time(soon));
+
+        // An intermediate that outlives its root is capped by the root.
+        let root = test_root_with(test_ca_params("Root", now_unix() + 3600));
+        let mid = test_issue(test_ca_params("Mid", now_unix() + 30 * 24 * 3600), &root);
+        let upstream = upstream_of(&mid.pem(), &mid.key.serialize_pem(), Some(&root.pem()));
+        let ca = signed_under(&upstream, 24 * HOUR);
+        assert_eq!(ca.not_after(), system_time(not_after_of(&root.der)));
+    }
+
+    fn not_after_of(der: &[u8]) -> i64 {
+        parse_certificate(der)
+            .unwrap()
+            .validity()
+            .not_after
+            .timestamp()
+    }
+
+    /// PKCS#8, SEC1 and PKCS#1 keys, P-256, P-384 and RSA upstream keys all sign.
+    #[test]
+    fn upstream_key_formats() {
+        // P-384 in SEC1 (what `openssl ecparam -genkey` writes, parameters block too).
+        let params = test_ca_params("P-384 Root", now_unix() + 30 * 24 * 3600);
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+        let der = params.self_signed(&key).unwrap().der().to_vec();
+        let pair = aws_lc_rs::signature::EcdsaKeyPair::from_pkcs8(
+            &aws_lc_rs::signature::ECDSA_P384_SHA384_ASN1_SIGNING,
+            &key.serialize_der(),
+        )
+        .unwrap();
+        let sec1 =
+            aws_lc_rs::encoding::AsDer::<aws_lc_rs::encoding::EcPrivateKeyRfc5915Der>::as_der(
+                &pair.private_key(),
+            )
+            .unwrap();
+        let sec1_pem = format!(
+            "-----BEGIN EC PARAMETERS-----\nBgUrgQQAIg==\n-----END EC PARAMETERS-----\n{}",
+            tessera_plugin_sdk::x509::pem_encode("EC PRIVATE KEY", sec1.as_ref())
+        );
+        let cert_pem = tessera_plugin_sdk::x509::pem_encode("CERTIFICATE", &der);
+        let upstream = upstream_of(&cert_pem, &sec1_pem, None);
+        let ca = signed_under(&upstream, HOUR);
+        let (_k, csr) = plain_csr();
+        let issued = ca
+            .sign_x509_svid(&public_key_from_csr(&csr).unwrap(), &id("/w"), &[], HOUR)
+            .unwrap();
+        verify_path(&issued.cert_chain(), &[der]).unwrap();
+
+        // RSA in PKCS#1 (the RSAPrivateKey inside the PKCS#8 envelope) and in PKCS#8.
+        let params = test_ca_params("RSA Root", now_unix() + 30 * 24 * 3600);
+        let key =
+            KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048).unwrap();
+        let der = params.self_signed(&key).unwrap().der().to_vec();
+        let cert_pem = tessera_plugin_sdk::x509::pem_encode("CERTIFICATE", &der);
+        let pkcs1 = pkcs8_inner_key(&key.serialize_der());
+        for key_pem in [
+            tessera_plugin_sdk::x509::pem_encode("RSA PRIVATE KEY", &pkcs1),
+            key.serialize_pem(),
+        ] {
+            let upstream = upstream_of(&cert_pem, &key_pem, None);
+            let ca = signed_under(&upstream, HOUR);
+            let issued = ca
+                .sign_x509_svid(&public_key_from_csr(&csr).unwrap(), &id("/w"), &[], HOUR)
+                .unwrap();
+            verify_path(&issued.cert_chain(), std::slice::from_ref(&der)).unwrap();
+        }
+    }
+
+    /// The privateKey OCTET STRING of a PKCS#8 PrivateKeyInfo (for RSA: PKCS#1).
+    fn pkcs8_inner_key(pkcs8: &[u8]) -> Vec<u8> {
+        // SEQUENCE { INTEGER, SEQUENCE alg, OCTET STRING key }
+        fn tlv(input: &[u8]) -> (u8, &[u8], &[u8]) {
+            let tag = input[0];
+            let (len, hdr) = if input[1] & 0x80 == 0 {
+                (usize::from(input[1]), 2)
+            } else {
+                let n = usize::from(input[1] & 0x7f);
+                let len = input[2..2 + n]
+                    .iter()
+                    .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
+                (len, 2 + n)
+            };
+            (tag, &input[hdr..hdr + len], &input[hdr + len..])
+        }
+        let (_, body, _) = tlv(pkcs8);
+        let (_, _, rest) = tlv(body);
+        let (_, _, rest) = tlv(rest);
+        let (tag, key, _) = tlv(rest);
+        assert_eq!(tag, 0x04, "OCTET STRING");
+        key.to_vec()
+    }
+
+    /// Each bad upstream input is refused with an error naming the configuration key.
+    #[test]
+    fn bad_upstream_inputs_are_refused() {
+        let root = test_root("Upstream Root");
+        let root_key = root.key.serialize_pem();
+        let other = test_root("Other Root");
+        let expect = |e: UpstreamError, field: &str, words: &str| {
+            let text = e.to_string();
+            assert_eq!(e.field, field, "{text}");
+            assert!(
+                text.contains(&format!("server.upstream_authority.{field}")),
+                "{text}"
+            );
+            assert!(text.contains(words), "{words:?} not in {text}");
+        };
+
+        // Key and certificate do not match.
+        expect(
+            upstream_err(&root.pem(), &other.key.serialize_pem(), None),
+            "key_file_path",
+            "not the key of the first certificate",
+        );
+        // Not a CA: a leaf, and a CA certificate without keyCertSign.
+        let mut leaf_params = test_ca_params("Leaf", now_unix() + 3600);
+        leaf_params.is_ca = IsCa::ExplicitNoCa;
+        leaf_params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let leaf = test_root_with(leaf_params);
+        expect(
+            upstream_err(&leaf.pem(), &leaf.key.serialize_pem(), None),
+            "cert_file_path",
+            "not a CA",
+        );
+        let mut no_sign = test_ca_params("No Sign", now_unix() + 3600);
+        no_sign.key_usages = vec![KeyUsagePurpose::CrlSign];
+        let no_sign = test_root_with(no_sign);
+        expect(
+            upstream_err(&no_sign.pem(), &no_sign.key.serialize_pem(), None),
+            "cert_file_path",
+            "keyCertSign",
+        );
+        // Expired, and not yet valid.
+        let mut expired = test_ca_params("Expired", now_unix() - 60);
+        expired.not_before = to_offset(now_unix() - 7200).unwrap();
+        let expired = test_root_with(expired);
+        expect(
+            upstream_err(&expired.pem(), &expired.key.serialize_pem(), None),
+            "cert_file_path",
+            "expired",
+        );
+        let mut future = test_ca_params("Future", now_unix() + 7200);
+        future.not_before = to_offset(now_unix() + 3600).unwrap();
+        let future = test_root_with(future);
+        expect(
+            upstream_err(&future.pem(), &future.key.serialize_pem(), None),
+            "cert_file_path",
+            "not valid before",
+        );
+        // An intermediate without its roots; with unrelated roots; roots that are leaves.
+        let mid = test_issue(test_ca_params("Mid", now_unix() + 3600), &root);
+        let mid_key = mid.key.serialize_pem();
+        expect(
+            upstream_err(&mid.pem(), &mid_key, None),
+            "cert_file_path",
+            "bundle_file_path",
+        );
+        expect(
+            upstream_err(&mid.pem(), &mid_key, Some(&other.pem())),
+            "cert_file_path",
+            "does not verify",
+        );
+        expect(
+            upstream_err(&mid.pem(), &mid_key, Some(&leaf.pem())),
+            "bundle_file_path",
+            "not a CA",
+        );
+        // Chain out of order; a self-signed certificate not in the given bundle.
+        expect(
+            upstream_err(&format!("{}{}", root.pem(), mid.pem()), &root_key, None),
+            "cert_file_path",
+            "self-signed but not the last",
+        );
+        expect(
+            upstream_err(&root.pem(), &root_key, Some(&other.pem())),
+            "cert_file_path",
+            "not in",
+        );
+        // Path length 0 leaves no room for the server CA.
+        let mut tight = test_ca_params("Tight", now_unix() + 3600);
+        tight.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        let tight = test_root_with(tight);
+        expect(
+            upstream_err(&tight.pem(), &tight.key.serialize_pem(), None),
+            "cert_file_path",
+            "path length constraint of 0",
+        );
+        let mut one = test_ca_params("Root pathlen 1", now_unix() + 3600);
+        one.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
+        let one = test_root_with(one);
+        let under_one = test_issue(test_ca_params("Mid", now_unix() + 3600), &one);
+        expect(
+            upstream_err(
+                &under_one.pem(),
+                &under_one.key.serialize_pem(),
+                Some(&one.pem()),
+            ),
+            "bundle_file_path",
+            "path length constraint of 1",
+        );
+        // URI name constraints.
+        let mut constrained = test_ca_params("Constrained", now_unix() + 3600);
+        constrained.name_constraints = Some(rcgen::NameConstraints {
+            permitted_subtrees: vec![rcgen::GeneralSubtree::DnsName("example.org".into())],
+            excluded_subtrees: Vec::new(),
+        });
+        let dns_only = test_root_with(constrained.clone());
+        upstream_of(&dns_only.pem(), &dns_only.key.serialize_pem(), None);
+        constrained.name_constraints = None;
+        constrained.custom_extensions = vec![uri_name_constraints("example.org")];
+        let uri = test_root_with(constrained);
+        expect(
+            upstream_err(&uri.pem(), &uri.key.serialize_pem(), None),
+            "cert_file_path",
+            "URI name constraints",
+        );
+        // Subjects rcgen cannot reproduce as issuer: empty, an attribute twice.
+        let mut empty = test_ca_params("x", now_unix() + 3600);
+        empty.distinguished_name = DistinguishedName::new();
+        let empty = test_root_with(empty);
+        expect(
+            upstream_err(&empty.pem(), &empty.key.serialize_pem(), None),
+            "cert_file_path",
+            "empty subject",
+        );
+        let mut twice = test_ca_params("First CN", now_unix() + 3600);
+        twice
+            .distinguished_name
+            .push(DnType::CustomDnType(vec![2, 5, 4, 3]), "Second CN");
+        let twice = test_root_with(twice);
+        expect(
+            upstream_err(&twice.pem(), &twice.key.serialize_pem(), None),
+            "cert_file_path",
+            "repeats attribute 2.5.4.3",
+        );
+        // Key files: two keys, an encrypted key, a certificate, garbage, nothing.
+        for (key_pem, words) in [
+            (format!("{root_key}{root_key}"), "exactly one"),
+            (
+                "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMAA=\n-----END ENCRYPTED PRIVATE KEY-----\n"
+                    .to_owned(),
+                "encrypted",
+            ),
+            (root.pem(), "CERTIFICATE"),
+            ("-----BEGIN PRIVATE KEY-----\nMAA=\n-----END PRIVATE KEY-----\n".to_owned(), "PKCS#8"),
+            (String::new(), "exactly one"),
+        ] {
+            expect(upstream_err(&root.pem(), &key_pem, None), "key_file_path", words);
+        }
+        // Certificate files: a key in it, nothing, garbage.
+        expect(
+            upstream_err(&format!("{}{root_key}", root.pem()), &root_key, None),
+            "cert_file_path",
+            "only CERTIFICATE blocks",
+        );
+        expect(
+            upstream_err("", &root_key, None),
+            "cert_file_path",
+            "no CERTIFICATE",
+        );
+        expect(
+            upstream_err(&root.pem(), &root_key, Some("")),
+            "bundle_file_path",
+            "no CERTIFICATE",
+        );
+    }
+
+    /// A nameConstraints extension with one permitted URI subtree (rcgen cannot write
+    /// URI constraints).
+    fn uri_name_constraints(host: &str) -> CustomExtension {
+        let uri = tlv(0x86, host.as_bytes()); // [6] IA5String
+        let subtree = tlv(0x30, &uri);
+        let permitted = tlv(0xa0, &subtree);
+        let mut ext = CustomExtension::from_oid_content(&[2, 5, 29, 30], tlv(0x30, &permitted));
+        ext.set_criticality(true);
+        ext
+    }
+
+    /// The key file is read with the secret-file rules: a world- or group-readable key
+    /// is refused, naming key_file_path; the files' paths appear in the errors.
+    #[test]
+    fn key_file_permissions_and_paths() {
+        use std::os::unix::fs::PermissionsExt;
+
+        use crate::config::UpstreamAuthorityConfig;
+
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let root = test_root("Upstream Root");
+        let cert = dir.path().join("upstream.pem");
+        let key = dir.path().join("upstream.key");
+        std::fs::write(&cert, root.pem()).unwrap();
+        std::fs::write(&key, root.key.serialize_pem()).unwrap();
+        let config = UpstreamAuthorityConfig::Disk {
+            cert_file_path: cert.clone(),
+            key_file_path: key.clone(),
+            bundle_file_path: None,
+        };
+        for mode in [0o644, 0o640, 0o604] {
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+            let err = UpstreamAuthority::load(&config, SystemTime::now()).unwrap_err();
+            let text = err.to_string();
+            assert_eq!(err.field, "key_file_path", "{text}");
+            assert!(
+                text.contains("server.upstream_authority.key_file_path")
+                    && text.contains(&key.display().to_string())
+                    && text.contains("group or others"),
+                "{mode:o}: {text}"
+            );
+        }
+        for mode in [0o600, 0o400] {
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+            let upstream = UpstreamAuthority::load(&config, SystemTime::now()).unwrap();
+            assert_eq!(upstream.roots(), std::slice::from_ref(&root.der));
+            assert!(!format!("{upstream:?}").contains("PRIVATE"));
+        }
+        // Missing files name their key and path.
+        for (config, field) in [
+            (
+                UpstreamAuthorityConfig::Disk {
+                    cert_file_path: dir.path().join("missing.pem"),
+                    key_file_path: key.clone(),
+                    bundle_file_path: None,
+                },
+                "cert_file_path",
+            ),
+            (
+                UpstreamAuthorityConfig::Disk {
+                    cert_file_path: cert.clone(),
+                    key_file_path: dir.path().join("missing.key"),
+                    bundle_file_path: None,
+                },
+                "key_file_path",
+            ),
+            (
+                UpstreamAuthorityConfig::Disk {
+                    cert_file_path: cert.clone(),
+                    key_file_path: key.clone(),
+                    bundle_file_path: Some(dir.path().join("missing-roots.pem")),
+                },
+                "bundle_file_path",
+            ),
+        ] {
+            let err = UpstreamAuthority::load(&config, SystemTime::now()).unwrap_err();
+            assert_eq!(err.field, field, "{err}");
+            assert!(err.to_string().contains("missing"), "{err}");
+        }
     }
 }

@@ -243,6 +243,39 @@ pub enum UpstreamAuthorityConfig {
     },
 }
 
+impl UpstreamAuthorityConfig {
+    /// Paths must be non-empty; the files themselves are read and checked when the
+    /// server starts (`tessera_server::ca::upstream::UpstreamAuthority::load`).
+    fn from_raw(raw: RawUpstreamAuthority, path: &Path) -> Result<Self, ConfigError> {
+        match raw {
+            RawUpstreamAuthority::Disk {
+                cert_file_path,
+                key_file_path,
+                bundle_file_path,
+            } => {
+                for (key, value) in [
+                    ("cert_file_path", Some(&cert_file_path)),
+                    ("key_file_path", Some(&key_file_path)),
+                    ("bundle_file_path", bundle_file_path.as_ref()),
+                ] {
+                    if value.is_some_and(|p| p.as_os_str().is_empty()) {
+                        return Err(ConfigError::invalid(
+                            path,
+                            &format!("server.upstream_authority.{key}"),
+                            "must not be empty",
+                        ));
+                    }
+                }
+                Ok(UpstreamAuthorityConfig::Disk {
+                    cert_file_path,
+                    key_file_path,
+                    bundle_file_path,
+                })
+            }
+        }
+    }
+}
+
 fn default_bind() -> String {
     "0.0.0.0:8081".into()
 }
@@ -448,17 +481,10 @@ impl ServerConfig {
             log_level: raw.log_level,
             log_format: raw.log_format,
             datastore: DatastoreConfig::from_raw(raw.datastore, path)?,
-            upstream_authority: raw.upstream_authority.map(|raw| match raw {
-                RawUpstreamAuthority::Disk {
-                    cert_file_path,
-                    key_file_path,
-                    bundle_file_path,
-                } => UpstreamAuthorityConfig::Disk {
-                    cert_file_path,
-                    key_file_path,
-                    bundle_file_path,
-                },
-            }),
+            upstream_authority: raw
+                .upstream_authority
+                .map(|raw| UpstreamAuthorityConfig::from_raw(raw, path))
+                .transpose()?,
             federation: FederationConfig::from_raw(raw.federation, path)?,
             node_attestors: NodeAttestorsConfig::default(),
         };
@@ -747,6 +773,55 @@ mod tests {
         assert_eq!(c.ca_ttl, DEFAULT_CA_TTL);
         assert_eq!(c.datastore, DatastoreConfig::Sqlite);
         assert_eq!(c.upstream_authority, None);
+    }
+
+    #[test]
+    fn upstream_authority_section() {
+        let section = "[server.upstream_authority]\nkind = \"disk\"\n\
+                       cert_file_path = \"/etc/tessera/upstream.pem\"\n\
+                       key_file_path = \"/etc/tessera/upstream.key\"\n";
+        let c = ServerConfig::parse(&format!("{MINIMAL}{section}"), Path::new("s.toml")).unwrap();
+        assert_eq!(
+            c.upstream_authority,
+            Some(UpstreamAuthorityConfig::Disk {
+                cert_file_path: PathBuf::from("/etc/tessera/upstream.pem"),
+                key_file_path: PathBuf::from("/etc/tessera/upstream.key"),
+                bundle_file_path: None,
+            })
+        );
+        let with_bundle =
+            format!("{MINIMAL}{section}bundle_file_path = \"/etc/tessera/roots.pem\"\n");
+        let c = ServerConfig::parse(&with_bundle, Path::new("s.toml")).unwrap();
+        assert!(matches!(
+            c.upstream_authority,
+            Some(UpstreamAuthorityConfig::Disk {
+                bundle_file_path: Some(_),
+                ..
+            })
+        ));
+        for (text, key) in [
+            (
+                format!("{MINIMAL}{section}bundle_file_path = \"\"\n"),
+                "server.upstream_authority.bundle_file_path",
+            ),
+            (
+                format!(
+                    "{MINIMAL}{}",
+                    section.replace("/etc/tessera/upstream.key", "")
+                ),
+                "server.upstream_authority.key_file_path",
+            ),
+            (
+                format!("{MINIMAL}{}", section.replace("\"disk\"", "\"vault\"")),
+                "vault",
+            ),
+            (format!("{MINIMAL}{section}colour = 1\n"), "colour"),
+        ] {
+            let err = ServerConfig::parse(&text, Path::new("s.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{key}: {err}");
+        }
     }
 
     #[test]

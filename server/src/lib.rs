@@ -199,11 +199,17 @@ pub async fn prepare_state(config: ServerConfig) -> Result<Arc<ServerState>, Ser
         DatastoreConfig::Sqlite => {
             datastore::open_sqlite(&config.data_dir.join("datastore.sqlite3")).await?
         }
-        DatastoreConfig::Postgres(_) => {
-            return Err(ServerError::Task(
-                "the PostgreSQL datastore is not built yet".into(),
-            ));
-        }
+        DatastoreConfig::Postgres(pg) => datastore::open_postgres(pg).await.map_err(|err| {
+            // `err` alone says "datastore unavailable" (the words agents get); at start
+            // the operator needs the cause, which names the server, never the password.
+            let mut message = format!("datastore: {err}");
+            let mut source = std::error::Error::source(&err);
+            while let Some(cause) = source {
+                message.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            ServerError::Task(message)
+        })?,
     };
     // The keys, from the key manager and the rotation journal; published before
     // anything signs with them.
@@ -385,7 +391,9 @@ fn issue_server_svid(
         .not_after
         .duration_since(SystemTime::now())
         .unwrap_or_default();
-    let certified = tls::certified_key(vec![issued.der], key.serialize_der())?;
+    // With an upstream authority the chain carries the CA and the upstream
+    // intermediates, so agents verify it up to the upstream root.
+    let certified = tls::certified_key(issued.cert_chain(), key.serialize_der())?;
     Ok((certified, (lifetime / 2).max(Duration::from_millis(500))))
 }
 
@@ -501,12 +509,17 @@ async fn follow_bundle(
     }
 }
 
+/// How often [`follow_other_servers`] reads the change feed's revision without a
+/// notification.
+const FEED_POLL: Duration = Duration::from_secs(5);
+
 /// How often [`follow_bundle`] re-reads the bundle without a revision to wake it.
 const BUNDLE_RECHECK: Duration = Duration::from_secs(30);
 
 /// Wakes this server's `Sync` streams for changes written by other servers sharing the
 /// datastore (PostgreSQL `LISTEN`), and rebuilds the CRL when their revocations change
-/// what it lists.
+/// what it lists. Also polls every [`FEED_POLL`]: a listening connection that died
+/// without the kernel noticing delivers nothing, and nothing else would tell.
 async fn follow_other_servers(
     state: Arc<ServerState>,
     mut notifications: watch::Receiver<u64>,
@@ -515,6 +528,7 @@ async fn follow_other_servers(
         tokio::select! {
             () = state.shutdown.cancelled() => return Ok(()),
             changed = notifications.changed() => if changed.is_err() { return Ok(()) },
+            () = tokio::time::sleep(FEED_POLL) => {}
         }
         state.publish_revision().await;
         if let Err(err) = state.refresh_crl().await {

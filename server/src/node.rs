@@ -370,7 +370,8 @@ impl NodeService {
         );
         Ok(AttestAgentResponse {
             step: Some(attest_agent_response::Step::Result(
-                self.agent_svid_message(&agent_id, svid.der).await?,
+                self.agent_svid_message(&agent_id, svid.cert_chain())
+                    .await?,
             )),
         })
     }
@@ -441,7 +442,8 @@ impl NodeService {
         tracing::info!(agent_id = %agent_id, serial = %svid.serial_hex, "agent attested with a join token");
         Ok(AttestAgentResponse {
             step: Some(attest_agent_response::Step::Result(
-                self.agent_svid_message(&agent_id, svid.der).await?,
+                self.agent_svid_message(&agent_id, svid.cert_chain())
+                    .await?,
             )),
         })
     }
@@ -459,14 +461,16 @@ impl NodeService {
         )?)
     }
 
+    /// The agent's SVID message; `cert_chain` is the leaf, then the CA and upstream
+    /// intermediates when the CA is not a root ([`ca::IssuedCertificate::cert_chain`]).
     async fn agent_svid_message(
         &self,
         agent_id: &SpiffeId,
-        der: Vec<u8>,
+        cert_chain: Vec<Vec<u8>>,
     ) -> Result<AgentSvid, ApiError> {
         Ok(AgentSvid {
             spiffe_id: agent_id.to_string(),
-            cert_chain: vec![der],
+            cert_chain,
             bundle: Some(self.state.bundle().await?),
             revision: self.state.datastore.current_revision().await?,
         })
@@ -509,7 +513,10 @@ impl NodeService {
         });
         tracing::info!(agent_id = %agent.id, serial = %svid.serial_hex, "agent SVID renewed");
         Ok(RenewAgentResponse {
-            svid: Some(self.agent_svid_message(&agent.id, svid.der).await?),
+            svid: Some(
+                self.agent_svid_message(&agent.id, svid.cert_chain())
+                    .await?,
+            ),
         })
     }
 
@@ -896,7 +903,7 @@ impl NodeService {
                         });
                         x509svid_result::Result::Svid(X509Svid {
                             spiffe_id: id.to_string(),
-                            cert_chain: vec![cert.der],
+                            cert_chain: cert.cert_chain(),
                             expires_at: unix_seconds(cert.not_after),
                         })
                     }

@@ -25,6 +25,15 @@
 //! A key manager that is [unavailable](KeyManagerError::Unavailable) at rotation time
 //! leaves the current keys in place; the rotation is retried on the next check with a
 //! warning, and never falls back to a key held elsewhere (item 103).
+//!
+//! With an upstream authority (`[server.upstream_authority]`, [`UpstreamAuthority`])
+//! every CA is an intermediate signed by it, the same schedule applies to them, and the
+//! bundle publishes the upstream roots in place of the CA certificates. The upstream
+//! files are read at start and again before each CA is prepared. A CA of the journal
+//! records the upstream chain and roots it was signed under, so the roots stay
+//! published while it does. When the configuration changed since the active CA was
+//! made (an upstream added, removed or replaced), the start prepares a CA of the new
+//! kind at once; it becomes active on the usual schedule.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -38,8 +47,9 @@ use tessera_plugin_sdk::jwt::JwtSigner;
 use tessera_plugin_sdk::keymanager::{KeyManager, KeyManagerError, KeyType};
 use tokio::sync::{Mutex, watch};
 
-use crate::ca::{CaError, CertificateAuthority, X509Authority};
-use crate::config::ServerConfig;
+use crate::ca::upstream::UpstreamAuthority;
+use crate::ca::{CaError, CertificateAuthority, UpstreamChain, X509Authority};
+use crate::config::{ServerConfig, UpstreamAuthorityConfig};
 use crate::datastore::{
     AuthorityContribution, Datastore, DatastoreError, StoredBundle, StoredJwtAuthority,
 };
@@ -234,6 +244,22 @@ pub struct X509Record {
     /// When it started signing.
     #[serde(default)]
     pub activated_at: Option<i64>,
+    /// Signed by an upstream authority: the certificates that follow it in every chain
+    /// (the upstream CA and its intermediates, no root), PEM each. Absent for a
+    /// self-signed CA.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub upstream_chain: Vec<String>,
+    /// Signed by an upstream authority: the roots its chain ends at, PEM each; the
+    /// bundle publishes them in place of the certificate. Absent for a self-signed CA.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub upstream_roots: Vec<String>,
+}
+
+impl X509Record {
+    /// Whether an upstream authority signed it.
+    pub fn is_upstream_signed(&self) -> bool {
+        !self.upstream_roots.is_empty()
+    }
 }
 
 /// One JWT signing key in the journal.
@@ -407,6 +433,8 @@ pub struct RotationConfig {
     pub key_type: KeyType,
     /// Where the journal lives; `None` with the memory key manager (not persisted).
     pub journal_dir: Option<PathBuf>,
+    /// `[server.upstream_authority]`: who signs the CAs (`None`: they are self-signed).
+    pub upstream: Option<UpstreamAuthorityConfig>,
 }
 
 impl RotationConfig {
@@ -422,6 +450,7 @@ impl RotationConfig {
                 KeyManagerConfig::Memory => None,
                 KeyManagerConfig::Disk { .. } => Some(config.data_dir.clone()),
             },
+            upstream: config.upstream_authority.clone(),
         }
     }
 }
@@ -468,6 +497,54 @@ fn pem_der(text: &str, path: &Path) -> Result<Vec<u8>, RotationError> {
             path: path.to_owned(),
             reason: format!("bad PEM: {err}"),
         })
+}
+
+/// Reads and checks the configured upstream authority (`None` without one). With
+/// `probe` (at start) it warns when the upstream ends before a new CA's lifetime would,
+/// and a throwaway CA over a
+/// throwaway key is signed by it and must pass the CA self-test (a probe SVID verified
+/// by webpki up to the upstream roots), so that a chain that cannot work stops the
+/// start even when the journal's CAs need no new signature.
+async fn load_upstream(
+    config: &RotationConfig,
+    now: SystemTime,
+    probe: bool,
+) -> Result<Option<Arc<UpstreamAuthority>>, RotationError> {
+    let Some(upstream_config) = config.upstream.clone() else {
+        return Ok(None);
+    };
+    let upstream = Arc::new(
+        blocking(
+            move || Ok(UpstreamAuthority::load(&upstream_config, now).map_err(CaError::from)?),
+        )
+        .await?,
+    );
+    let intended =
+        secs(now).saturating_add(i64::try_from(config.ca_ttl.as_secs()).unwrap_or(i64::MAX));
+    // At start; at each prepare the new CA's own warning says it.
+    if probe && upstream.not_after() < intended {
+        tracing::warn!(
+            upstream = upstream.subject(),
+            upstream_not_after = upstream.not_after(),
+            ca_ttl_secs = config.ca_ttl.as_secs(),
+            "the upstream CA (or a certificate above it) expires before a new CA's lifetime \
+             would end: new CAs are shortened to end with it; renew it"
+        );
+    }
+    if probe {
+        let key = tessera_plugin_keymanager::MemoryKeyManager::new()
+            .generate_key("x509-ca-probe", KeyType::EcP256)
+            .await?;
+        let td = config.trust_domain.clone();
+        let ttl = config.ca_ttl;
+        let checked = Arc::clone(&upstream);
+        blocking(move || {
+            CertificateAuthority::signed_by_upstream(key, &td, ttl, now, &checked)?;
+            Ok(())
+        })
+        .await?;
+    }
+    Ok(Some(upstream))
 }
 
 async fn blocking<T: Send + 'static>(
@@ -523,6 +600,8 @@ impl Rotation {
             .as_deref()
             .unwrap_or(Path::new("(memory)"))
             .join(JOURNAL_FILE);
+        // A bad upstream authority stops the start, whatever the journal holds.
+        let upstream = load_upstream(&config, now, true).await?;
         let (journal, fresh) = match (journal, migrated) {
             (Some(journal), _) => (journal, false),
             (None, Some(migrated)) => (
@@ -530,7 +609,8 @@ impl Rotation {
                 true,
             ),
             (None, None) => {
-                let journal = Self::first_keys(&config, key_manager.as_ref(), now).await?;
+                let journal =
+                    Self::first_keys(&config, key_manager.as_ref(), now, upstream.as_ref()).await?;
                 (journal, true)
             }
         };
@@ -567,9 +647,26 @@ impl Rotation {
                     }
                 })?;
                 let der = pem_der(&record.certificate, &path)?;
-                let ca =
+                let ca = if record.is_upstream_signed() {
+                    let all = |pems: &[String]| {
+                        pems.iter()
+                            .map(|pem| pem_der(pem, &path))
+                            .collect::<Result<Vec<_>, _>>()
+                    };
+                    let chain = UpstreamChain {
+                        intermediates: all(&record.upstream_chain)?,
+                        roots: all(&record.upstream_roots)?,
+                    };
+                    blocking(move || {
+                        Ok(CertificateAuthority::from_upstream_certificate(
+                            key, der, &td, chain,
+                        )?)
+                    })
+                    .await?
+                } else {
                     blocking(move || Ok(CertificateAuthority::from_certificate(key, der, &td)?))
-                        .await?;
+                        .await?
+                };
                 Ok::<_, RotationError>(Arc::new(ca))
             }
         };
@@ -622,6 +719,7 @@ impl Rotation {
         };
         tracing::info!(
             key_manager = key_manager.name(),
+            upstream = upstream.as_ref().map(|u| u.subject().to_owned()),
             ca_serial = active_ca.serial_hex(),
             ca_not_after = active_x509.not_after,
             ca_prepared = x509_prepared.as_ref().map(|c| c.serial_hex().to_owned()),
@@ -655,9 +753,89 @@ impl Rotation {
                 .await?;
             }
         }
+        rotation
+            .follow_upstream_change(now, upstream.as_ref())
+            .await?;
+        // The upstream key is not kept between rotations: it is read again when the next
+        // CA is prepared.
+        drop(upstream);
         rotation.recover_expired_ca(now).await?;
         rotation.remove_unused_keys().await;
         Ok(rotation)
+    }
+
+    /// The configured signer of CAs changed since the journal's CAs were made (an
+    /// upstream authority added, removed, or another upstream key): a prepared CA of
+    /// the old kind is dropped (it never signed), and if the active CA is of the old
+    /// kind a CA of the new kind is prepared now. It is published before the server
+    /// serves and becomes active on the usual schedule (with less than 1/6 of the active
+    /// CA's life left, after being published for at least `min(lifetime / 12, 60 s)`),
+    /// so agents hold the new roots before any SVID chains to them. The old CA stays in
+    /// the bundle until it expires.
+    async fn follow_upstream_change(
+        &self,
+        now: SystemTime,
+        upstream: Option<&Arc<UpstreamAuthority>>,
+    ) -> Result<(), RotationError> {
+        let mut inner = self.inner.lock().await;
+        let as_configured = |r: &X509Record| match upstream {
+            None => !r.is_upstream_signed(),
+            Some(u) => {
+                r.is_upstream_signed()
+                    && pem::parse(&r.certificate).is_ok_and(|p| u.signed(p.contents()))
+            }
+        };
+        let active_ok = inner
+            .journal
+            .x509_in(KeyState::Active)
+            .is_none_or(as_configured);
+        let stale_prepared = inner
+            .journal
+            .x509_in(KeyState::Prepared)
+            .filter(|r| !as_configured(r))
+            .cloned();
+        if let Some(stale) = stale_prepared {
+            let before = inner.journal.clone();
+            inner.journal.x509.retain(|r| r.key_id != stale.key_id);
+            if let Err(err) = self.save(&inner.journal).await {
+                inner.journal = before;
+                return Err(err);
+            }
+            inner.x509_prepared = None;
+            tracing::info!(
+                serial = stale.serial,
+                "dropped the prepared CA: it was not signed as the configuration now says                  (upstream authority changed); it never signed anything"
+            );
+            self.forget_key(&stale.key_id).await;
+        }
+        if active_ok {
+            return Ok(());
+        }
+        let (ca, record) = Self::new_ca(
+            &self.config,
+            self.key_manager.as_ref(),
+            now,
+            KeyState::Prepared,
+            upstream,
+        )
+        .await?;
+        let key_id = record.key_id.clone();
+        inner.journal.x509.insert(0, record);
+        if let Err(err) = self.save(&inner.journal).await {
+            inner.journal.x509.retain(|r| r.key_id != key_id);
+            let _ = self.key_manager.delete_key(&key_id).await;
+            return Err(err);
+        }
+        tracing::warn!(
+            serial = ca.serial_hex(),
+            upstream = upstream.map(|u| u.subject().to_owned()),
+            "the active CA is not signed as the configuration now says (upstream authority \
+             added, removed or replaced): prepared a new CA and publishing it; it becomes \
+             active on the usual rotation schedule, and the old CA stays in the bundle until \
+             it expires"
+        );
+        inner.x509_prepared = Some(ca);
+        Ok(())
     }
 
     /// After a long downtime the active CA may have expired: nothing can sign with it,
@@ -696,8 +874,10 @@ impl Rotation {
         config: &RotationConfig,
         key_manager: &dyn KeyManager,
         now: SystemTime,
+        upstream: Option<&Arc<UpstreamAuthority>>,
     ) -> Result<Journal, RotationError> {
-        let (ca, ca_record) = Self::new_ca(config, key_manager, now, KeyState::Active).await?;
+        let (ca, ca_record) =
+            Self::new_ca(config, key_manager, now, KeyState::Active, upstream).await?;
         let (_, jwt_record) = Self::new_jwt(config, key_manager, now, KeyState::Active).await?;
         tracing::info!(
             trust_domain = config.trust_domain.name(),
@@ -719,19 +899,33 @@ impl Rotation {
         })
     }
 
-    /// Generates a CA key in the key manager and its self-signed certificate.
+    /// Generates a CA key in the key manager and its certificate: self-signed, or
+    /// signed by `upstream` (only the public key goes to it).
     async fn new_ca(
         config: &RotationConfig,
         key_manager: &dyn KeyManager,
         now: SystemTime,
         state: KeyState,
+        upstream: Option<&Arc<UpstreamAuthority>>,
     ) -> Result<(Arc<CertificateAuthority>, X509Record), RotationError> {
         let key_id = format!("{X509_KEY_PREFIX}{}", random_hex(8)?);
         let key = key_manager.generate_key(&key_id, config.key_type).await?;
         let td = config.trust_domain.clone();
         let ttl = config.ca_ttl;
-        let made =
-            blocking(move || Ok(CertificateAuthority::self_signed(key, &td, ttl, now)?)).await;
+        let made = match upstream {
+            None => {
+                blocking(move || Ok(CertificateAuthority::self_signed(key, &td, ttl, now)?)).await
+            }
+            Some(upstream) => {
+                let upstream = Arc::clone(upstream);
+                blocking(move || {
+                    Ok(CertificateAuthority::signed_by_upstream(
+                        key, &td, ttl, now, &upstream,
+                    )?)
+                })
+                .await
+            }
+        };
         let ca = match made {
             Ok(ca) => Arc::new(ca),
             Err(err) => {
@@ -739,6 +933,28 @@ impl Rotation {
                 return Err(err);
             }
         };
+        let pems = |ders: &[Vec<u8>]| {
+            ders.iter()
+                .map(|der| tessera_plugin_sdk::x509::pem_encode("CERTIFICATE", der))
+                .collect::<Vec<_>>()
+        };
+        let (upstream_chain, upstream_roots) = ca
+            .upstream()
+            .map(|u| (pems(&u.intermediates), pems(&u.roots)))
+            .unwrap_or_default();
+        let intended = secs(now).saturating_add(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX));
+        if let Some(upstream) = upstream
+            && secs(ca.not_after()) < intended
+        {
+            tracing::warn!(
+                serial = ca.serial_hex(),
+                not_after = secs(ca.not_after()),
+                upstream = upstream.subject(),
+                upstream_not_after = upstream.not_after(),
+                "the new CA ends early, with the upstream CA: renew the upstream CA \
+                 (cert_file_path); until then CAs rotate sooner and SVIDs are shorter"
+            );
+        }
         let record = X509Record {
             key_id,
             state,
@@ -748,6 +964,8 @@ impl Rotation {
             not_after: secs(ca.not_after()),
             published_at: None,
             activated_at: None,
+            upstream_chain,
+            upstream_roots,
         };
         Ok((ca, record))
     }
@@ -899,7 +1117,8 @@ impl Rotation {
         out
     }
 
-    /// What the bundle publishes now: the CA certificates (active, prepared, old) and
+    /// What the bundle publishes now: the CA certificates (active, prepared, old; for a
+    /// CA signed by an upstream authority, the upstream roots instead, each once) and
     /// the JWT keys (active and prepared without expiry, old with theirs).
     pub async fn bundle_content(
         &self,
@@ -911,7 +1130,19 @@ impl Rotation {
         let mut jwt = Vec::new();
         for state in order {
             for r in journal.x509.iter().filter(|r| r.state == state) {
-                x509.push(pem_der(&r.certificate, path)?);
+                let anchors = if r.is_upstream_signed() {
+                    r.upstream_roots
+                        .iter()
+                        .map(|pem| pem_der(pem, path))
+                        .collect::<Result<Vec<_>, _>>()?
+                } else {
+                    vec![pem_der(&r.certificate, path)?]
+                };
+                for der in anchors {
+                    if !x509.contains(&der) {
+                        x509.push(der);
+                    }
+                }
             }
             for r in journal.jwt.iter().filter(|r| r.state == state) {
                 jwt.push(StoredJwtAuthority {
@@ -1051,11 +1282,21 @@ impl Rotation {
         match next_step(secs(now), start, active.not_after, prepared) {
             Step::Idle => Ok(false),
             Step::Prepare => {
+                // The upstream files are read again: a renewed upstream CA is used from
+                // the next CA on.
+                let upstream = match load_upstream(&self.config, now, false).await {
+                    Ok(upstream) => upstream,
+                    Err(err) => {
+                        self.warn_stuck("X.509 CA", start, active.not_after, now, &err);
+                        return Err(err);
+                    }
+                };
                 let (ca, record) = match Self::new_ca(
                     &self.config,
                     self.key_manager.as_ref(),
                     now,
                     KeyState::Prepared,
+                    upstream.as_ref(),
                 )
                 .await
                 {
@@ -1407,6 +1648,8 @@ pub mod legacy {
                 not_after: cert.validity().not_after.timestamp(),
                 published_at: None,
                 activated_at: Some(secs(now)),
+                upstream_chain: Vec::new(),
+                upstream_roots: Vec::new(),
             }];
             let Some((key_id, kid)) = self.jwt else {
                 return Err(RotationError::Corrupt {
@@ -1572,6 +1815,7 @@ mod tests {
             max_jwt_svid_ttl: Duration::from_secs(5),
             key_type: KeyType::EcP256,
             journal_dir,
+            upstream: None,
         }
     }
 
@@ -1628,6 +1872,8 @@ mod tests {
             not_after: 10,
             published_at: None,
             activated_at: None,
+            upstream_chain: Vec::new(),
+            upstream_roots: Vec::new(),
         }
     }
 
@@ -2121,5 +2367,322 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(again.x509().certificate_der(), cert.der().to_vec());
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Upstream authority.
+
+    /// A test upstream root written as files (cert 0644, key 0600 in a 0755 directory).
+    struct UpstreamFiles {
+        config: UpstreamAuthorityConfig,
+        root_der: Vec<u8>,
+        key_path: PathBuf,
+    }
+
+    fn write_upstream(dir: &Path, not_after_in: Duration) -> UpstreamFiles {
+        let up = dir.join("upstream");
+        std::fs::create_dir_all(&up).unwrap();
+        std::fs::set_permissions(&up, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        let mut dn = rcgen::DistinguishedName::new();
+        dn.push(rcgen::DnType::CommonName, "Test Upstream Root");
+        params.distinguished_name = dn;
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(&[0x01, 0x42]));
+        params.not_before = time::OffsetDateTime::now_utc() - time::Duration::hours(1);
+        params.not_after = time::OffsetDateTime::now_utc()
+            + time::Duration::seconds(i64::try_from(not_after_in.as_secs()).unwrap());
+        let cert = params.self_signed(&key).unwrap();
+        let cert_path = up.join("upstream.pem");
+        let key_path = up.join("upstream.key");
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        UpstreamFiles {
+            config: UpstreamAuthorityConfig::Disk {
+                cert_file_path: cert_path,
+                key_file_path: key_path.clone(),
+                bundle_file_path: None,
+            },
+            root_der: cert.der().to_vec(),
+            key_path,
+        }
+    }
+
+    fn with_upstream(journal_dir: Option<PathBuf>, files: &UpstreamFiles) -> RotationConfig {
+        RotationConfig {
+            upstream: Some(files.config.clone()),
+            ..config(journal_dir)
+        }
+    }
+
+    /// webpki path validation of an issued chain (leaf first) against `roots`.
+    fn verifies(chain: &[Vec<u8>], roots: &[Vec<u8>]) -> bool {
+        use rustls::pki_types::{CertificateDer, UnixTime};
+        let root_ders: Vec<CertificateDer<'_>> = roots
+            .iter()
+            .map(|d| CertificateDer::from(d.as_slice()))
+            .collect();
+        let anchors: Vec<_> = root_ders
+            .iter()
+            .map(|d| webpki::anchor_from_trusted_cert(d).unwrap())
+            .collect();
+        let leaf = CertificateDer::from(chain[0].as_slice());
+        let intermediates: Vec<CertificateDer<'_>> = chain[1..]
+            .iter()
+            .map(|d| CertificateDer::from(d.as_slice()))
+            .collect();
+        webpki::EndEntityCert::try_from(&leaf)
+            .unwrap()
+            .verify_for_usage(
+                webpki::ALL_VERIFICATION_ALGS,
+                &anchors,
+                &intermediates,
+                UnixTime::now(),
+                webpki::KeyUsage::client_auth(),
+                None,
+                None,
+            )
+            .is_ok()
+    }
+
+    fn svid_chain(rotation: &Rotation) -> Vec<Vec<u8>> {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        rotation
+            .x509()
+            .sign_x509_svid(
+                &rcgen::PublicKeyData::subject_public_key_info(&key),
+                &tessera_plugin_sdk::SpiffeId::parse("spiffe://example.org/w").unwrap(),
+                &[],
+                Duration::from_secs(5),
+            )
+            .unwrap()
+            .cert_chain()
+    }
+
+    /// Every CA, the first and each rotated one, is signed by the upstream root; the
+    /// bundle holds the root alone throughout, and each CA's SVIDs verify against it.
+    /// A restart reloads the upstream-signed CAs from the journal.
+    #[tokio::test]
+    async fn upstream_signs_every_ca_and_the_bundle_is_its_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = private_dir(&dir);
+        let files = write_upstream(dir.path(), Duration::from_secs(30 * 24 * 3600));
+        let ds = datastore(&data).await;
+        let t0 = SystemTime::now() - Duration::from_secs(40);
+        let rotation = Rotation::open_with(
+            with_upstream(Some(data.clone()), &files),
+            disk(&data).await,
+            None,
+            None,
+            t0,
+        )
+        .await
+        .unwrap();
+        let first = rotation.x509().active();
+        assert!(
+            first.upstream().is_some(),
+            "the first CA is upstream-signed"
+        );
+        let roots = vec![files.root_der.clone()];
+        assert_eq!(rotation.bundle_content().await.unwrap().0, roots);
+        rotation.publish(ds.as_ref(), t0).await.unwrap();
+        assert_eq!(stored(ds.as_ref()).await.x509_authorities, roots);
+        let chain = svid_chain(&rotation);
+        assert_eq!(chain.len(), 2, "leaf and the server CA");
+        assert_eq!(chain[1], first.certificate_der());
+        assert!(verifies(&chain, &roots));
+
+        // Prepared (upstream files read again), published, activated: still the root.
+        assert!(rotation.tick(at(t0, 31)).await.unwrap());
+        let journal = rotation.journal().await;
+        let prepared = journal.x509_in(KeyState::Prepared).unwrap().clone();
+        assert!(prepared.is_upstream_signed());
+        assert!(prepared.upstream_chain.is_empty());
+        assert_eq!(prepared.upstream_roots.len(), 1);
+        rotation.publish(ds.as_ref(), at(t0, 31)).await.unwrap();
+        assert_eq!(stored(ds.as_ref()).await.x509_authorities, roots);
+        assert!(rotation.tick(at(t0, 52)).await.unwrap());
+        assert_eq!(rotation.x509().serial_hex(), prepared.serial);
+        rotation.publish(ds.as_ref(), at(t0, 52)).await.unwrap();
+        assert_eq!(stored(ds.as_ref()).await.x509_authorities, roots);
+        let chain = svid_chain(&rotation);
+        assert_ne!(chain[1], first.certificate_der(), "signed by the new CA");
+        assert!(verifies(&chain, &roots), "same bundle, new CA");
+        // The journal records each CA's upstream roots.
+        let text = String::from_utf8(rotation.journal().await.to_bytes()).unwrap();
+        assert!(text.contains("\"upstream_roots\""), "{text}");
+        drop(rotation);
+
+        let again = Rotation::open_with(
+            with_upstream(Some(data.clone()), &files),
+            disk(&data).await,
+            None,
+            None,
+            at(t0, 53),
+        )
+        .await
+        .unwrap();
+        assert_eq!(again.x509().serial_hex(), prepared.serial);
+        assert_eq!(again.bundle_content().await.unwrap().0, roots);
+        assert!(verifies(&svid_chain(&again), &roots));
+        assert!(
+            again.journal().await.x509_in(KeyState::Prepared).is_none(),
+            "same upstream: nothing to switch"
+        );
+    }
+
+    /// Switching a data dir to an upstream authority at restart: a prepared
+    /// self-signed CA is dropped, an upstream-signed CA is prepared at once and
+    /// published beside the old CA, and activated on the usual schedule. Switching back
+    /// does the reverse; the replaced CA's anchor stays in the bundle until it expires.
+    #[tokio::test]
+    async fn switching_to_an_upstream_and_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = private_dir(&dir);
+        let files = write_upstream(dir.path(), Duration::from_secs(30 * 24 * 3600));
+        let ds = datastore(&data).await;
+        let t0 = SystemTime::now() - Duration::from_secs(40);
+        let plain = Rotation::open_with(
+            config(Some(data.clone())),
+            disk(&data).await,
+            None,
+            None,
+            t0,
+        )
+        .await
+        .unwrap();
+        let self_signed = plain.x509().certificate_der();
+        // A self-signed CA's journal record keeps its old shape: no upstream fields.
+        let text = String::from_utf8(plain.journal().await.to_bytes()).unwrap();
+        assert!(!text.contains("upstream"), "{text}");
+        plain.publish(ds.as_ref(), t0).await.unwrap();
+        assert!(plain.tick(at(t0, 31)).await.unwrap());
+        let stale = plain
+            .journal()
+            .await
+            .x509_in(KeyState::Prepared)
+            .unwrap()
+            .clone();
+        assert!(!stale.is_upstream_signed());
+        drop(plain);
+
+        let switched = Rotation::open_with(
+            with_upstream(Some(data.clone()), &files),
+            disk(&data).await,
+            None,
+            None,
+            at(t0, 32),
+        )
+        .await
+        .unwrap();
+        let journal = switched.journal().await;
+        let prepared = journal.x509_in(KeyState::Prepared).unwrap().clone();
+        assert!(
+            prepared.is_upstream_signed(),
+            "prepared under the upstream at once"
+        );
+        assert!(
+            journal.x509.iter().all(|r| r.key_id != stale.key_id),
+            "stale one dropped"
+        );
+        let km = disk(&data).await;
+        assert!(km.get_key(&stale.key_id).await.unwrap().is_none());
+        // Still signing with the self-signed CA until the schedule activates the new one.
+        assert_eq!(switched.x509().certificate_der(), self_signed);
+        assert_eq!(
+            switched.bundle_content().await.unwrap().0,
+            vec![self_signed.clone(), files.root_der.clone()],
+            "the old CA and the upstream root"
+        );
+        switched.publish(ds.as_ref(), at(t0, 32)).await.unwrap();
+        assert!(!switched.tick(at(t0, 40)).await.unwrap(), "not due yet");
+        assert!(
+            switched.tick(at(t0, 52)).await.unwrap(),
+            "activated on schedule"
+        );
+        assert_eq!(switched.x509().serial_hex(), prepared.serial);
+        assert_eq!(
+            switched.bundle_content().await.unwrap().0,
+            vec![files.root_der.clone(), self_signed.clone()],
+            "the old self-signed CA stays until it expires"
+        );
+        assert!(verifies(
+            &svid_chain(&switched),
+            std::slice::from_ref(&files.root_der)
+        ));
+        drop(switched);
+
+        // And back: a self-signed CA is prepared beside the upstream-signed active one.
+        let back = Rotation::open_with(
+            config(Some(data.clone())),
+            disk(&data).await,
+            None,
+            None,
+            at(t0, 53),
+        )
+        .await
+        .unwrap();
+        let journal = back.journal().await;
+        let prepared_back = journal.x509_in(KeyState::Prepared).unwrap().clone();
+        assert!(!prepared_back.is_upstream_signed());
+        assert_eq!(back.x509().serial_hex(), prepared.serial);
+        let anchors = back.bundle_content().await.unwrap().0;
+        assert_eq!(anchors[0], files.root_der);
+        assert_eq!(
+            anchors[1],
+            pem_der(&prepared_back.certificate, Path::new("j")).unwrap()
+        );
+        assert!(anchors.contains(&self_signed));
+    }
+
+    /// A bad upstream authority stops the start, naming the configuration key.
+    #[tokio::test]
+    async fn a_bad_upstream_stops_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = private_dir(&dir);
+        let files = write_upstream(dir.path(), Duration::from_secs(30 * 24 * 3600));
+        std::fs::set_permissions(&files.key_path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = Rotation::open_with(
+            with_upstream(Some(data.clone()), &files),
+            disk(&data).await,
+            None,
+            None,
+            SystemTime::now(),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("server.upstream_authority.key_file_path"),
+            "{err}"
+        );
+        assert!(Journal::load(&data).unwrap().is_none(), "nothing written");
+
+        // An upstream that expires before a CA's lifetime: the CA is clamped to it.
+        let dir = tempfile::tempdir().unwrap();
+        let files = write_upstream(dir.path(), Duration::from_secs(30));
+        let rotation = Rotation::open_with(
+            with_upstream(None, &files),
+            Arc::new(MemoryKeyManager::new()),
+            None,
+            None,
+            SystemTime::now(),
+        )
+        .await
+        .unwrap();
+        let ca = rotation.x509().active();
+        let upstream_end = x509_parser::parse_x509_certificate(&files.root_der)
+            .unwrap()
+            .1
+            .validity()
+            .not_after
+            .timestamp();
+        assert_eq!(secs(ca.not_after()), upstream_end);
     }
 }

@@ -3,8 +3,9 @@
 //! the change feed that drives the `Sync` stream.
 //!
 //! Callers only ever see `Arc<dyn Datastore>`; [`open_sqlite`] gives the embedded
-//! default and a PostgreSQL implementation can be added beside it without touching
-//! them. Every implementation must keep the contract written on [`Datastore`]:
+//! default, [`open_postgres`] a database that several servers share. Every
+//! implementation must keep the contract written on [`Datastore`] (one test suite,
+//! `suite.rs`, runs against both):
 //!
 //! - every write to entries, agents, bundles or revocations bumps one monotonically
 //!   increasing revision and records a [`Change`] in the same transaction as the write
@@ -21,7 +22,10 @@
 //! validation of operator input beyond what storage needs, and logging of suspicious
 //! events (a serial mismatch) belong to the callers.
 
+mod postgres;
 mod sqlite;
+#[cfg(test)]
+mod suite;
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -29,6 +33,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tessera_plugin_sdk::{RegistrationEntry, Selector, SpiffeId, SpiffeIdTemplate, TrustDomain};
+
+use crate::config::PostgresConfig;
 
 /// A boxed error kept as the source of a [`DatastoreError`].
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -734,7 +740,146 @@ pub async fn open_sqlite(path: &Path) -> Result<Arc<dyn Datastore>, DatastoreErr
     Ok(Arc::new(sqlite::SqliteDatastore::open(path).await?))
 }
 
+/// Opens the PostgreSQL database of `config` with a pool of `config.max_connections`
+/// connections (plus one that listens for other servers' changes, see
+/// [`Datastore::change_notifications`]) and applies pending migrations; several servers
+/// may open the same database at once.
+///
+/// [`DatastoreError::Unavailable`] when the server cannot be reached now; its source
+/// names the host and port (never the password).
+pub async fn open_postgres(config: &PostgresConfig) -> Result<Arc<dyn Datastore>, DatastoreError> {
+    Ok(Arc::new(postgres::PostgresDatastore::open(config).await?))
+}
+
+impl From<sqlx::Error> for DatastoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match e {
+            sqlx::Error::Database(db) => {
+                if db.kind() == sqlx::error::ErrorKind::UniqueViolation {
+                    return Self::Conflict("unique constraint violated".to_owned());
+                }
+                if db
+                    .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                    .is_some()
+                {
+                    postgres::database_error(db)
+                } else {
+                    sqlite::database_error(db)
+                }
+            }
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_) => Self::Unavailable(Box::new(e)),
+            sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => {
+                Self::Corrupt(format!("undecodable column: {e}"))
+            }
+            sqlx::Error::Migrate(m) => Self::Migration(m),
+            other => Self::Internal(Box::new(other)),
+        }
+    }
+}
+
 // Conversions shared by every implementation.
+
+/// The `endpoint_spiffe_id` column of a profile.
+pub(crate) fn endpoint_id_column(profile: &EndpointProfile) -> Option<&str> {
+    match profile {
+        EndpointProfile::HttpsWeb => None,
+        EndpointProfile::HttpsSpiffe { endpoint_spiffe_id } => Some(endpoint_spiffe_id.as_str()),
+    }
+}
+
+/// A revision handed out by the change feed, for binding.
+pub(crate) fn revision_to_i64(revision: u64) -> Result<i64, DatastoreError> {
+    i64::try_from(revision)
+        .map_err(|_| DatastoreError::Corrupt("changes.revision: out of range".to_owned()))
+}
+
+/// Maps the unique violation of an entry write (only `similarity_key` can collide: ids
+/// are random and never change) to a [`DatastoreError::Conflict`] that says so.
+pub(crate) fn similar_entry_conflict(e: sqlx::Error) -> DatastoreError {
+    match DatastoreError::from(e) {
+        DatastoreError::Conflict(_) => DatastoreError::Conflict(
+            "an entry with the same spiffe_id, parent_id and selectors exists".to_owned(),
+        ),
+        other => other,
+    }
+}
+
+/// A [`NewEntry`] checked and converted to the `entries` columns, ready for binding.
+pub(crate) struct EntryColumns {
+    /// The entry, with its JWT audiences normalized.
+    pub(crate) entry: NewEntry,
+    pub(crate) similarity_key: String,
+    pub(crate) selectors: String,
+    pub(crate) x509_svid_ttl_secs: Option<i64>,
+    pub(crate) jwt_svid_ttl_secs: Option<i64>,
+    pub(crate) jwt_audiences: String,
+    pub(crate) dns_names: String,
+    pub(crate) federates_with: String,
+}
+
+impl EntryColumns {
+    /// Validates and converts `entry`; [`DatastoreError::InvalidArgument`] when it
+    /// cannot be stored.
+    pub(crate) fn new(mut entry: NewEntry) -> Result<Self, DatastoreError> {
+        let x509_svid_ttl_secs = entry
+            .x509_svid_ttl
+            .map(|t| ttl_to_secs(t, "x509_svid_ttl"))
+            .transpose()?;
+        let jwt_svid_ttl_secs = entry
+            .jwt_svid_ttl
+            .map(|t| ttl_to_secs(t, "jwt_svid_ttl"))
+            .transpose()?;
+        entry.jwt_audiences = normalize_jwt_audiences(std::mem::take(&mut entry.jwt_audiences))?;
+        entry.federates_with.sort();
+        entry.federates_with.dedup();
+        Ok(Self {
+            federates_with: json_list(
+                &entry
+                    .federates_with
+                    .iter()
+                    .map(TrustDomain::name)
+                    .collect::<Vec<_>>(),
+            )?,
+            similarity_key: similarity_key(&entry.spiffe_id, &entry.parent_id, &entry.selectors)?,
+            selectors: json_list(&entry.selectors)?,
+            jwt_audiences: json_list(&entry.jwt_audiences)?,
+            dns_names: json_list(&entry.dns_names)?,
+            x509_svid_ttl_secs,
+            jwt_svid_ttl_secs,
+            entry,
+        })
+    }
+
+    /// The stored entry.
+    pub(crate) fn into_entry(
+        self,
+        id: String,
+        created_revision: u64,
+        revision: u64,
+    ) -> RegistrationEntry {
+        let e = self.entry;
+        RegistrationEntry {
+            id,
+            spiffe_id: e.spiffe_id,
+            parent_id: e.parent_id,
+            selectors: e.selectors,
+            x509_svid_ttl: e.x509_svid_ttl,
+            jwt_svid_ttl: e.jwt_svid_ttl,
+            jwt_audiences: e.jwt_audiences,
+            jwt_multi_audience: e.jwt_multi_audience,
+            dns_names: e.dns_names,
+            hint: e.hint,
+            federates_with: e.federates_with,
+            created_revision,
+            revision,
+        }
+    }
+}
 
 /// Checks [`AuthorityContribution::server_id`]: 1 to [`MAX_SERVER_ID_LEN`] bytes.
 pub(crate) fn check_server_id(server_id: &str) -> Result<(), DatastoreError> {

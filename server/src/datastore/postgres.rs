@@ -1,0 +1,2305 @@
+//! The PostgreSQL implementation of [`Datastore`]: one database that several servers of
+//! a trust domain share (DESIGN.md §5).
+//!
+//! # The change feed in commit order
+//!
+//! A reader that has seen revision N must have seen every revision below it, or it
+//! skips a change for ever. PostgreSQL sequences are not transactional: with one, a
+//! transaction holding revision 10 could commit after one holding 11. So every
+//! transaction that may record a change (and every other multi-statement write, as in
+//! the SQLite implementation) starts with `pg_advisory_xact_lock` on one key, the
+//! change-feed lock, and only then reads or writes anything:
+//!
+//! - writers are serialised across every server sharing the database, and a revision
+//!   is assigned as one more than the current revision while the lock is held (no
+//!   sequence, so a rolled back write leaves no gap either);
+//! - PostgreSQL releases a transaction's locks after its commit is visible, so the
+//!   next holder commits later: commit order is revision order, and a snapshot that
+//!   contains revision N contains every revision below it;
+//! - under READ COMMITTED each statement after the lock sees every earlier holder's
+//!   commit, so read-modify-write transactions (`publish_authorities`, the revocation
+//!   and instance-serial pair) behave as in SQLite's single-writer model.
+//!
+//! Concurrency-critical writes that record no change stay single statements outside
+//! the lock (join token consumption: `UPDATE ... WHERE used_at IS NULL RETURNING`,
+//! where PostgreSQL's row lock and re-check give exactly one winner). Multi-statement
+//! reads run in one `REPEATABLE READ READ ONLY` transaction (one snapshot). The lock
+//! key lives in the two-`int4` key space of advisory locks, which never overlaps the
+//! single-`bigint` key sqlx's migrator locks while it migrates.
+//!
+//! # Notifications
+//!
+//! An `AFTER INSERT` trigger on `changes` (migration 0001) calls
+//! `pg_notify('tessera_changes', revision)`, which PostgreSQL delivers at commit. A
+//! background task owns a [`PgListener`] on its own one-connection pool and bumps the
+//! [`watch`] value of [`Datastore::change_notifications`] on each notification, and
+//! once more each time it has (re)subscribed after losing the connection (notifications
+//! sent meanwhile are lost), retrying with a backoff from 100 ms up to 5 s while the
+//! database is down. [`Datastore::close`] and dropping the datastore stop the task.
+//!
+//! # Connections
+//!
+//! `connection_string` is a `postgres://` URL or libpq's `key=value` form (translated
+//! to the URL form sqlx parses, so `~/.pgpass` applies to both). TLS uses rustls with
+//! aws-lc-rs and the Mozilla roots (`sslmode=verify-full`, `sslrootcert=...` for a
+//! private CA); as with libpq, `prefer` and `require` do not verify the server. Each
+//! connection gets `lock_timeout` (10 s) and `idle_in_transaction_session_timeout`
+//! (60 s) unless the connection string sets them, so a stuck server cannot hold the
+//! change-feed lock for long; waiting longer fails `Unavailable`. The database must be
+//! UTF-8 encoded, and the role needs to create tables in its schema the first time
+//! (PostgreSQL 15 no longer lets every role create in `public`).
+//!
+//! Migrations live in `server/migrations/postgres/`, embedded as for SQLite; sqlx's
+//! migrator holds an advisory lock while it runs, so servers opening the same database
+//! at once apply them once.
+
+use std::borrow::Cow;
+use std::collections::BTreeSet;
+use std::str::FromStr as _;
+use std::time::{Duration, Instant, SystemTime};
+
+use sqlx::error::DatabaseError;
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Connection as _, Postgres, Row, SqlSafeStr, Transaction};
+use tessera_plugin_sdk::{RegistrationEntry, Selector, SpiffeId, TrustDomain};
+use tokio::sync::watch;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use super::{
+    AttestedAgent, AuthorityContribution, Change, ChangeKind, ChangeSet, Datastore, DatastoreError,
+    EndpointProfile, EntryColumns, FederationRelationship, InstanceSvid, NewEntry, NewJoinToken,
+    Revocation, RevokedSerial, StoredBundle, TokenOutcome, check_server_id, endpoint_id_column,
+    from_unix_secs, json_list, jwt_authorities_json, merge_contributions, new_entry_id,
+    now_unix_secs, revision_to_i64, similar_entry_conflict, stored_json_list,
+    stored_jwt_authorities, stored_spiffe_id, stored_spiffe_id_template, stored_u64, to_unix_secs,
+};
+use crate::config::PostgresConfig;
+
+/// The migrations, in version order: (version, description, SQL). Every file of
+/// `server/migrations/postgres/` must be listed here (checked by a test).
+const MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "initial",
+    include_str!("../../migrations/postgres/0001_initial.sql"),
+)];
+
+/// How long a caller waits for a pooled connection before failing `Unavailable`.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long opening waits for the first connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Session settings of every pooled connection, unless the connection string sets
+/// them: how long a statement waits for a lock (the change-feed lock included), and
+/// how long a transaction may sit idle (a client stuck while holding the lock).
+const SESSION_SETTINGS: [(&str, &str); 2] = [
+    ("lock_timeout", "10s"),
+    ("idle_in_transaction_session_timeout", "60s"),
+];
+
+/// `application_name` of the pooled connections unless the connection string sets one.
+const APPLICATION_NAME: &str = "tessera-server";
+
+/// `application_name` of the connection that listens for changes.
+const LISTENER_APPLICATION_NAME: &str = "tessera-server-listener";
+
+/// The channel the `changes` trigger notifies.
+const CHANNEL: &str = "tessera_changes";
+
+/// Backoff of the listener while it cannot (re)subscribe: from this...
+const RECONNECT_MIN: Duration = Duration::from_millis(100);
+
+/// ...doubling up to this.
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
+
+/// Takes the change-feed lock: the first statement of every write transaction. The
+/// key ("tess", 1) is in the two-`int4` key space.
+const LOCK_CHANGE_FEED: &str = "SELECT pg_advisory_xact_lock(1952805747, 1)";
+
+/// Starts a multi-statement read: one snapshot, no writes.
+const BEGIN_READ: &str = "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY";
+
+/// `GREATEST(latest recorded revision, pruned_through)`: the current revision even when
+/// every change has been pruned.
+macro_rules! current_revision {
+    () => {
+        "GREATEST(COALESCE((SELECT MAX(revision) FROM changes), 0), \
+         (SELECT pruned_through FROM change_feed WHERE id = 1))"
+    };
+}
+
+/// The columns of `entries` read back into a [`RegistrationEntry`], in a `SELECT`.
+macro_rules! select_entries {
+    ($tail:literal) => {
+        concat!(
+            "SELECT id, spiffe_id, parent_id, selectors, x509_svid_ttl_secs, ",
+            "jwt_svid_ttl_secs, jwt_audiences, jwt_multi_audience, dns_names, hint, ",
+            "federates_with, created_revision, revision FROM entries ",
+            $tail
+        )
+    };
+}
+
+/// The columns of `agents` read back into an [`AttestedAgent`], in a `SELECT`.
+macro_rules! select_agents {
+    ($tail:literal) => {
+        concat!(
+            "SELECT spiffe_id, attestation_type, serial, previous_serial, expires_at, aliases, ",
+            "first_attested_at, last_seen_at, banned_at FROM agents ",
+            $tail
+        )
+    };
+}
+
+/// The PostgreSQL datastore.
+#[derive(Debug)]
+pub(crate) struct PostgresDatastore {
+    pool: PgPool,
+    /// The listener's own pool (one connection), so that it never waits behind queries.
+    listen_pool: PgPool,
+    notifications: watch::Receiver<u64>,
+    stop: CancellationToken,
+    /// Stops the listener task when the datastore is dropped without `close`.
+    _stop_on_drop: DropGuard,
+}
+
+impl PostgresDatastore {
+    /// See [`super::open_postgres`].
+    pub(crate) async fn open(config: &PostgresConfig) -> Result<Self, DatastoreError> {
+        let options = connect_options(&config.connection_string)?;
+        let target = describe(&options);
+
+        // One direct connection first: when the server is unreachable, opening fails at
+        // once with the reason (a pool would retry until its timeout and then only say
+        // that it timed out).
+        let mut conn =
+            match tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&options)).await
+            {
+                Ok(Ok(conn)) => conn,
+                Ok(Err(e)) => return Err(unreachable(&target, &e.to_string())),
+                Err(_) => {
+                    return Err(unreachable(
+                        &target,
+                        &format!("no answer within {}s", CONNECT_TIMEOUT.as_secs()),
+                    ));
+                }
+            };
+        let checked = check_encoding(&mut conn).await;
+        // Closing is a courtesy to the server; the check's outcome is what counts.
+        let _ = conn.close().await;
+        checked?;
+        migrate(&options).await?;
+
+        let mut pool_options = options.clone();
+        let set = pool_options.get_options().unwrap_or_default().to_owned();
+        for (name, value) in SESSION_SETTINGS {
+            // `options` holds `-c name=value` or `--name=value` words.
+            let prefix = format!("{name}=");
+            let already = set
+                .split_whitespace()
+                .any(|word| word.trim_start_matches('-').starts_with(&prefix));
+            if !already {
+                pool_options = pool_options.options([(name, value)]);
+            }
+        }
+        if pool_options.get_application_name().is_none() {
+            pool_options = pool_options.application_name(APPLICATION_NAME);
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(config.max_connections)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_lazy_with(pool_options);
+        let listen_pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            // The listening connection lives as long as it works.
+            .max_lifetime(None)
+            .idle_timeout(None)
+            .connect_lazy_with(options.application_name(LISTENER_APPLICATION_NAME));
+
+        // Subscribed before `open` returns: a change committed after it is announced.
+        let listener = subscribe(&listen_pool)
+            .await
+            .map_err(|e| unreachable(&target, &e.to_string()))?;
+        let (wake, notifications) = watch::channel(0);
+        let stop = CancellationToken::new();
+        tokio::spawn(listen(listener, listen_pool.clone(), wake, stop.clone()));
+        Ok(Self {
+            pool,
+            listen_pool,
+            notifications,
+            _stop_on_drop: stop.clone().drop_guard(),
+            stop,
+        })
+    }
+
+    /// Starts a write transaction holding the change-feed lock.
+    async fn begin_write(&self) -> Result<Transaction<'static, Postgres>, DatastoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(LOCK_CHANGE_FEED).execute(&mut *tx).await?;
+        Ok(tx)
+    }
+
+    /// Starts a read-only transaction on one snapshot.
+    async fn begin_read(&self) -> Result<Transaction<'static, Postgres>, DatastoreError> {
+        Ok(self.pool.begin_with(BEGIN_READ).await?)
+    }
+}
+
+/// Checks the database's encoding, on the first connection.
+async fn check_encoding(conn: &mut PgConnection) -> Result<(), DatastoreError> {
+    let encoding: String = sqlx::query_scalar("SELECT current_setting('server_encoding')")
+        .fetch_one(&mut *conn)
+        .await?;
+    if encoding != "UTF8" {
+        return Err(DatastoreError::Migration(
+            format!("the database's encoding is {encoding}; tessera needs UTF8").into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Applies pending migrations through a pool of one connection of its own. Not through
+/// the main pool: its `lock_timeout` would fail a server waiting for another one's long
+/// migration. Not on a bare connection: `Migrator::run(&mut PgConnection)` cannot be
+/// called from a spawned task ("implementation of `Acquire` is not general enough").
+async fn migrate(options: &PgConnectOptions) -> Result<(), DatastoreError> {
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .connect_lazy_with(options.clone());
+    let migrated = migrator().run(&pool).await;
+    // Closing also ends the session (and its advisory lock) when a migration failed.
+    pool.close().await;
+    migrated.map_err(|e| DatastoreError::Migration(Box::new(e)))
+}
+
+/// The embedded migrations as a sqlx [`Migrator`].
+fn migrator() -> Migrator {
+    Migrator::with_migrations(
+        MIGRATIONS
+            .iter()
+            .map(|&(version, description, sql)| {
+                Migration::new(
+                    version,
+                    Cow::Borrowed(description),
+                    MigrationType::Simple,
+                    sql.into_sql_str(),
+                    false,
+                )
+            })
+            .collect(),
+    )
+}
+
+/// Parses `connection_string`: a `postgres://` (or `postgresql://`) URL, or libpq's
+/// `key=value` form. Errors never quote the string (it may hold a password).
+fn connect_options(connection_string: &str) -> Result<PgConnectOptions, DatastoreError> {
+    let s = connection_string.trim();
+    let url = if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+        s.to_owned()
+    } else {
+        keyword_value_url(s)?
+    };
+    PgConnectOptions::from_str(&url).map_err(|e| {
+        DatastoreError::InvalidArgument(format!("connection_string cannot be used: {e}"))
+    })
+}
+
+/// The keywords of libpq's `key=value` form that sqlx also reads as URL parameters.
+const KEYWORDS: [&str; 12] = [
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "sslmode",
+    "sslrootcert",
+    "sslcert",
+    "sslkey",
+    "application_name",
+    "options",
+];
+
+/// libpq's `key=value` form (`host=/run/postgresql dbname=tessera`, values optionally
+/// in single quotes with `\'` and `\\` escapes) as a `postgres://` URL whose parameters
+/// carry every key. Hand-written because sqlx parses URLs only and this form is what
+/// PostgreSQL operators commonly write.
+fn keyword_value_url(s: &str) -> Result<String, DatastoreError> {
+    let bad = |what: &str| {
+        DatastoreError::InvalidArgument(format!(
+            "connection_string is neither a postgres:// URL nor key=value pairs: {what}"
+        ))
+    };
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    let mut chars = s.chars().peekable();
+    loop {
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.peek().is_none() {
+            break;
+        }
+        let mut key = String::new();
+        while let Some(c) = chars.next_if(|c| *c != '=' && !c.is_whitespace()) {
+            key.push(c);
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.next() != Some('=') {
+            return Err(bad("a key without '='"));
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        let mut value = String::new();
+        if chars.next_if_eq(&'\'').is_some() {
+            loop {
+                match chars.next() {
+                    Some('\'') => break,
+                    Some('\\') => {
+                        value.push(chars.next().ok_or_else(|| bad("unterminated quote"))?)
+                    }
+                    Some(c) => value.push(c),
+                    None => return Err(bad("unterminated quote")),
+                }
+            }
+        } else {
+            while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
+                if c == '\\' {
+                    value.push(chars.next().ok_or_else(|| bad("a trailing backslash"))?);
+                } else {
+                    value.push(c);
+                }
+            }
+        }
+        if !KEYWORDS.contains(&key.as_str()) {
+            // The key is not secret; its value may be.
+            return Err(bad(&format!("unsupported key {key:?}")));
+        }
+        pairs.push((key, value));
+    }
+    if pairs.is_empty() {
+        return Err(bad("no pairs"));
+    }
+    let mut query = url::form_urlencoded::Serializer::new(String::new());
+    for (key, value) in &pairs {
+        query.append_pair(key, value);
+    }
+    // No host in the authority: sqlx then uses `host` from the parameters, or its
+    // default (the Unix socket directory, as libpq).
+    Ok(format!("postgres:///?{}", query.finish()))
+}
+
+/// Where `options` points, for messages: host and port (or socket directory) and
+/// database, never user or password.
+fn describe(options: &PgConnectOptions) -> String {
+    let server = match options.get_socket() {
+        Some(dir) => format!("Unix socket in {}", dir.display()),
+        None => format!("{}:{}", options.get_host(), options.get_port()),
+    };
+    match options.get_database() {
+        Some(db) => format!("{server}, database {db}"),
+        None => server,
+    }
+}
+
+/// [`DatastoreError::Unavailable`] for a server that cannot be reached at `target`.
+fn unreachable(target: &str, why: &str) -> DatastoreError {
+    DatastoreError::Unavailable(format!("cannot connect to PostgreSQL at {target}: {why}").into())
+}
+
+/// A listener subscribed to [`CHANNEL`].
+async fn subscribe(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    // A lost connection is reported by `try_recv` (after reconnecting), so that it
+    // wakes the server.
+    listener.eager_reconnect(true);
+    listener.listen(CHANNEL).await?;
+    Ok(listener)
+}
+
+/// Bumps the notification count.
+fn wake_up(wake: &watch::Sender<u64>) {
+    wake.send_modify(|n| *n = n.wrapping_add(1));
+}
+
+/// The listener task: bumps `wake` on every notification and after every
+/// resubscription, until `stop`. Never panics; errors are logged and retried.
+async fn listen(
+    listener: PgListener,
+    pool: PgPool,
+    wake: watch::Sender<u64>,
+    stop: CancellationToken,
+) {
+    let mut listener = Some(listener);
+    let mut subscribed_at = Instant::now();
+    let mut backoff = RECONNECT_MIN;
+    loop {
+        let Some(current) = listener.as_mut() else {
+            let subscribed = tokio::select! {
+                () = stop.cancelled() => return,
+                subscribed = subscribe(&pool) => subscribed,
+            };
+            match subscribed {
+                Ok(fresh) => {
+                    listener = Some(fresh);
+                    subscribed_at = Instant::now();
+                    tracing::info!("listening for datastore changes again");
+                    // Changes committed while the connection was down were announced to
+                    // no one.
+                    wake_up(&wake);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, retry_in = ?backoff, "cannot listen for datastore changes");
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(RECONNECT_MAX);
+                }
+            }
+            continue;
+        };
+        let received = tokio::select! {
+            () = stop.cancelled() => return,
+            received = current.try_recv() => received,
+        };
+        match received {
+            Ok(Some(_)) => wake_up(&wake),
+            // The connection was lost, and sqlx has reconnected and resubscribed.
+            Ok(None) => {
+                tracing::info!("the datastore listener reconnected");
+                wake_up(&wake);
+            }
+            Err(error) => {
+                tracing::warn!(%error, "lost the connection listening for datastore changes");
+                listener = None;
+                // A connection that worked for a while starts the backoff again; one that
+                // keeps failing at once keeps growing it.
+                if subscribed_at.elapsed() > RECONNECT_MAX {
+                    backoff = RECONNECT_MIN;
+                }
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(RECONNECT_MAX);
+            }
+        }
+    }
+}
+
+/// Maps an error PostgreSQL reported (other than a unique violation, which
+/// `From<sqlx::Error> for DatastoreError` maps for every backend) by its SQLSTATE
+/// (<https://www.postgresql.org/docs/current/errcodes-appendix.html>). Messages keep
+/// PostgreSQL's primary message only, which names constraints, never row values.
+pub(super) fn database_error(db: Box<dyn DatabaseError>) -> DatastoreError {
+    let code = db.code().map(Cow::into_owned).unwrap_or_default();
+    match code.as_str() {
+        // Connection exceptions, insufficient resources (too_many_connections, disk
+        // full), operator intervention (admin_shutdown, crash_shutdown,
+        // cannot_connect_now, query_canceled), serialization failures and deadlocks,
+        // a read-only server (a standby after a failover), lock_timeout.
+        c if c.starts_with("08") || c.starts_with("53") || c.starts_with("57") => {
+            DatastoreError::Unavailable(db.into())
+        }
+        "40001" | "40P01" | "25006" | "55P03" => DatastoreError::Unavailable(db.into()),
+        // exclusion_violation: the hash-indexed uniqueness of entries.similarity_key.
+        "23P01" => DatastoreError::Conflict("unique constraint violated".to_owned()),
+        // character_not_in_repertoire (a NUL character in a text value),
+        // untranslatable_character.
+        "22021" | "22P05" => DatastoreError::InvalidArgument(
+            "a text value holds a character PostgreSQL cannot store (NUL)".to_owned(),
+        ),
+        // data_corrupted, index_corrupted
+        "XX001" | "XX002" => DatastoreError::Corrupt(format!("database: {}", db.message())),
+        _ => DatastoreError::Internal(db.into()),
+    }
+}
+
+/// Records one change in the feed (inside the caller's write transaction, which holds
+/// the change-feed lock) and returns its revision. The trigger on `changes` notifies
+/// the other servers at commit.
+async fn record_change(
+    conn: &mut PgConnection,
+    kind: ChangeKind,
+    object_id: &str,
+    scope: &[&str],
+) -> Result<u64, DatastoreError> {
+    let mut scope: Vec<&str> = scope.to_vec();
+    scope.sort_unstable();
+    scope.dedup();
+    let scope = serde_json::to_string(&scope).map_err(|e| DatastoreError::Internal(Box::new(e)))?;
+    let revision: i64 = sqlx::query_scalar(concat!(
+        "INSERT INTO changes (revision, kind, object_id, recorded_at, scope) VALUES ((SELECT ",
+        current_revision!(),
+        ") + 1, $1, $2, $3, $4) RETURNING revision"
+    ))
+    .bind(kind.as_str())
+    .bind(object_id)
+    .bind(now_unix_secs())
+    .bind(scope)
+    .fetch_one(conn)
+    .await?;
+    stored_u64(revision, "changes.revision")
+}
+
+/// Inserts or replaces an agent inside a write transaction, recording the change;
+/// [`DatastoreError::AgentBanned`] (nothing written) when the stored agent is banned.
+async fn upsert_agent_in(
+    conn: &mut PgConnection,
+    agent: &AttestedAgent,
+) -> Result<(), DatastoreError> {
+    let expires_at = to_unix_secs(agent.expires_at, "agent expires_at")?;
+    let first_attested_at = to_unix_secs(agent.first_attested_at, "agent first_attested_at")?;
+    let last_seen_at = to_unix_secs(agent.last_seen_at, "agent last_seen_at")?;
+    let aliases = json_list(&agent.aliases)?;
+
+    // One statement decides: a banned row is left alone (the DO UPDATE's WHERE is
+    // false, so no row changes).
+    let written = sqlx::query(
+        "INSERT INTO agents (spiffe_id, attestation_type, serial, previous_serial, \
+         expires_at, aliases, first_attested_at, last_seen_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+         ON CONFLICT (spiffe_id) DO UPDATE SET \
+           attestation_type = excluded.attestation_type, \
+           serial = excluded.serial, \
+           previous_serial = excluded.previous_serial, \
+           expires_at = excluded.expires_at, \
+           aliases = excluded.aliases, \
+           first_attested_at = LEAST(agents.first_attested_at, excluded.first_attested_at), \
+           last_seen_at = excluded.last_seen_at \
+         WHERE agents.banned_at IS NULL",
+    )
+    .bind(agent.spiffe_id.as_str())
+    .bind(&agent.attestation_type)
+    .bind(&agent.serial)
+    .bind(agent.previous_serial.as_deref())
+    .bind(expires_at)
+    .bind(&aliases)
+    .bind(first_attested_at)
+    .bind(last_seen_at)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if written == 0 {
+        return Err(DatastoreError::AgentBanned);
+    }
+    record_change(
+        conn,
+        ChangeKind::AgentUpdated,
+        agent.spiffe_id.as_str(),
+        &[],
+    )
+    .await?;
+    Ok(())
+}
+
+fn entry_from_row(row: &PgRow) -> Result<RegistrationEntry, DatastoreError> {
+    let id: String = row.try_get("id")?;
+    let what = |col: &str| format!("entries[{id}].{col}");
+    let spiffe_id =
+        stored_spiffe_id_template(&row.try_get::<String, _>("spiffe_id")?, &what("spiffe_id"))?;
+    let parent_id = stored_spiffe_id(&row.try_get::<String, _>("parent_id")?, &what("parent_id"))?;
+    let selectors = stored_json_list(
+        &row.try_get::<String, _>("selectors")?,
+        &what("selectors"),
+        Selector::parse,
+    )?;
+    let ttl = |col: &str| -> Result<Option<Duration>, DatastoreError> {
+        row.try_get::<Option<i64>, _>(col)?
+            .map(|s| stored_u64(s, &what(col)).map(Duration::from_secs))
+            .transpose()
+    };
+    let x509_svid_ttl = ttl("x509_svid_ttl_secs")?;
+    let jwt_svid_ttl = ttl("jwt_svid_ttl_secs")?;
+    let jwt_audiences = stored_json_list(
+        &row.try_get::<String, _>("jwt_audiences")?,
+        &what("jwt_audiences"),
+        |s| Ok::<_, std::convert::Infallible>(s.to_owned()),
+    )?;
+    let jwt_multi_audience: bool = row.try_get("jwt_multi_audience")?;
+    let dns_names = stored_json_list(
+        &row.try_get::<String, _>("dns_names")?,
+        &what("dns_names"),
+        |s| Ok::<_, std::convert::Infallible>(s.to_owned()),
+    )?;
+    let hint: String = row.try_get("hint")?;
+    let federates_with = stored_json_list(
+        &row.try_get::<String, _>("federates_with")?,
+        &what("federates_with"),
+        TrustDomain::new,
+    )?;
+    let created_revision = stored_u64(row.try_get("created_revision")?, &what("created_revision"))?;
+    let revision = stored_u64(row.try_get("revision")?, &what("revision"))?;
+    Ok(RegistrationEntry {
+        id,
+        spiffe_id,
+        parent_id,
+        selectors,
+        x509_svid_ttl,
+        jwt_svid_ttl,
+        jwt_audiences,
+        jwt_multi_audience,
+        dns_names,
+        hint,
+        federates_with,
+        created_revision,
+        revision,
+    })
+}
+
+fn agent_from_row(row: &PgRow) -> Result<AttestedAgent, DatastoreError> {
+    let raw_id: String = row.try_get("spiffe_id")?;
+    // An unparseable key cannot name its row; the message names the column only.
+    let spiffe_id = stored_spiffe_id(&raw_id, "agents.spiffe_id")?;
+    let what = |col: &str| format!("agents[{spiffe_id}].{col}");
+    Ok(AttestedAgent {
+        attestation_type: row.try_get("attestation_type")?,
+        serial: row.try_get("serial")?,
+        previous_serial: row.try_get("previous_serial")?,
+        expires_at: from_unix_secs(row.try_get("expires_at")?, &what("expires_at"))?,
+        aliases: stored_json_list(
+            &row.try_get::<String, _>("aliases")?,
+            &what("aliases"),
+            SpiffeId::parse,
+        )?,
+        first_attested_at: from_unix_secs(
+            row.try_get("first_attested_at")?,
+            &what("first_attested_at"),
+        )?,
+        last_seen_at: from_unix_secs(row.try_get("last_seen_at")?, &what("last_seen_at"))?,
+        banned_at: row
+            .try_get::<Option<i64>, _>("banned_at")?
+            .map(|t| from_unix_secs(t, &what("banned_at")))
+            .transpose()?,
+        spiffe_id,
+    })
+}
+
+fn bundle_from_row(row: &PgRow) -> Result<StoredBundle, DatastoreError> {
+    let trust_domain: String = row.try_get("trust_domain")?;
+    let what = |col: &str| format!("bundles[{trust_domain}].{col}");
+    let x509_authorities = stored_json_list(
+        &row.try_get::<String, _>("x509_authorities")?,
+        &what("x509_authorities"),
+        |s| hex::decode(s),
+    )?;
+    let jwt_authorities = stored_jwt_authorities(
+        &row.try_get::<String, _>("jwt_authorities")?,
+        &what("jwt_authorities"),
+    )?;
+    let sequence_number = stored_u64(row.try_get("sequence_number")?, &what("sequence_number"))?;
+    Ok(StoredBundle {
+        trust_domain,
+        x509_authorities,
+        jwt_authorities,
+        sequence_number,
+    })
+}
+
+/// The contributions to `trust_domain`'s bundle, ordered by server id.
+async fn contributions_in(
+    conn: &mut PgConnection,
+    trust_domain: &str,
+) -> Result<Vec<AuthorityContribution>, DatastoreError> {
+    let rows = sqlx::query(
+        "SELECT server_id, x509_authorities, jwt_authorities, expires_at \
+         FROM authority_contributions WHERE trust_domain = $1 ORDER BY server_id",
+    )
+    .bind(trust_domain)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            let server_id: String = row.try_get("server_id")?;
+            let what =
+                |col: &str| format!("authority_contributions[{trust_domain}/{server_id}].{col}");
+            Ok(AuthorityContribution {
+                trust_domain: trust_domain.to_owned(),
+                x509_authorities: stored_json_list(
+                    &row.try_get::<String, _>("x509_authorities")?,
+                    &what("x509_authorities"),
+                    |s| hex::decode(s),
+                )?,
+                jwt_authorities: stored_jwt_authorities(
+                    &row.try_get::<String, _>("jwt_authorities")?,
+                    &what("jwt_authorities"),
+                )?,
+                expires_at: from_unix_secs(row.try_get("expires_at")?, &what("expires_at"))?,
+                server_id,
+            })
+        })
+        .collect()
+}
+
+/// Stores a bundle inside a write transaction, recording [`ChangeKind::BundleUpdated`].
+async fn store_bundle_in(
+    conn: &mut PgConnection,
+    trust_domain: &str,
+    x509_authorities: &[Vec<u8>],
+    jwt_authorities: &str,
+    sequence_number: i64,
+) -> Result<(), DatastoreError> {
+    let hex_x509: Vec<String> = x509_authorities.iter().map(hex::encode).collect();
+    let revision = record_change(conn, ChangeKind::BundleUpdated, trust_domain, &[]).await?;
+    sqlx::query(
+        "INSERT INTO bundles (trust_domain, x509_authorities, jwt_authorities, \
+         sequence_number, revision) VALUES ($1, $2, $3, $4, $5) \
+         ON CONFLICT (trust_domain) DO UPDATE SET \
+           x509_authorities = excluded.x509_authorities, \
+           jwt_authorities = excluded.jwt_authorities, \
+           sequence_number = excluded.sequence_number, \
+           revision = excluded.revision",
+    )
+    .bind(trust_domain)
+    .bind(json_list(&hex_x509)?)
+    .bind(jwt_authorities)
+    .bind(sequence_number)
+    .bind(revision_to_i64(revision)?)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Deletes a bundle inside a write transaction, recording [`ChangeKind::BundleDeleted`]
+/// when there was one.
+async fn delete_bundle_in(
+    conn: &mut PgConnection,
+    trust_domain: &str,
+) -> Result<bool, DatastoreError> {
+    let deleted = sqlx::query("DELETE FROM bundles WHERE trust_domain = $1")
+        .bind(trust_domain)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+    if deleted == 0 {
+        return Ok(false);
+    }
+    record_change(conn, ChangeKind::BundleDeleted, trust_domain, &[]).await?;
+    Ok(true)
+}
+
+fn relationship_from_row(row: &PgRow) -> Result<FederationRelationship, DatastoreError> {
+    let raw: String = row.try_get("trust_domain")?;
+    let trust_domain = TrustDomain::new(&raw).map_err(|e| {
+        DatastoreError::Corrupt(format!(
+            "federation_relationships.trust_domain: invalid trust domain: {e}"
+        ))
+    })?;
+    let what = |col: &str| format!("federation_relationships[{trust_domain}].{col}");
+    let profile: String = row.try_get("profile")?;
+    let endpoint_id: Option<String> = row.try_get("endpoint_spiffe_id")?;
+    let profile = match (profile.as_str(), endpoint_id) {
+        ("https_web", _) => EndpointProfile::HttpsWeb,
+        ("https_spiffe", Some(id)) => EndpointProfile::HttpsSpiffe {
+            endpoint_spiffe_id: stored_spiffe_id(&id, &what("endpoint_spiffe_id"))?,
+        },
+        _ => {
+            return Err(DatastoreError::Corrupt(format!(
+                "{}: unknown profile or missing endpoint SPIFFE ID",
+                what("profile")
+            )));
+        }
+    };
+    Ok(FederationRelationship {
+        bundle_endpoint_url: row.try_get("bundle_endpoint_url")?,
+        profile,
+        trust_domain,
+    })
+}
+
+fn change_from_row(row: &PgRow) -> Result<Change, DatastoreError> {
+    let revision = stored_u64(row.try_get("revision")?, "changes.revision")?;
+    let kind: String = row.try_get("kind")?;
+    let kind = ChangeKind::from_stored(&kind).ok_or_else(|| {
+        DatastoreError::Corrupt(format!("changes[{revision}].kind: unknown kind"))
+    })?;
+    let scope: String = row.try_get("scope")?;
+    let scope = serde_json::from_str(&scope).map_err(|_| {
+        DatastoreError::Corrupt(format!(
+            "changes[{revision}].scope: not a JSON list of strings"
+        ))
+    })?;
+    Ok(Change {
+        revision,
+        kind,
+        object_id: row.try_get("object_id")?,
+        scope,
+    })
+}
+
+/// A `revocations` row (`spiffe_id, revoked_at, expires_at, scope`) with its serials.
+fn revocation_from_row(row: &PgRow, serials: Vec<String>) -> Result<Revocation, DatastoreError> {
+    let raw_id: String = row.try_get("spiffe_id")?;
+    let spiffe_id = stored_spiffe_id(&raw_id, "revocations.spiffe_id")?;
+    let what = |col: &str| format!("revocations[{spiffe_id}].{col}");
+    Ok(Revocation {
+        revoked_at: from_unix_secs(row.try_get("revoked_at")?, &what("revoked_at"))?,
+        expires_at: from_unix_secs(row.try_get("expires_at")?, &what("expires_at"))?,
+        scope: stored_json_list(
+            &row.try_get::<String, _>("scope")?,
+            &what("scope"),
+            SpiffeId::parse,
+        )?,
+        serials,
+        spiffe_id,
+    })
+}
+
+/// The revocation of `spiffe_id` with its serials, read inside `conn`'s transaction.
+async fn revocation_in(
+    conn: &mut PgConnection,
+    spiffe_id: &str,
+) -> Result<Option<Revocation>, DatastoreError> {
+    let Some(row) = sqlx::query(
+        "SELECT spiffe_id, revoked_at, expires_at, scope FROM revocations WHERE spiffe_id = $1",
+    )
+    .bind(spiffe_id)
+    .fetch_optional(&mut *conn)
+    .await?
+    else {
+        return Ok(None);
+    };
+    let serials: Vec<String> = sqlx::query_scalar(
+        "SELECT serial FROM instance_svids WHERE spiffe_id = $1 ORDER BY serial",
+    )
+    .bind(spiffe_id)
+    .fetch_all(&mut *conn)
+    .await?;
+    revocation_from_row(&row, serials).map(Some)
+}
+
+/// Reads the current revision inside `conn`'s transaction (or as its own statement).
+async fn current_revision_in(conn: &mut PgConnection) -> Result<u64, DatastoreError> {
+    let revision: i64 = sqlx::query_scalar(concat!("SELECT ", current_revision!()))
+        .fetch_one(conn)
+        .await?;
+    stored_u64(revision, "current revision")
+}
+
+#[async_trait::async_trait]
+impl Datastore for PostgresDatastore {
+    async fn create_entry(&self, entry: NewEntry) -> Result<RegistrationEntry, DatastoreError> {
+        let id = new_entry_id()?;
+        let row = EntryColumns::new(entry)?;
+
+        let mut tx = self.begin_write().await?;
+        let revision = record_change(
+            &mut tx,
+            ChangeKind::EntryUpserted,
+            &id,
+            &[row.entry.parent_id.as_str()],
+        )
+        .await?;
+        let revision_i64 = revision_to_i64(revision)?;
+        let inserted = sqlx::query(
+            "INSERT INTO entries (id, spiffe_id, parent_id, selectors, similarity_key, \
+             x509_svid_ttl_secs, jwt_svid_ttl_secs, jwt_audiences, jwt_multi_audience, \
+             dns_names, hint, federates_with, created_revision, revision) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+        )
+        .bind(&id)
+        .bind(row.entry.spiffe_id.as_str())
+        .bind(row.entry.parent_id.as_str())
+        .bind(&row.selectors)
+        .bind(&row.similarity_key)
+        .bind(row.x509_svid_ttl_secs)
+        .bind(row.jwt_svid_ttl_secs)
+        .bind(&row.jwt_audiences)
+        .bind(row.entry.jwt_multi_audience)
+        .bind(&row.dns_names)
+        .bind(&row.entry.hint)
+        .bind(&row.federates_with)
+        .bind(revision_i64)
+        .bind(revision_i64)
+        .execute(&mut *tx)
+        .await;
+        inserted.map_err(similar_entry_conflict)?;
+        tx.commit().await?;
+
+        Ok(row.into_entry(id, revision, revision))
+    }
+
+    async fn update_entry(
+        &self,
+        id: &str,
+        entry: NewEntry,
+    ) -> Result<Option<RegistrationEntry>, DatastoreError> {
+        let row = EntryColumns::new(entry)?;
+
+        let mut tx = self.begin_write().await?;
+        let old_parent: Option<String> =
+            sqlx::query_scalar("SELECT parent_id FROM entries WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(old_parent) = old_parent else {
+            tx.rollback().await?;
+            return Ok(None);
+        };
+        let revision = record_change(
+            &mut tx,
+            ChangeKind::EntryUpserted,
+            id,
+            &[old_parent.as_str(), row.entry.parent_id.as_str()],
+        )
+        .await?;
+        let updated: Result<Option<i64>, _> = sqlx::query_scalar(
+            "UPDATE entries SET spiffe_id = $1, parent_id = $2, selectors = $3, \
+             similarity_key = $4, x509_svid_ttl_secs = $5, jwt_svid_ttl_secs = $6, \
+             jwt_audiences = $7, jwt_multi_audience = $8, dns_names = $9, hint = $10, \
+             federates_with = $11, revision = $12 \
+             WHERE id = $13 RETURNING created_revision",
+        )
+        .bind(row.entry.spiffe_id.as_str())
+        .bind(row.entry.parent_id.as_str())
+        .bind(&row.selectors)
+        .bind(&row.similarity_key)
+        .bind(row.x509_svid_ttl_secs)
+        .bind(row.jwt_svid_ttl_secs)
+        .bind(&row.jwt_audiences)
+        .bind(row.entry.jwt_multi_audience)
+        .bind(&row.dns_names)
+        .bind(&row.entry.hint)
+        .bind(&row.federates_with)
+        .bind(revision_to_i64(revision)?)
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await;
+        let Some(created_revision) = updated.map_err(similar_entry_conflict)? else {
+            // Also undoes the change row, so the revision is not consumed.
+            tx.rollback().await?;
+            return Ok(None);
+        };
+        let created_revision =
+            stored_u64(created_revision, &format!("entries[{id}].created_revision"))?;
+        tx.commit().await?;
+
+        Ok(Some(row.into_entry(
+            id.to_owned(),
+            created_revision,
+            revision,
+        )))
+    }
+
+    async fn get_entry(&self, id: &str) -> Result<Option<RegistrationEntry>, DatastoreError> {
+        sqlx::query(select_entries!("WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(entry_from_row)
+            .transpose()
+    }
+
+    async fn list_entries(&self) -> Result<Vec<RegistrationEntry>, DatastoreError> {
+        sqlx::query(select_entries!("ORDER BY id"))
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(entry_from_row)
+            .collect()
+    }
+
+    async fn list_entries_by_parent(
+        &self,
+        parent_ids: &[SpiffeId],
+    ) -> Result<Vec<RegistrationEntry>, DatastoreError> {
+        if parent_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        // One statement for any number of parents: the IDs travel as a text array and
+        // are compared as exact strings.
+        let parents: Vec<&str> = parent_ids.iter().map(SpiffeId::as_str).collect();
+        sqlx::query(select_entries!("WHERE parent_id = ANY($1) ORDER BY id"))
+            .bind(&parents)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(entry_from_row)
+            .collect()
+    }
+
+    async fn delete_entry(&self, id: &str) -> Result<bool, DatastoreError> {
+        let mut tx = self.begin_write().await?;
+        let parent: Option<String> =
+            sqlx::query_scalar("DELETE FROM entries WHERE id = $1 RETURNING parent_id")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(parent) = parent else {
+            tx.rollback().await?;
+            return Ok(false);
+        };
+        record_change(&mut tx, ChangeKind::EntryDeleted, id, &[parent.as_str()]).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn create_join_token(&self, token: NewJoinToken) -> Result<(), DatastoreError> {
+        let expires_at = to_unix_secs(token.expires_at, "join token expires_at")?;
+        let result = sqlx::query(
+            "INSERT INTO join_tokens (id, secret_hash, alias, expires_at, used_at) \
+             VALUES ($1, $2, $3, $4, NULL)",
+        )
+        .bind(&token.id)
+        .bind(&token.secret_hash[..])
+        .bind(token.alias.as_ref().map(SpiffeId::as_str))
+        .bind(expires_at)
+        .execute(&self.pool)
+        .await;
+        match result.map_err(DatastoreError::from) {
+            Ok(_) => Ok(()),
+            Err(DatastoreError::Conflict(_)) => Err(DatastoreError::Conflict(
+                "a join token with this id exists".to_owned(),
+            )),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn consume_join_token(
+        &self,
+        id: &str,
+        secret_hash: &[u8; 32],
+        now: SystemTime,
+    ) -> Result<TokenOutcome, DatastoreError> {
+        let now = to_unix_secs(now, "now")?;
+        // The one statement that decides: concurrent callers queue on the row lock and
+        // re-check `used_at IS NULL` once the first has committed, so exactly one wins.
+        let consumed: Option<Option<String>> = sqlx::query_scalar(
+            "UPDATE join_tokens SET used_at = $1 \
+             WHERE id = $2 AND secret_hash = $3 AND used_at IS NULL AND expires_at > $1 \
+             RETURNING alias",
+        )
+        .bind(now)
+        .bind(id)
+        .bind(&secret_hash[..])
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some(alias) = consumed {
+            let alias = alias
+                .map(|a| stored_spiffe_id(&a, &format!("join_tokens[{id}].alias")))
+                .transpose()?;
+            return Ok(TokenOutcome::Consumed { alias });
+        }
+
+        // Not consumable. An expired, unused token is useless to anyone: delete it, and
+        // say "expired" only to a caller who holds its secret.
+        let expired_hash: Option<Vec<u8>> = sqlx::query_scalar(
+            "DELETE FROM join_tokens WHERE id = $1 AND used_at IS NULL AND expires_at <= $2 \
+             RETURNING secret_hash",
+        )
+        .bind(id)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match expired_hash {
+            Some(hash) if hash.as_slice() == secret_hash.as_slice() => TokenOutcome::Expired,
+            _ => TokenOutcome::Invalid,
+        })
+    }
+
+    async fn upsert_agent(&self, agent: AttestedAgent) -> Result<(), DatastoreError> {
+        let mut tx = self.begin_write().await?;
+        upsert_agent_in(&mut tx, &agent).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn attest_with_join_token(
+        &self,
+        id: &str,
+        secret_hash: &[u8; 32],
+        now: SystemTime,
+        mut agent: AttestedAgent,
+    ) -> Result<TokenOutcome, DatastoreError> {
+        let now_secs = to_unix_secs(now, "now")?;
+        let mut tx = self.begin_write().await?;
+        let consumed: Option<Option<String>> = sqlx::query_scalar(
+            "UPDATE join_tokens SET used_at = $1 \
+             WHERE id = $2 AND secret_hash = $3 AND used_at IS NULL AND expires_at > $1 \
+             RETURNING alias",
+        )
+        .bind(now_secs)
+        .bind(id)
+        .bind(&secret_hash[..])
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(alias) = consumed else {
+            tx.rollback().await?;
+            // Not consumable: the same answer (and expired-token cleanup) as
+            // `consume_join_token`, which now consumes nothing.
+            return self.consume_join_token(id, secret_hash, now).await;
+        };
+        let alias = alias
+            .map(|a| stored_spiffe_id(&a, &format!("join_tokens[{id}].alias")))
+            .transpose()?;
+        if let Some(alias) = alias.as_ref().filter(|a| !agent.aliases.contains(a)) {
+            agent.aliases.push(alias.clone());
+        }
+        // A banned agent fails here, and dropping `tx` rolls the token back to unused.
+        upsert_agent_in(&mut tx, &agent).await?;
+        tx.commit().await?;
+        Ok(TokenOutcome::Consumed { alias })
+    }
+
+    async fn get_agent(
+        &self,
+        spiffe_id: &SpiffeId,
+    ) -> Result<Option<AttestedAgent>, DatastoreError> {
+        sqlx::query(select_agents!("WHERE spiffe_id = $1"))
+            .bind(spiffe_id.as_str())
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(agent_from_row)
+            .transpose()
+    }
+
+    async fn list_agents(&self) -> Result<Vec<AttestedAgent>, DatastoreError> {
+        sqlx::query(select_agents!("ORDER BY spiffe_id"))
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(agent_from_row)
+            .collect()
+    }
+
+    async fn rotate_agent_serial(
+        &self,
+        spiffe_id: &SpiffeId,
+        current_serial: &str,
+        new_serial: &str,
+        new_expires_at: SystemTime,
+    ) -> Result<bool, DatastoreError> {
+        if new_serial == current_serial {
+            return Err(DatastoreError::InvalidArgument(
+                "the new agent serial equals the current one".to_owned(),
+            ));
+        }
+        let expires_at = to_unix_secs(new_expires_at, "agent expires_at")?;
+        let mut tx = self.begin_write().await?;
+        let rotated = sqlx::query(
+            "UPDATE agents SET previous_serial = $1, serial = $2, expires_at = $3 \
+             WHERE spiffe_id = $4 AND banned_at IS NULL \
+               AND (serial = $1 OR (previous_serial IS NOT NULL AND previous_serial = $1))",
+        )
+        .bind(current_serial)
+        .bind(new_serial)
+        .bind(expires_at)
+        .bind(spiffe_id.as_str())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if rotated == 0 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        record_change(&mut tx, ChangeKind::AgentUpdated, spiffe_id.as_str(), &[]).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn confirm_agent_serial(
+        &self,
+        spiffe_id: &SpiffeId,
+        serial: &str,
+    ) -> Result<(), DatastoreError> {
+        // Hot path (every call from an agent): a read, and the change-feed lock only
+        // when a previous serial is still remembered.
+        let pending: Option<i32> = sqlx::query_scalar(
+            "SELECT 1 FROM agents WHERE spiffe_id = $1 AND serial = $2 \
+             AND previous_serial IS NOT NULL",
+        )
+        .bind(spiffe_id.as_str())
+        .bind(serial)
+        .fetch_optional(&self.pool)
+        .await?;
+        if pending.is_none() {
+            return Ok(());
+        }
+        let mut tx = self.begin_write().await?;
+        let confirmed = sqlx::query(
+            "UPDATE agents SET previous_serial = NULL \
+             WHERE spiffe_id = $1 AND serial = $2 AND previous_serial IS NOT NULL",
+        )
+        .bind(spiffe_id.as_str())
+        .bind(serial)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if confirmed == 0 {
+            tx.rollback().await?;
+            return Ok(());
+        }
+        record_change(&mut tx, ChangeKind::AgentUpdated, spiffe_id.as_str(), &[]).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn get_bundle(&self, trust_domain: &str) -> Result<Option<StoredBundle>, DatastoreError> {
+        sqlx::query(
+            "SELECT trust_domain, x509_authorities, jwt_authorities, sequence_number \
+             FROM bundles WHERE trust_domain = $1",
+        )
+        .bind(trust_domain)
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(bundle_from_row)
+        .transpose()
+    }
+
+    async fn set_bundle(&self, bundle: StoredBundle) -> Result<(), DatastoreError> {
+        let sequence_number = i64::try_from(bundle.sequence_number).map_err(|_| {
+            DatastoreError::InvalidArgument("bundle sequence number above i64::MAX".to_owned())
+        })?;
+        let jwt_authorities = jwt_authorities_json(&bundle.jwt_authorities)?;
+
+        let mut tx = self.begin_write().await?;
+        store_bundle_in(
+            &mut tx,
+            &bundle.trust_domain,
+            &bundle.x509_authorities,
+            &jwt_authorities,
+            sequence_number,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn publish_authorities(
+        &self,
+        contribution: AuthorityContribution,
+        now: SystemTime,
+    ) -> Result<bool, DatastoreError> {
+        check_server_id(&contribution.server_id)?;
+        let authorities: Vec<String> = contribution
+            .x509_authorities
+            .iter()
+            .map(hex::encode)
+            .collect();
+        let authorities = json_list(&authorities)?;
+        let jwt_authorities = jwt_authorities_json(&contribution.jwt_authorities)?;
+        let expires_at = to_unix_secs(contribution.expires_at, "contribution expires_at")?;
+        let now = to_unix_secs(now, "now")?;
+        let td = contribution.trust_domain.as_str();
+
+        // Under the change-feed lock, the read-modify-write of the bundle sees every
+        // other server's publication that came before it.
+        let mut tx = self.begin_write().await?;
+        sqlx::query(
+            "INSERT INTO authority_contributions (trust_domain, server_id, x509_authorities, \
+             jwt_authorities, expires_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (trust_domain, server_id) DO UPDATE SET \
+               x509_authorities = excluded.x509_authorities, \
+               jwt_authorities = excluded.jwt_authorities, \
+               expires_at = excluded.expires_at, \
+               updated_at = excluded.updated_at",
+        )
+        .bind(td)
+        .bind(&contribution.server_id)
+        .bind(&authorities)
+        .bind(&jwt_authorities)
+        .bind(expires_at)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "DELETE FROM authority_contributions \
+             WHERE trust_domain = $1 AND server_id <> $2 AND expires_at <= $3",
+        )
+        .bind(td)
+        .bind(&contribution.server_id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        let contributions = contributions_in(&mut tx, td).await?;
+        let (x509, jwt) = merge_contributions(&contributions);
+        let stored = sqlx::query(
+            "SELECT trust_domain, x509_authorities, jwt_authorities, sequence_number \
+             FROM bundles WHERE trust_domain = $1",
+        )
+        .bind(td)
+        .fetch_optional(&mut *tx)
+        .await?
+        .as_ref()
+        .map(bundle_from_row)
+        .transpose()?;
+        if stored
+            .as_ref()
+            .is_some_and(|b| b.x509_authorities == x509 && b.jwt_authorities == jwt)
+        {
+            tx.commit().await?;
+            return Ok(false);
+        }
+        let sequence_number = stored.map_or(Ok(1), |b| {
+            i64::try_from(b.sequence_number)
+                .ok()
+                .and_then(|n| n.checked_add(1))
+                .ok_or_else(|| {
+                    DatastoreError::Corrupt(format!("bundles[{td}].sequence_number: out of range"))
+                })
+        })?;
+        store_bundle_in(
+            &mut tx,
+            td,
+            &x509,
+            &jwt_authorities_json(&jwt)?,
+            sequence_number,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn list_contributions(
+        &self,
+        trust_domain: &str,
+    ) -> Result<Vec<AuthorityContribution>, DatastoreError> {
+        let mut conn = self.pool.acquire().await?;
+        contributions_in(&mut conn, trust_domain).await
+    }
+
+    async fn list_bundles(&self) -> Result<Vec<StoredBundle>, DatastoreError> {
+        sqlx::query(
+            "SELECT trust_domain, x509_authorities, jwt_authorities, sequence_number \
+             FROM bundles ORDER BY trust_domain",
+        )
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(bundle_from_row)
+        .collect()
+    }
+
+    async fn delete_bundle(&self, trust_domain: &str) -> Result<bool, DatastoreError> {
+        let mut tx = self.begin_write().await?;
+        let deleted = delete_bundle_in(&mut tx, trust_domain).await?;
+        if deleted {
+            tx.commit().await?;
+        } else {
+            tx.rollback().await?;
+        }
+        Ok(deleted)
+    }
+
+    async fn create_federation_relationship(
+        &self,
+        relationship: FederationRelationship,
+    ) -> Result<(), DatastoreError> {
+        let now = now_unix_secs();
+        let td = relationship.trust_domain.name().to_owned();
+        let mut tx = self.begin_write().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO federation_relationships (trust_domain, bundle_endpoint_url, \
+             profile, endpoint_spiffe_id, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $5)",
+        )
+        .bind(&td)
+        .bind(&relationship.bundle_endpoint_url)
+        .bind(relationship.profile.name())
+        .bind(endpoint_id_column(&relationship.profile))
+        .bind(now)
+        .execute(&mut *tx)
+        .await;
+        inserted.map_err(|e| match DatastoreError::from(e) {
+            DatastoreError::Conflict(_) => {
+                DatastoreError::Conflict(format!("a federation relationship with {td} exists"))
+            }
+            other => other,
+        })?;
+        record_change(&mut tx, ChangeKind::FederationUpdated, &td, &[]).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn update_federation_relationship(
+        &self,
+        relationship: FederationRelationship,
+    ) -> Result<bool, DatastoreError> {
+        let td = relationship.trust_domain.name();
+        let mut tx = self.begin_write().await?;
+        let updated = sqlx::query(
+            "UPDATE federation_relationships SET bundle_endpoint_url = $1, profile = $2, \
+             endpoint_spiffe_id = $3, updated_at = $4 WHERE trust_domain = $5",
+        )
+        .bind(&relationship.bundle_endpoint_url)
+        .bind(relationship.profile.name())
+        .bind(endpoint_id_column(&relationship.profile))
+        .bind(now_unix_secs())
+        .bind(td)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if updated == 0 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        record_change(&mut tx, ChangeKind::FederationUpdated, td, &[]).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn get_federation_relationship(
+        &self,
+        trust_domain: &str,
+    ) -> Result<Option<FederationRelationship>, DatastoreError> {
+        sqlx::query(
+            "SELECT trust_domain, bundle_endpoint_url, profile, endpoint_spiffe_id \
+             FROM federation_relationships WHERE trust_domain = $1",
+        )
+        .bind(trust_domain)
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(relationship_from_row)
+        .transpose()
+    }
+
+    async fn list_federation_relationships(
+        &self,
+    ) -> Result<Vec<FederationRelationship>, DatastoreError> {
+        sqlx::query(
+            "SELECT trust_domain, bundle_endpoint_url, profile, endpoint_spiffe_id \
+             FROM federation_relationships ORDER BY trust_domain",
+        )
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(relationship_from_row)
+        .collect()
+    }
+
+    async fn delete_federation_relationship(
+        &self,
+        trust_domain: &str,
+    ) -> Result<bool, DatastoreError> {
+        let mut tx = self.begin_write().await?;
+        let deleted = sqlx::query("DELETE FROM federation_relationships WHERE trust_domain = $1")
+            .bind(trust_domain)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if deleted == 0 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        record_change(&mut tx, ChangeKind::FederationUpdated, trust_domain, &[]).await?;
+        delete_bundle_in(&mut tx, trust_domain).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn ban_agent(
+        &self,
+        spiffe_id: &SpiffeId,
+        now: SystemTime,
+    ) -> Result<Option<AttestedAgent>, DatastoreError> {
+        let now = to_unix_secs(now, "banned_at")?;
+        let mut tx = self.begin_write().await?;
+        let banned = sqlx::query(
+            "UPDATE agents SET banned_at = $1 WHERE spiffe_id = $2 AND banned_at IS NULL",
+        )
+        .bind(now)
+        .bind(spiffe_id.as_str())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if banned > 0 {
+            record_change(
+                &mut tx,
+                ChangeKind::AgentBanned,
+                spiffe_id.as_str(),
+                &[spiffe_id.as_str()],
+            )
+            .await?;
+        }
+        let agent = sqlx::query(select_agents!("WHERE spiffe_id = $1"))
+            .bind(spiffe_id.as_str())
+            .fetch_optional(&mut *tx)
+            .await?
+            .as_ref()
+            .map(agent_from_row)
+            .transpose()?;
+        tx.commit().await?;
+        Ok(agent)
+    }
+
+    async fn evict_agent(&self, spiffe_id: &SpiffeId) -> Result<bool, DatastoreError> {
+        let mut tx = self.begin_write().await?;
+        let deleted = sqlx::query("DELETE FROM agents WHERE spiffe_id = $1")
+            .bind(spiffe_id.as_str())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if deleted == 0 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        record_change(
+            &mut tx,
+            ChangeKind::AgentEvicted,
+            spiffe_id.as_str(),
+            &[spiffe_id.as_str()],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn revoke_identity(
+        &self,
+        spiffe_id: &SpiffeId,
+        revoked_at: SystemTime,
+        expires_at: SystemTime,
+        scope: &[SpiffeId],
+    ) -> Result<(Revocation, bool), DatastoreError> {
+        let revoked_at = to_unix_secs(revoked_at, "revoked_at")?;
+        let expires_at = to_unix_secs(expires_at, "revocation expires_at")?;
+        let mut scope: Vec<&str> = scope.iter().map(SpiffeId::as_str).collect();
+        scope.sort_unstable();
+        scope.dedup();
+        let scope_json =
+            serde_json::to_string(&scope).map_err(|e| DatastoreError::Internal(Box::new(e)))?;
+
+        // The change-feed lock also orders this against `record_instance_svids`: the
+        // serials read here include every SVID recorded before, and every later
+        // recording sees this revocation.
+        let mut tx = self.begin_write().await?;
+        // One statement: a revocation in force is kept as it is (idempotence); an
+        // expired one not yet pruned is replaced.
+        let written = sqlx::query(
+            "INSERT INTO revocations (spiffe_id, revoked_at, expires_at, scope) \
+             VALUES ($1, $2, GREATEST($3, COALESCE( \
+                 (SELECT MAX(expires_at) FROM instance_svids WHERE spiffe_id = $1), 0)), $4) \
+             ON CONFLICT (spiffe_id) DO UPDATE SET \
+               revoked_at = excluded.revoked_at, \
+               expires_at = excluded.expires_at, \
+               scope = excluded.scope \
+             WHERE revocations.expires_at <= $2",
+        )
+        .bind(spiffe_id.as_str())
+        .bind(revoked_at)
+        .bind(expires_at)
+        .bind(&scope_json)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let created = written > 0;
+        if created {
+            record_change(
+                &mut tx,
+                ChangeKind::IdentityRevoked,
+                spiffe_id.as_str(),
+                &scope,
+            )
+            .await?;
+        }
+        let revocation = revocation_in(&mut tx, spiffe_id.as_str())
+            .await?
+            .ok_or_else(|| {
+                DatastoreError::Internal("the revocation just written is missing".into())
+            })?;
+        tx.commit().await?;
+        Ok((revocation, created))
+    }
+
+    async fn get_revocation(
+        &self,
+        spiffe_id: &SpiffeId,
+    ) -> Result<Option<Revocation>, DatastoreError> {
+        let mut tx = self.begin_read().await?;
+        let revocation = revocation_in(&mut tx, spiffe_id.as_str()).await?;
+        tx.rollback().await?;
+        Ok(revocation)
+    }
+
+    async fn list_revocations(&self) -> Result<Vec<Revocation>, DatastoreError> {
+        let mut tx = self.begin_read().await?;
+        let rows = sqlx::query(
+            "SELECT spiffe_id, revoked_at, expires_at, scope FROM revocations ORDER BY spiffe_id",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let serials: Vec<(String, String)> = sqlx::query_as(
+            "SELECT s.spiffe_id, s.serial FROM instance_svids s \
+             JOIN revocations r ON r.spiffe_id = s.spiffe_id ORDER BY s.serial",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.rollback().await?;
+        let mut by_id: std::collections::HashMap<String, Vec<String>> =
+            std::collections::HashMap::new();
+        for (id, serial) in serials {
+            by_id.entry(id).or_default().push(serial);
+        }
+        rows.iter()
+            .map(|row| {
+                let id: String = row.try_get("spiffe_id")?;
+                let serials = by_id.remove(&id).unwrap_or_default();
+                revocation_from_row(row, serials)
+            })
+            .collect()
+    }
+
+    async fn revoked_among(
+        &self,
+        ids: &[SpiffeId],
+        now: SystemTime,
+    ) -> Result<BTreeSet<String>, DatastoreError> {
+        if ids.is_empty() {
+            return Ok(BTreeSet::new());
+        }
+        let now = to_unix_secs(now, "now")?;
+        let ids: Vec<&str> = ids.iter().map(SpiffeId::as_str).collect();
+        let revoked: Vec<String> = sqlx::query_scalar(
+            "SELECT spiffe_id FROM revocations WHERE spiffe_id = ANY($1) AND expires_at > $2",
+        )
+        .bind(&ids)
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(revoked.into_iter().collect())
+    }
+
+    async fn record_instance_svids(
+        &self,
+        svids: &[InstanceSvid],
+    ) -> Result<Vec<bool>, DatastoreError> {
+        if svids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut spiffe_ids = Vec::with_capacity(svids.len());
+        let mut serials = Vec::with_capacity(svids.len());
+        let mut expiries = Vec::with_capacity(svids.len());
+        for svid in svids {
+            spiffe_ids.push(svid.spiffe_id.as_str());
+            serials.push(svid.serial.as_str());
+            expiries.push(to_unix_secs(svid.expires_at, "instance SVID expires_at")?);
+        }
+
+        // Insert first, then take back what a revocation in force covers, under the
+        // change-feed lock: a concurrent `revoke_identity` runs wholly before (and is
+        // seen here) or wholly after (and lists the serials).
+        let mut tx = self.begin_write().await?;
+        sqlx::query(
+            "INSERT INTO instance_svids (serial, spiffe_id, expires_at) \
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[])",
+        )
+        .bind(&serials)
+        .bind(&spiffe_ids)
+        .bind(&expiries)
+        .execute(&mut *tx)
+        .await?;
+        let withdrawn: Vec<String> = sqlx::query_scalar(
+            "DELETE FROM instance_svids \
+             WHERE serial = ANY($1) \
+               AND spiffe_id IN (SELECT spiffe_id FROM revocations WHERE expires_at > $2) \
+             RETURNING serial",
+        )
+        .bind(&serials)
+        .bind(now_unix_secs())
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(serials
+            .iter()
+            .map(|serial| !withdrawn.iter().any(|w| w == serial))
+            .collect())
+    }
+
+    async fn revoked_serials(&self, now: SystemTime) -> Result<Vec<RevokedSerial>, DatastoreError> {
+        let now = to_unix_secs(now, "now")?;
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT s.serial, r.revoked_at FROM instance_svids s \
+             JOIN revocations r ON r.spiffe_id = s.spiffe_id \
+             WHERE s.expires_at > $1 AND r.expires_at > $1 ORDER BY s.serial",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(serial, revoked_at)| {
+                let revoked_at =
+                    from_unix_secs(revoked_at, &format!("revocations[{serial}].revoked_at"))?;
+                Ok(RevokedSerial { serial, revoked_at })
+            })
+            .collect()
+    }
+
+    async fn prune_revocations(&self, now: SystemTime) -> Result<u64, DatastoreError> {
+        let now = to_unix_secs(now, "now")?;
+        let mut tx = self.begin_write().await?;
+        let revocations = sqlx::query("DELETE FROM revocations WHERE expires_at <= $1")
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        let serials = sqlx::query("DELETE FROM instance_svids WHERE expires_at <= $1")
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(revocations + serials)
+    }
+
+    async fn current_revision(&self) -> Result<u64, DatastoreError> {
+        let mut conn = self.pool.acquire().await?;
+        current_revision_in(&mut conn).await
+    }
+
+    async fn changes_since(&self, revision: u64) -> Result<ChangeSet, DatastoreError> {
+        // A revision beyond i64 is beyond anything this datastore handed out.
+        let Ok(since) = i64::try_from(revision) else {
+            return Ok(ChangeSet::TooOld);
+        };
+        // One snapshot: the feed bounds and the rows agree. Commit order is revision
+        // order, so the snapshot holds every revision up to its current one.
+        let mut tx = self.begin_read().await?;
+        let current = current_revision_in(&mut tx).await?;
+        let pruned_through: i64 =
+            sqlx::query_scalar("SELECT pruned_through FROM change_feed WHERE id = 1")
+                .fetch_one(&mut *tx)
+                .await?;
+        let pruned_through = stored_u64(pruned_through, "change_feed.pruned_through")?;
+        if revision > current || revision < pruned_through {
+            tx.rollback().await?;
+            return Ok(ChangeSet::TooOld);
+        }
+        let rows = sqlx::query(
+            "SELECT revision, kind, object_id, scope FROM changes WHERE revision > $1 \
+             ORDER BY revision",
+        )
+        .bind(since)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.rollback().await?;
+        rows.iter()
+            .map(change_from_row)
+            .collect::<Result<Vec<_>, _>>()
+            .map(ChangeSet::Complete)
+    }
+
+    async fn prune_changes(&self, keep: u64) -> Result<u64, DatastoreError> {
+        let mut tx = self.begin_write().await?;
+        let current = current_revision_in(&mut tx).await?;
+        let cutoff = current.saturating_sub(keep);
+        let pruned_through: i64 =
+            sqlx::query_scalar("SELECT pruned_through FROM change_feed WHERE id = 1")
+                .fetch_one(&mut *tx)
+                .await?;
+        let pruned_through = stored_u64(pruned_through, "change_feed.pruned_through")?;
+        if cutoff <= pruned_through {
+            tx.rollback().await?;
+            return Ok(0);
+        }
+        let cutoff = revision_to_i64(cutoff)?;
+        let removed = sqlx::query("DELETE FROM changes WHERE revision <= $1")
+            .bind(cutoff)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        sqlx::query("UPDATE change_feed SET pruned_through = $1 WHERE id = 1")
+            .bind(cutoff)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(removed)
+    }
+
+    async fn ping(&self) -> Result<(), DatastoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    fn change_notifications(&self) -> Option<watch::Receiver<u64>> {
+        Some(self.notifications.clone())
+    }
+
+    async fn close(&self) {
+        self.stop.cancel();
+        self.pool.close().await;
+        self.listen_pool.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! PostgreSQL's own tests: migrations, connection strings, notifications between
+    //! servers, and losing the server. Its behaviour as a [`Datastore`] is tested by the
+    //! suite (`super::super::suite`), which runs against both implementations.
+
+    use std::net::SocketAddr;
+    use std::path::Path;
+    use std::sync::{Arc, Mutex};
+
+    use sqlx::{AssertSqlSafe, ConnectOptions as _};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::super::open_postgres;
+    use super::super::suite::{
+        AGENT_A, agent, at, bundle, complete, drop_postgres, fresh_postgres, new_entry,
+    };
+    use super::*;
+
+    #[test]
+    fn embedded_migrations_match_the_directory() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/postgres");
+        let mut files: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.ends_with(".sql"))
+            .collect();
+        files.sort();
+        assert_eq!(
+            files.len(),
+            MIGRATIONS.len(),
+            "list every migration file in MIGRATIONS"
+        );
+        for (file, &(version, description, sql)) in files.iter().zip(MIGRATIONS) {
+            assert_eq!(file, &format!("{version:04}_{description}.sql"));
+            assert_eq!(std::fs::read_to_string(dir.join(file)).unwrap(), sql);
+        }
+    }
+
+    #[test]
+    fn keyword_value_strings_become_options() {
+        let options = connect_options(
+            " host=/run/postgresql  port = 6543 dbname='tessera db' user=tessera \
+             password='it''s \\'quoted\\' and spaced' sslmode=disable",
+        );
+        // `''` is not an escape in libpq's form: the value ends at the second quote and
+        // `s` starts a new (invalid) key.
+        assert!(options.is_err());
+
+        let options = connect_options(
+            " host=/run/postgresql  port = 6543 dbname='tessera db' user=tessera \
+             password='it\\'s spaced' sslmode=disable application_name=a\\ b",
+        )
+        .unwrap();
+        assert_eq!(
+            options.get_socket().map(|p| p.as_path()),
+            Some(Path::new("/run/postgresql"))
+        );
+        assert_eq!(options.get_port(), 6543);
+        assert_eq!(options.get_database(), Some("tessera db"));
+        assert_eq!(options.get_username(), "tessera");
+        assert_eq!(options.get_application_name(), Some("a b"));
+        assert!(matches!(
+            options.get_ssl_mode(),
+            sqlx::postgres::PgSslMode::Disable
+        ));
+        let url = options.to_url_lossy();
+        assert_eq!(url.password(), Some("it%27s%20spaced"));
+        assert_eq!(
+            describe(&options),
+            "Unix socket in /run/postgresql, database tessera db"
+        );
+
+        // Without a host: sqlx's default (a Unix socket directory, else localhost), as
+        // libpq's.
+        let options = connect_options("dbname=tessera").unwrap();
+        assert!(
+            options.get_socket().is_some() || options.get_host() == "localhost",
+            "{}",
+            describe(&options)
+        );
+
+        let url = connect_options("postgres://u:pw@db.example.org:5433/tessera").unwrap();
+        assert_eq!(describe(&url), "db.example.org:5433, database tessera");
+
+        // Errors name what is wrong, never a value.
+        for bad in [
+            "password=hunter2 stray",
+            "host=h password",
+            "host=h password='hunter2",
+            "host=h secret=hunter2",
+            "",
+        ] {
+            let err = connect_options(bad).unwrap_err();
+            assert!(
+                matches!(err, DatastoreError::InvalidArgument(_)),
+                "{bad}: {err:?}"
+            );
+            assert!(!err.to_string().contains("hunter2"), "{err}");
+        }
+    }
+
+    /// The chain of messages of an error, as the server prints it at start.
+    fn chain(err: &DatastoreError) -> String {
+        let mut message = err.to_string();
+        let mut source = std::error::Error::source(err);
+        while let Some(cause) = source {
+            message.push_str(&format!(": {cause}"));
+            source = cause.source();
+        }
+        message
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_server_fails_open_at_once_naming_the_host_only() {
+        // Nothing listens on a port we just bound and released.
+        let port = {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            probe.local_addr().unwrap().port()
+        };
+        let config = PostgresConfig {
+            connection_string: format!(
+                "postgres://tessera_user:s3cret-pw@127.0.0.1:{port}/tessera"
+            ),
+            max_connections: 2,
+        };
+        let started = Instant::now();
+        let err = open_postgres(&config).await.unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(matches!(err, DatastoreError::Unavailable(_)), "{err:?}");
+        let message = chain(&err);
+        assert!(
+            message.contains(&format!("127.0.0.1:{port}, database tessera")),
+            "{message}"
+        );
+        assert!(!message.contains("s3cret"), "{message}");
+        assert!(!message.contains("tessera_user"), "{message}");
+    }
+
+    #[tokio::test]
+    async fn text_postgresql_cannot_store_is_an_invalid_argument() {
+        let Some(config) = fresh_postgres().await else {
+            return;
+        };
+        let ds = open_postgres(&config).await.unwrap();
+        let mut e = new_entry("w/1", AGENT_A, &["unix:uid:1"]);
+        e.hint = "secret\0hint".to_owned();
+        let err = ds.create_entry(e).await.unwrap_err();
+        assert!(matches!(err, DatastoreError::InvalidArgument(_)), "{err:?}");
+        assert!(!chain(&err).contains("secret"), "{err}");
+        assert_eq!(ds.current_revision().await.unwrap(), 0);
+        // In JSON lists a NUL is escaped, and kept.
+        let mut e = new_entry("w/1", AGENT_A, &["unix:uid:1"]);
+        e.dns_names = vec!["a\0b".to_owned()];
+        let created = ds.create_entry(e).await.unwrap();
+        assert_eq!(ds.get_entry(&created.id).await.unwrap(), Some(created));
+        drop(ds);
+        drop_postgres(&config).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn servers_opening_a_fresh_database_at_once_migrate_it_once() {
+        let Some(config) = fresh_postgres().await else {
+            return;
+        };
+        let opens: Vec<_> = (0..8)
+            .map(|_| {
+                let config = config.clone();
+                tokio::spawn(async move { open_postgres(&config).await })
+            })
+            .collect();
+        let mut stores = Vec::new();
+        for open in opens {
+            stores.push(open.await.unwrap().unwrap());
+        }
+        stores[3]
+            .set_bundle(bundle("example.org", 1))
+            .await
+            .unwrap();
+        for ds in &stores {
+            assert_eq!(ds.current_revision().await.unwrap(), 1);
+        }
+        // And again, with the schema in place.
+        let again = open_postgres(&config).await.unwrap();
+        assert_eq!(
+            again.get_bundle("example.org").await.unwrap(),
+            Some(bundle("example.org", 1))
+        );
+        let mut conn = PgConnection::connect(&config.connection_string)
+            .await
+            .unwrap();
+        let versions: Vec<i64> =
+            sqlx::query_scalar("SELECT version FROM _sqlx_migrations ORDER BY version")
+                .fetch_all(&mut conn)
+                .await
+                .unwrap();
+        assert_eq!(versions, vec![1]);
+        drop(stores);
+        drop(again);
+        drop_postgres(&config).await;
+    }
+
+    /// Waits for the next wake-up of `rx`, at most 10 s.
+    async fn woken(rx: &mut watch::Receiver<u64>) -> bool {
+        matches!(
+            tokio::time::timeout(Duration::from_secs(10), rx.changed()).await,
+            Ok(Ok(()))
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_write_through_one_server_wakes_the_other() {
+        let Some(config) = fresh_postgres().await else {
+            return;
+        };
+        let a = open_postgres(&config).await.unwrap();
+        let b = open_postgres(&config).await.unwrap();
+        let mut rx = b.change_notifications().unwrap();
+        rx.mark_unchanged();
+        a.create_entry(new_entry("w/1", AGENT_A, &["unix:uid:1"]))
+            .await
+            .unwrap();
+        assert!(woken(&mut rx).await, "no wake-up after a write elsewhere");
+        // The wake-up comes after the commit: the change is there to read.
+        assert_eq!(b.current_revision().await.unwrap(), 1);
+
+        // A write that records nothing (and a rolled back one) wakes no one.
+        rx.mark_unchanged();
+        assert!(
+            !a.delete_entry("0123456789abcdef0123456789abcdef")
+                .await
+                .unwrap()
+        );
+        assert!(matches!(
+            a.create_entry(new_entry("w/1", AGENT_A, &["unix:uid:1"]))
+                .await,
+            Err(DatastoreError::Conflict(_))
+        ));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), rx.changed())
+                .await
+                .is_err(),
+            "woken without a change"
+        );
+
+        // After close the task is gone and the channel says so.
+        b.close().await;
+        assert!(rx.changed().await.is_err());
+        drop(a);
+        drop_postgres(&config).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn the_listener_wakes_after_reconnecting_and_keeps_listening() {
+        let Some(config) = fresh_postgres().await else {
+            return;
+        };
+        let a = open_postgres(&config).await.unwrap();
+        let b = open_postgres(&config).await.unwrap();
+        let mut rx = b.change_notifications().unwrap();
+        rx.mark_unchanged();
+        // An operator (or a failover) ends the listening connections.
+        let mut admin = PgConnection::connect(&config.connection_string)
+            .await
+            .unwrap();
+        let ended: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name = $1",
+        )
+        .bind(LISTENER_APPLICATION_NAME)
+        .fetch_all(&mut admin)
+        .await
+        .unwrap();
+        assert_eq!(ended, vec![true, true]);
+        // Notifications may have been missed: a wake-up without any write.
+        assert!(woken(&mut rx).await, "no wake-up after reconnecting");
+        assert_eq!(b.current_revision().await.unwrap(), 0);
+        // Listening again: the next write is announced.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        rx.mark_unchanged();
+        a.set_bundle(bundle("example.org", 1)).await.unwrap();
+        assert!(woken(&mut rx).await, "no wake-up after a write");
+        assert_eq!(b.current_revision().await.unwrap(), 1);
+        drop((a, b));
+        drop_postgres(&config).await;
+    }
+
+    /// A TCP proxy to the PostgreSQL server that the test can take down (every
+    /// connection through it cut, new ones closed at once) and bring back.
+    struct Proxy {
+        addr: SocketAddr,
+        up: Arc<std::sync::atomic::AtomicBool>,
+        cut: Arc<Mutex<CancellationToken>>,
+        accept: tokio::task::JoinHandle<()>,
+    }
+
+    impl Proxy {
+        async fn start(upstream: SocketAddr) -> Self {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
+            let cut = Arc::new(Mutex::new(CancellationToken::new()));
+            let accept = {
+                let up = Arc::clone(&up);
+                let cut = Arc::clone(&cut);
+                tokio::spawn(async move {
+                    while let Ok((mut client, _)) = listener.accept().await {
+                        if !up.load(std::sync::atomic::Ordering::SeqCst) {
+                            continue;
+                        }
+                        let cut = cut.lock().unwrap().clone();
+                        tokio::spawn(async move {
+                            let Ok(mut server) = TcpStream::connect(upstream).await else {
+                                return;
+                            };
+                            tokio::select! {
+                                () = cut.cancelled() => {}
+                                _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                            }
+                        });
+                    }
+                })
+            };
+            Self {
+                addr,
+                up,
+                cut,
+                accept,
+            }
+        }
+
+        fn down(&self) {
+            self.up.store(false, std::sync::atomic::Ordering::SeqCst);
+            let mut cut = self.cut.lock().unwrap();
+            cut.cancel();
+            *cut = CancellationToken::new();
+        }
+
+        fn up(&self) {
+            self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    impl Drop for Proxy {
+        fn drop(&mut self) {
+            self.accept.abort();
+            self.cut.lock().unwrap().cancel();
+        }
+    }
+
+    /// SECURITY.md §3.10 item 101 on PostgreSQL: while the database cannot be reached,
+    /// writes fail `Unavailable` and write nothing; afterwards the datastore recovers on
+    /// its own and its listener wakes the server once (it may have missed changes).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn losing_the_database_is_unavailable_then_recovers() {
+        let Some(config) = fresh_postgres().await else {
+            return;
+        };
+        let direct = connect_options(&config.connection_string).unwrap();
+        let upstream: SocketAddr = format!("{}:{}", direct.get_host(), direct.get_port())
+            .parse()
+            .unwrap();
+        let proxy = Proxy::start(upstream).await;
+        let mut url = url::Url::parse(&config.connection_string).unwrap();
+        url.set_port(Some(proxy.addr.port())).unwrap();
+        let through_proxy = PostgresConfig {
+            connection_string: url.into(),
+            max_connections: 4,
+        };
+        let ds = open_postgres(&through_proxy).await.unwrap();
+        let other = open_postgres(&config).await.unwrap();
+        let mut rx = ds.change_notifications().unwrap();
+        ds.upsert_agent(agent(AGENT_A, "01")).await.unwrap();
+        assert!(woken(&mut rx).await);
+        rx.mark_unchanged();
+
+        proxy.down();
+        for _ in 0..3 {
+            let err = ds
+                .create_entry(new_entry("w/1", AGENT_A, &["unix:uid:1"]))
+                .await
+                .unwrap_err();
+            assert!(matches!(err, DatastoreError::Unavailable(_)), "{err:?}");
+            assert!(matches!(
+                ds.ping().await,
+                Err(DatastoreError::Unavailable(_))
+            ));
+        }
+        // Another server writes meanwhile; this one cannot hear of it.
+        other.set_bundle(bundle("example.org", 1)).await.unwrap();
+        // Let the listener fail a few times (its backoff grows).
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        rx.mark_unchanged();
+
+        proxy.up();
+        assert!(
+            woken(&mut rx).await,
+            "no wake-up after the database came back"
+        );
+        ds.ping().await.unwrap();
+        // Nothing of the failed writes was written; the other server's change is there.
+        assert_eq!(
+            complete(ds.changes_since(1).await.unwrap()),
+            vec![(2, ChangeKind::BundleUpdated, "example.org".to_owned())]
+        );
+        assert!(ds.list_entries().await.unwrap().is_empty());
+        ds.rotate_agent_serial(
+            &SpiffeId::parse(AGENT_A).unwrap(),
+            "01",
+            "02",
+            at(2_000_000_000),
+        )
+        .await
+        .unwrap();
+        drop((ds, other, proxy));
+        drop_postgres(&config).await;
+    }
+
+    #[tokio::test]
+    async fn connections_get_the_session_settings_unless_the_string_sets_them() {
+        let Some(config) = fresh_postgres().await else {
+            return;
+        };
+        let url = url::Url::parse(&config.connection_string).unwrap();
+        // The same database in libpq's key=value form, with one setting of its own.
+        let keyword_value = PostgresConfig {
+            connection_string: format!(
+                "host={} port={} user={} dbname={} options='-c lock_timeout=3s'",
+                url.host_str().unwrap(),
+                url.port().unwrap_or(5432),
+                url.username(),
+                url.path().trim_start_matches('/'),
+            ),
+            max_connections: 2,
+        };
+        for (config, lock_timeout) in [(&config, "10s"), (&keyword_value, "3s")] {
+            let ds = PostgresDatastore::open(config).await.unwrap();
+            let mut conn = ds.pool.acquire().await.unwrap();
+            let show = |setting: &'static str| format!("SHOW {setting}");
+            let mut setting = async |name| -> String {
+                sqlx::query_scalar(AssertSqlSafe(show(name)))
+                    .fetch_one(&mut *conn)
+                    .await
+                    .unwrap()
+            };
+            assert_eq!(setting("lock_timeout").await, lock_timeout);
+            assert_eq!(setting("idle_in_transaction_session_timeout").await, "1min");
+            assert_eq!(setting("application_name").await, APPLICATION_NAME);
+            drop(conn);
+            ds.close().await;
+        }
+        drop_postgres(&config).await;
+    }
+
+    #[tokio::test]
+    async fn corrupt_numbers_are_errors_not_panics() {
+        let Some(config) = fresh_postgres().await else {
+            return;
+        };
+        let ds = open_postgres(&config).await.unwrap();
+        ds.upsert_agent(agent(AGENT_A, "01")).await.unwrap();
+        let mut conn = PgConnection::connect(&config.connection_string)
+            .await
+            .unwrap();
+        sqlx::query(AssertSqlSafe(
+            "UPDATE agents SET expires_at = -1".to_owned(),
+        ))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        assert!(matches!(
+            ds.list_agents().await,
+            Err(DatastoreError::Corrupt(_))
+        ));
+        drop(ds);
+        drop_postgres(&config).await;
+    }
+}
