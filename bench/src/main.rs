@@ -348,21 +348,27 @@ async fn workload_api(quick: bool) -> Result<Vec<Value>> {
     ])
 }
 
-/// Entry create -> SVID on an open `FetchX509SVID` stream, and entry delete -> the
-/// identity gone from it, through a real server and agent (admin API, datastore write,
-/// `Sync` push over mutual TLS, signing, Workload API push). Floor: the admin
-/// `CreateEntry` round trip alone, which every propagation includes.
-async fn propagation(quick: bool) -> Result<Vec<Value>> {
+/// Latencies of one propagation run: entry create -> SVID on the stream, entry delete
+/// -> gone from it, and the admin round trip (the floor), in that order.
+type PropagationSamples = (Vec<Duration>, Vec<Duration>, Vec<Duration>);
+
+/// Entry create -> SVID on an open `FetchX509SVID` stream of an agent attached to
+/// `agent_side`, and entry delete -> the identity gone from it, the entries written
+/// through `writer`'s admin API (the same server, or another one sharing its
+/// datastore). The floor: `writer`'s admin `GetEntry` round trip (a datastore read).
+async fn propagation_samples(
+    agent_side: &tessera_tests::Harness,
+    writer: &tessera_tests::Harness,
+    n: usize,
+) -> Result<PropagationSamples> {
     use tessera_agent::cli::with_header;
     use tessera_proto::admin::{DeleteEntryRequest, GetEntryRequest};
     use tessera_proto::workload::X509svidRequest;
     use tessera_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 
-    let n = if quick { 10 } else { 100 };
-    let h = tessera_tests::Harness::start().await;
     let agent = tessera_agent::start(
-        h.agent_config("propagation"),
-        Some(h.join_token(None).await),
+        agent_side.agent_config("propagation"),
+        Some(agent_side.join_token(None).await),
     )
     .await?;
     tessera_tests::wait_until("agent synced", Duration::from_secs(10), || {
@@ -371,7 +377,8 @@ async fn propagation(quick: bool) -> Result<Vec<Value>> {
     .await;
     let parent = agent.agent_id().as_str().to_owned();
     let selector = format!("unix:uid:{}", tessera_tests::my_uid());
-    h.create_entry(&parent, "spiffe://example.org/bench/base", &[&selector], 0)
+    writer
+        .create_entry(&parent, "spiffe://example.org/bench/base", &[&selector], 0)
         .await
         .map_err(|status| anyhow::anyhow!("entry: {status}"))?;
     let channel = tessera_proto::uds::connect(agent.socket_path()).await?;
@@ -389,13 +396,13 @@ async fn propagation(quick: bool) -> Result<Vec<Value>> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let mut admin = h.admin().await;
+    let mut admin = writer.admin().await;
     let mut create = Vec::with_capacity(n);
     let mut delete = Vec::with_capacity(n);
     let mut admin_floor = Vec::with_capacity(n);
     for i in 0..n {
         let start = Instant::now();
-        let entry = h
+        let entry = writer
             .create_entry(
                 &parent,
                 &format!("spiffe://example.org/bench/p{i}"),
@@ -430,29 +437,84 @@ async fn propagation(quick: bool) -> Result<Vec<Value>> {
         admin_floor.push(start.elapsed());
     }
     agent.stop().await?;
-    let floor = latency(&admin_floor)?;
+    Ok((create, delete, admin_floor))
+}
+
+/// The JSON results of one propagation run, named `<prefix>_entry_create` and
+/// `<prefix>_entry_delete` against the floor `floor_name`.
+fn propagation_results(
+    samples: &PropagationSamples,
+    prefix: &str,
+    floor_name: &str,
+    floor_note: &str,
+    setting: &str,
+) -> Result<Vec<Value>> {
+    let (create, delete, admin_floor) = samples;
+    let floor = latency(admin_floor)?;
     let floor_p50 = floor["p50"].as_f64().unwrap_or(0.0);
-    let create_latency = latency(&create)?;
-    let delete_latency = latency(&delete)?;
+    let create_latency = latency(create)?;
+    let delete_latency = latency(delete)?;
     let create_p50 = create_latency["p50"].as_f64().unwrap_or(0.0);
     let delete_p50 = delete_latency["p50"].as_f64().unwrap_or(0.0);
     Ok(vec![
-        json!({ "name": "admin_round_trip", "latency": floor, "note": "admin GetEntry over the admin Unix socket (datastore read)" }),
+        json!({ "name": floor_name, "latency": floor, "note": floor_note }),
         json!({
-            "name": "propagation_entry_create",
+            "name": format!("{prefix}_entry_create"),
             "latency": create_latency,
-            "floor": "admin_round_trip",
+            "floor": floor_name,
             "ratio_to_floor_p50": ratio(create_p50, floor_p50),
-            "note": "entry create -> the new SVID on an open FetchX509SVID stream (Sync push, signing, Workload API push)"
+            "note": format!("entry create -> the new SVID on an open FetchX509SVID stream (Sync push, signing, Workload API push); {setting}")
         }),
         json!({
-            "name": "propagation_entry_delete",
+            "name": format!("{prefix}_entry_delete"),
             "latency": delete_latency,
-            "floor": "admin_round_trip",
+            "floor": floor_name,
             "ratio_to_floor_p50": ratio(delete_p50, floor_p50),
-            "note": "entry delete -> the identity gone from the open stream"
+            "note": format!("entry delete -> the identity gone from the open stream; {setting}")
         }),
     ])
+}
+
+/// Entry create -> SVID on an open `FetchX509SVID` stream, and entry delete -> the
+/// identity gone from it, through a real server (SQLite) and agent. Floor: an admin
+/// `GetEntry` round trip (a datastore read); every propagation includes one admin call.
+async fn propagation(quick: bool) -> Result<Vec<Value>> {
+    let n = if quick { 10 } else { 100 };
+    let h = tessera_tests::Harness::start().await;
+    let samples = propagation_samples(&h, &h, n).await?;
+    propagation_results(
+        &samples,
+        "propagation",
+        "admin_round_trip",
+        "admin GetEntry over the admin Unix socket (datastore read)",
+        "one server, SQLite",
+    )
+}
+
+/// The same across two servers sharing one PostgreSQL database: the entry is written
+/// through server B, the agent syncs with server A, which learns of it through
+/// PostgreSQL `LISTEN/NOTIFY`. Needs `TESSERA_TEST_POSTGRES` (`scripts/postgres.sh
+/// start` prints it); without it the result says it was skipped.
+async fn propagation_across_servers(quick: bool) -> Result<Vec<Value>> {
+    use tessera_tests::postgres::{create_database, datastore_config};
+    let Ok(url) = std::env::var("TESSERA_TEST_POSTGRES") else {
+        return Ok(vec![json!({
+            "name": "propagation_across_servers_entry_create",
+            "skipped": "no PostgreSQL: set TESSERA_TEST_POSTGRES=$(scripts/postgres.sh start)"
+        })]);
+    };
+    let n = if quick { 10 } else { 100 };
+    let db = create_database(&url);
+    let a = tessera_tests::Harness::start_with(&datastore_config(&db)).await;
+    let b = tessera_tests::Harness::start_with(&datastore_config(&db)).await;
+    let samples = propagation_samples(&a, &b, n).await?;
+    propagation_results(
+        &samples,
+        "propagation_across_servers",
+        "admin_round_trip_postgres",
+        "admin GetEntry over server B's admin Unix socket (PostgreSQL read on loopback)",
+        "entry written through server B, agent synced with server A, both on one PostgreSQL database (LISTEN/NOTIFY)",
+    )
 }
 
 /// The first X.509-SVID of a per-instance (`{instance}`) identity: the agent holds the
@@ -555,6 +617,7 @@ fn main() -> Result<()> {
         .build()?;
     results.extend(runtime.block_on(workload_api(args.quick))?);
     results.extend(runtime.block_on(propagation(args.quick))?);
+    results.extend(runtime.block_on(propagation_across_servers(args.quick))?);
     results.extend(runtime.block_on(instance_first_svid(args.quick))?);
     let kernel = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())

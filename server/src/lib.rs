@@ -265,11 +265,7 @@ async fn serve(state: Arc<ServerState>) -> Result<RunningServer, ServerError> {
     let cert_slot = Arc::new(ServerCertSlot::new(server_key));
     // Agents may hold SVIDs of any server sharing the datastore: trust the stored
     // bundle, which holds every server's CAs.
-    let authorities = state
-        .bundle()
-        .await
-        .map_err(|err| ServerError::Task(format!("trust bundle: {err}")))?
-        .x509_authorities;
+    let authorities = trusted_authorities(&state).await?;
     let verifier = Arc::new(BundleClientVerifier::new(
         &authorities,
         Arc::clone(&provider),
@@ -439,10 +435,17 @@ async fn rotate_keys(state: Arc<ServerState>) -> Result<(), ServerError> {
     let interval = state.rotation.check_interval();
     // A publication that failed is retried even when the keys did not change since.
     let mut unpublished = false;
+    let mut published_at = tokio::time::Instant::now();
     loop {
         tokio::select! {
             () = state.shutdown.cancelled() => return Ok(()),
             () = tokio::time::sleep(interval) => {}
+        }
+        // Published again now and then even without a change: a datastore restored
+        // from a backup, or another server that wrote under this server's id, gets
+        // this server's keys back. Storing an unchanged contribution records nothing.
+        if published_at.elapsed() >= REPUBLISH_INTERVAL {
+            unpublished = true;
         }
         match state.rotation.tick(SystemTime::now()).await {
             Ok(changed) => unpublished |= changed,
@@ -463,6 +466,7 @@ async fn rotate_keys(state: Arc<ServerState>) -> Result<(), ServerError> {
         {
             Ok(changed) => {
                 unpublished = false;
+                published_at = tokio::time::Instant::now();
                 if changed {
                     state.publish_revision().await;
                 }
@@ -473,31 +477,31 @@ async fn rotate_keys(state: Arc<ServerState>) -> Result<(), ServerError> {
 }
 
 /// Makes the node API trust the trust domain's bundle as stored, whoever changed it
-/// (this server's rotation, or another server sharing the datastore): re-read after
-/// every revision of the change feed, applied when its sequence number moved. A read
-/// that fails is retried at the next revision or after [`BUNDLE_RECHECK`].
+/// (this server's rotation, or another server sharing the datastore), plus this
+/// server's own keys whatever the stored bundle says: a datastore restored from an old
+/// backup, or a contribution overwritten by a server with the same id, must never lock
+/// this server out of its own agents. Re-read after every revision of the change feed
+/// and every [`BUNDLE_RECHECK`]; applied when the set of authorities changed.
 async fn follow_bundle(
     state: Arc<ServerState>,
     verifier: Arc<BundleClientVerifier>,
 ) -> Result<(), ServerError> {
     let mut revisions = state.revisions.subscribe();
-    let mut trusted: Option<u64> = None;
+    let mut trusted: Vec<Vec<u8>> = Vec::new();
     loop {
-        match state.bundle().await {
-            Ok(bundle) if trusted != Some(bundle.sequence_number) => {
-                match verifier.update(&bundle.x509_authorities) {
-                    Ok(()) => {
-                        tracing::debug!(
-                            sequence_number = bundle.sequence_number,
-                            "node API trusts the current bundle"
-                        );
-                        trusted = Some(bundle.sequence_number);
-                    }
-                    Err(err) => {
-                        tracing::error!(error = %err, "cannot trust the new bundle on the node API");
-                    }
+        match trusted_authorities(&state).await {
+            Ok(authorities) if authorities != trusted => match verifier.update(&authorities) {
+                Ok(()) => {
+                    tracing::debug!(
+                        authorities = authorities.len(),
+                        "node API trusts the current bundle"
+                    );
+                    trusted = authorities;
                 }
-            }
+                Err(err) => {
+                    tracing::error!(error = %err, "cannot trust the new bundle on the node API");
+                }
+            },
             Ok(_) => {}
             Err(err) => tracing::warn!(error = %err, "cannot read the bundle; retrying"),
         }
@@ -509,9 +513,29 @@ async fn follow_bundle(
     }
 }
 
+/// The X.509 authorities the node API trusts: the stored bundle's, then this server's
+/// own that it lacks.
+async fn trusted_authorities(state: &ServerState) -> Result<Vec<Vec<u8>>, ServerError> {
+    let mut authorities = state
+        .bundle()
+        .await
+        .map_err(|err| ServerError::Task(format!("trust bundle: {err}")))?
+        .x509_authorities;
+    let (own, _) = state.rotation.bundle_content().await?;
+    for der in own {
+        if !authorities.contains(&der) {
+            authorities.push(der);
+        }
+    }
+    Ok(authorities)
+}
+
 /// How often [`follow_other_servers`] reads the change feed's revision without a
 /// notification.
 const FEED_POLL: Duration = Duration::from_secs(5);
+
+/// How often [`rotate_keys`] stores this server's keys even when they did not change.
+const REPUBLISH_INTERVAL: Duration = Duration::from_secs(300);
 
 /// How often [`follow_bundle`] re-reads the bundle without a revision to wake it.
 const BUNDLE_RECHECK: Duration = Duration::from_secs(30);

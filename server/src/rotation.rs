@@ -474,8 +474,31 @@ pub struct Rotation {
     x509: Arc<X509Authority>,
     jwt: Arc<JwtAuthority>,
     inner: Mutex<Inner>,
+    /// Serialises [`Rotation::publish`].
+    publishing: Mutex<()>,
     /// Bumped after every activation (the server renews its own SVID then).
     activations: watch::Sender<u64>,
+}
+
+/// A JWT key of `stored` (this server's contribution as stored) that is still in force
+/// at `now` and that `journal` never had: proof that another server writes under the
+/// same id. JWT keys are checked, not CA certificates: every server mints its own kids,
+/// whereas an upstream root legitimately outlives the journal records that named it.
+/// A journal forgets a JWT key only after its published expiry, so no key of this
+/// server's own can look foreign.
+fn foreign_jwt_key(
+    stored: &AuthorityContribution,
+    journal: &Journal,
+    now: SystemTime,
+) -> Option<String> {
+    stored
+        .jwt_authorities
+        .iter()
+        .find(|key| {
+            key.expires_at.is_none_or(|at| at > now)
+                && !journal.jwt.iter().any(|r| r.kid == key.kid)
+        })
+        .map(|key| key.kid.clone())
 }
 
 /// Seconds since the epoch of `now`.
@@ -536,7 +559,9 @@ async fn load_upstream(
             .generate_key("x509-ca-probe", KeyType::EcP256)
             .await?;
         let td = config.trust_domain.clone();
-        let ttl = config.ca_ttl;
+        // A throwaway CA only proves the upstream can sign: keep its life short, since
+        // it is a real intermediate of the trust domain.
+        let ttl = config.ca_ttl.min(Duration::from_secs(300));
         let checked = Arc::clone(&upstream);
         blocking(move || {
             CertificateAuthority::signed_by_upstream(key, &td, ttl, now, &checked)?;
@@ -616,10 +641,10 @@ impl Rotation {
         };
 
         let mut journal = journal;
-        let mut fresh = fresh;
-        if journal.server_id.is_empty() {
+        // A journal of an older server gets its id now, saved below with the rest.
+        let new_server_id = journal.server_id.is_empty();
+        if new_server_id {
             journal.server_id = random_hex(16)?;
-            fresh = true;
         }
         for record in journal
             .jwt
@@ -738,20 +763,21 @@ impl Rotation {
                 x509_prepared,
                 jwt_prepared,
             }),
+            publishing: Mutex::new(()),
             activations: watch::channel(0).0,
         };
-        if fresh {
+        if fresh || new_server_id {
             let inner = rotation.inner.lock().await;
             rotation.save(&inner.journal).await?;
             drop(inner);
-            if let Some(dir) = &rotation.config.journal_dir {
-                let legacy_dir = dir.join("ca");
-                blocking(move || {
-                    legacy::remove_migrated(&legacy_dir);
-                    Ok(())
-                })
-                .await?;
-            }
+        }
+        if fresh && let Some(dir) = &rotation.config.journal_dir {
+            let legacy_dir = dir.join("ca");
+            blocking(move || {
+                legacy::remove_migrated(&legacy_dir);
+                Ok(())
+            })
+            .await?;
         }
         rotation
             .follow_upstream_change(now, upstream.as_ref())
@@ -804,7 +830,8 @@ impl Rotation {
             inner.x509_prepared = None;
             tracing::info!(
                 serial = stale.serial,
-                "dropped the prepared CA: it was not signed as the configuration now says                  (upstream authority changed); it never signed anything"
+                "dropped the prepared CA: it was not signed as the configuration now says \
+                 (upstream authority changed); it never signed anything"
             );
             self.forget_key(&stale.key_id).await;
         }
@@ -1123,7 +1150,13 @@ impl Rotation {
     pub async fn bundle_content(
         &self,
     ) -> Result<(Vec<Vec<u8>>, Vec<StoredJwtAuthority>), RotationError> {
-        let journal = self.journal().await;
+        Self::content_of(&self.journal().await)
+    }
+
+    /// [`Rotation::bundle_content`] of one journal.
+    fn content_of(
+        journal: &Journal,
+    ) -> Result<(Vec<Vec<u8>>, Vec<StoredJwtAuthority>), RotationError> {
         let path = Path::new(JOURNAL_FILE);
         let order = [KeyState::Active, KeyState::Prepared, KeyState::Old];
         let mut x509 = Vec::new();
@@ -1162,29 +1195,57 @@ impl Rotation {
     /// Stores this server's keys as its contribution to the trust domain's bundle
     /// (`Datastore::publish_authorities`, which merges the contributions of every server
     /// sharing the datastore and bumps the sequence number when the bundle changes);
-    /// then marks every key in it as published (which lets a prepared key become active
-    /// later). Returns whether the stored bundle changed (the caller wakes `Sync`
+    /// then marks the keys it carried as published (which lets a prepared key become
+    /// active later). Returns whether the stored bundle changed (the caller wakes `Sync`
     /// streams).
+    ///
+    /// Publications are serialised, and only the keys of the snapshot that was stored
+    /// are marked: a key prepared meanwhile waits for the next publication.
+    ///
+    /// Before storing, it checks that no other server publishes under this server's id
+    /// (a copied data directory): a contribution stored under the id that carries a JWT
+    /// key still in force that this journal never had means another server wrote it.
+    /// The server then takes a new id, so that neither removes the other's keys.
     pub async fn publish(
         &self,
         datastore: &dyn Datastore,
         now: SystemTime,
     ) -> Result<bool, RotationError> {
+        let _one_at_a_time = self.publishing.lock().await;
         let td = self.config.trust_domain.name();
-        let (x509_authorities, jwt_authorities) = self.bundle_content().await?;
-        let (server_id, last_not_after) = {
-            let inner = self.inner.lock().await;
-            let journal = &inner.journal;
-            let last = journal
-                .x509
-                .iter()
-                .map(|r| r.not_after)
-                .chain(journal.jwt.iter().map(|r| r.not_after))
-                .chain(journal.jwt.iter().filter_map(|r| r.expires_at))
-                .max()
-                .unwrap_or(0);
-            (journal.server_id.clone(), last)
-        };
+        let journal = self.journal().await;
+        let (x509_authorities, jwt_authorities) = Self::content_of(&journal)?;
+        let mut server_id = journal.server_id.clone();
+        let stored_mine = datastore
+            .list_contributions(td)
+            .await?
+            .into_iter()
+            .find(|c| c.server_id == server_id);
+        if let Some(kid) = stored_mine
+            .as_ref()
+            .and_then(|row| foreign_jwt_key(row, &journal, now))
+        {
+            let new_id = random_hex(16)?;
+            tracing::error!(
+                server_id,
+                new_server_id = new_id,
+                foreign_kid = kid,
+                "another server publishes its keys under this server's id (a copied data \
+                 directory?); taking a new id so that neither removes the other's keys"
+            );
+            let mut inner = self.inner.lock().await;
+            inner.journal.server_id.clone_from(&new_id);
+            self.save(&inner.journal).await?;
+            server_id = new_id;
+        }
+        let last_not_after = journal
+            .x509
+            .iter()
+            .map(|r| r.not_after)
+            .chain(journal.jwt.iter().map(|r| r.not_after))
+            .chain(journal.jwt.iter().filter_map(|r| r.expires_at))
+            .max()
+            .unwrap_or(0);
         let expires_at = SystemTime::UNIX_EPOCH
             + Duration::from_secs(u64::try_from(last_not_after).unwrap_or(0));
         let contribution = AuthorityContribution {
@@ -1204,24 +1265,37 @@ impl Rotation {
                 "trust bundle published"
             );
         }
+        let stored_ids: BTreeSet<&str> = journal
+            .x509
+            .iter()
+            .map(|r| r.key_id.as_str())
+            .chain(journal.jwt.iter().map(|r| r.key_id.as_str()))
+            .collect();
         let mut inner = self.inner.lock().await;
         let mut marked = false;
         let now = secs(now);
-        for r in &mut inner.journal.x509 {
-            if r.published_at.is_none() {
-                r.published_at = Some(now);
-                marked = true;
-            }
-        }
-        for r in &mut inner.journal.jwt {
-            if r.published_at.is_none() {
-                r.published_at = Some(now);
+        let journal = &mut inner.journal;
+        for published_at in journal
+            .x509
+            .iter_mut()
+            .filter(|r| stored_ids.contains(r.key_id.as_str()))
+            .map(|r| &mut r.published_at)
+            .chain(
+                journal
+                    .jwt
+                    .iter_mut()
+                    .filter(|r| stored_ids.contains(r.key_id.as_str()))
+                    .map(|r| &mut r.published_at),
+            )
+        {
+            if published_at.is_none() {
+                *published_at = Some(now);
                 marked = true;
             }
         }
         if marked {
             // Not fatal: unsaved, the time is set again after a restart's publication.
-            if let Err(err) = self.save(&inner.journal).await {
+            if let Err(err) = self.save(journal).await {
                 tracing::warn!(error = %err, "cannot record the publication in the rotation journal");
             }
         }
@@ -1967,6 +2041,80 @@ mod tests {
 
     async fn stored(ds: &dyn Datastore) -> StoredBundle {
         ds.get_bundle("example.org").await.unwrap().unwrap()
+    }
+
+    /// Two servers started from copies of one data directory share a server id; the
+    /// first publication that finds the other's key under that id takes a new id, and
+    /// neither server's keys leave the bundle.
+    #[tokio::test]
+    async fn a_copied_data_directory_gets_its_own_server_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_a = private_dir(&dir);
+        let ds = datastore(dir.path()).await;
+        let now = SystemTime::now();
+        let a = Rotation::open_with(
+            config(Some(data_a.clone())),
+            disk(&data_a).await,
+            None,
+            None,
+            now,
+        )
+        .await
+        .unwrap();
+        a.publish(ds.as_ref(), now).await.unwrap();
+        let data_b = dir.path().join("copy");
+        let copied = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(&data_a)
+            .arg(&data_b)
+            .status()
+            .unwrap();
+        assert!(copied.success());
+        let b = Rotation::open_with(
+            config(Some(data_b.clone())),
+            disk(&data_b).await,
+            None,
+            None,
+            now,
+        )
+        .await
+        .unwrap();
+        let shared_id = a.journal().await.server_id;
+        assert_eq!(b.journal().await.server_id, shared_id);
+
+        // B prepares a JWT key of its own and publishes it under the shared id.
+        assert!(b.prepare_jwt_now(now).await.unwrap());
+        let b_kid = b
+            .journal()
+            .await
+            .jwt_in(KeyState::Prepared)
+            .unwrap()
+            .kid
+            .clone();
+        assert!(b.publish(ds.as_ref(), now).await.unwrap());
+        // A finds B's key under its id: it moves to a new id and keeps B's row intact.
+        a.publish(ds.as_ref(), now).await.unwrap();
+        let a_id = a.journal().await.server_id;
+        assert_ne!(a_id, shared_id);
+        assert_eq!(
+            Journal::load(&data_a).unwrap().unwrap().server_id,
+            a_id,
+            "the new id is journaled"
+        );
+        let rows = ds.list_contributions("example.org").await.unwrap();
+        let ids: BTreeSet<&str> = rows.iter().map(|r| r.server_id.as_str()).collect();
+        assert_eq!(ids, BTreeSet::from([a_id.as_str(), shared_id.as_str()]));
+        assert!(
+            stored(ds.as_ref())
+                .await
+                .jwt_authorities
+                .iter()
+                .any(|k| k.kid == b_kid)
+        );
+        // B keeps its id: what is stored under it is its own.
+        b.publish(ds.as_ref(), now).await.unwrap();
+        assert_eq!(b.journal().await.server_id, shared_id);
+        assert_eq!(ds.list_contributions("example.org").await.unwrap().len(), 2);
     }
 
     /// SECURITY.md §3.10 item 97: a crash after a key is prepared (journaled) and

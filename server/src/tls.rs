@@ -109,11 +109,18 @@ impl BundleClientVerifier {
         authorities: &[Vec<u8>],
         provider: &Arc<CryptoProvider>,
     ) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+        // One authority that webpki cannot use (another server's, of a newer version,
+        // or damaged) must not freeze the trust set: skip it, loudly, and keep the rest.
         let mut roots = RootCertStore::empty();
         for der in authorities {
-            roots
-                .add(CertificateDer::from(der.clone()))
-                .map_err(|err| TlsError::Config(format!("bundle authority: {err}")))?;
+            if let Err(err) = roots.add(CertificateDer::from(der.clone())) {
+                tracing::warn!(error = %err, "bundle authority skipped on the node API");
+            }
+        }
+        if roots.is_empty() {
+            return Err(TlsError::Config(
+                "no usable authority in the bundle".to_owned(),
+            ));
         }
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(provider))
             .allow_unauthenticated()

@@ -206,9 +206,13 @@ async fn two_servers_share_postgres_and_the_agent_fails_over_when_one_is_killed(
         |_| true,
     )
     .await;
-    eprintln!(
-        "entry written through B served via A after {:?}",
-        started.elapsed()
+    let woke = started.elapsed();
+    eprintln!("entry written through B served via A after {woke:?}");
+    // Well inside the servers' 5 s fallback poll of the feed: A was woken by
+    // PostgreSQL's NOTIFY, not by its poll.
+    assert!(
+        woke < Duration::from_secs(4),
+        "B's write reached A only after {woke:?}"
     );
     assert!(
         signed_by(&chain[0], &ca_a),
@@ -217,6 +221,20 @@ async fn two_servers_share_postgres_and_the_agent_fails_over_when_one_is_killed(
     assert_eq!(served_bundle.len(), 2);
     verify(&chain, &served_bundle);
     let first_serial = serial(&chain[0]);
+
+    let agent_serial = |agents: Vec<tessera_proto::admin::Agent>| {
+        assert_eq!(agents.len(), 1);
+        agents[0].serial.clone()
+    };
+    let serial_via_a = agent_serial(
+        admin_at(&b.admin_socket())
+            .await
+            .list_agents(tessera_proto::admin::ListAgentsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .agents,
+    );
 
     // A dies without a goodbye.
     server_a.sigkill().await;
@@ -249,17 +267,30 @@ async fn two_servers_share_postgres_and_the_agent_fails_over_when_one_is_killed(
     assert!(signed_by(&renewed[0], &ca_b), "renewed by B");
     verify(&renewed, &served_bundle);
 
-    // The agent's own SVID (10 s) was renewed through B too: it is still attested and
-    // synced well past its first SVID's lifetime.
+    // The agent's own SVID (10 s, renewed at half-life) is renewed through B: a new
+    // serial is bound while A is dead, and the agent stays synced past the lifetime of
+    // the SVID it had when A died.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let serial = agent_serial(
+            admin_at(&b.admin_socket())
+                .await
+                .list_agents(tessera_proto::admin::ListAgentsRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .agents,
+        );
+        if serial != serial_via_a {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent SVID was not renewed through B"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     tokio::time::sleep(Duration::from_secs(11).saturating_sub(killed.elapsed())).await;
-    let agents = admin_at(&b.admin_socket())
-        .await
-        .list_agents(tessera_proto::admin::ListAgentsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .agents;
-    assert_eq!(agents.len(), 1);
     assert!(agent.is_synced());
     let (chain, _) = svid_of(&agent_socket, "spiffe://example.org/ha/after")
         .await
