@@ -40,19 +40,16 @@ use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::attest::PinnedCaller;
+use crate::backoff::{Backoff, MAX_BACKOFF};
 use crate::cache::{CacheSnapshot, RevokedSet, WorkloadSvid};
 use crate::jwt_cache::JwtCache;
-use crate::manager::{build_svid, jitter_fraction};
+use crate::manager::build_svid;
 use crate::signer::{Signer, new_workload_key};
 
 /// Default `max_instance_identities`.
 pub const DEFAULT_MAX_INSTANCE_IDENTITIES: usize = 10_000;
 /// Most signings of templated identities in flight at once.
 const MAX_SIGNINGS_IN_FLIGHT: usize = 32;
-/// First retry delay after a failed signing; doubles up to [`MAX_BACKOFF`].
-const MIN_BACKOFF: Duration = Duration::from_millis(500);
-/// Longest retry delay, also the delay before asking again after a refusal.
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// How often a process whose pidfd cannot be watched is polled for liveness.
 const LIVENESS_POLL: Duration = Duration::from_millis(250);
 
@@ -781,7 +778,9 @@ async fn run_x509(
     cancel: CancellationToken,
 ) {
     let key = &rendered.key;
-    let mut delay = Duration::ZERO;
+    // Failed signings back off from 0.5 s to 30 s; a refusal is asked again after about
+    // 30 s.
+    let mut backoff = Backoff::new();
     let mut reachable_again = inner.signer.reachable_again();
     loop {
         if cancel.is_cancelled() || !inner.still_wanted(key) {
@@ -796,10 +795,9 @@ async fn run_x509(
         if cancel.is_cancelled() || !inner.still_wanted(key) {
             return;
         }
-        let mut failed = false;
-        let next = match minted {
+        let mut next = match minted {
             Ok(svid) => {
-                delay = Duration::ZERO;
+                backoff.succeeded();
                 tracing::debug!(entry_id = %key.entry_id, spiffe_id = %key.spiffe_id, serial = %svid.serial_hex, "templated X.509-SVID minted");
                 let renew_at = svid.renew_at;
                 state.send_modify(|s| {
@@ -810,27 +808,25 @@ async fn run_x509(
                 renew_at
             }
             Err(MintError::Refused(reason)) => {
-                delay = MAX_BACKOFF;
+                let wait = backoff.refused(MAX_BACKOFF);
                 tracing::warn!(entry_id = %key.entry_id, spiffe_id = %key.spiffe_id, %reason, "the server refused a templated identity");
                 state.send_modify(|s| {
                     s.svid = None;
                     s.refused = Some(format!("the server refused it ({reason})"));
                     s.failing = false;
                 });
-                SystemTime::now() + delay.mul_f64(0.5 + 0.5 * jitter_fraction())
+                SystemTime::now() + wait
             }
             Err(MintError::Failed(reason)) => {
-                delay = (delay * 2).clamp(MIN_BACKOFF, MAX_BACKOFF);
-                let wait = delay.mul_f64(0.5 + 0.5 * jitter_fraction());
+                let wait = backoff.failed();
                 tracing::warn!(entry_id = %key.entry_id, spiffe_id = %key.spiffe_id, %reason, retry_in = ?wait, "cannot obtain a templated X.509-SVID");
-                failed = true;
                 state.send_if_modified(|s| !std::mem::replace(&mut s.failing, true));
                 SystemTime::now() + wait
             }
         };
         // Wait for the renewal or retry time; an SVID that expires meanwhile is
-        // withdrawn at its expiry. A retry after a failure goes at once when a call
-        // reaches a server again.
+        // withdrawn at its expiry. A retry after a failure goes sooner when a call
+        // reaches a server again (within the limits of [`Backoff::woken`]).
         if let Some(rx) = &mut reachable_again {
             rx.mark_unchanged();
         }
@@ -838,17 +834,21 @@ async fn run_x509(
             let expiry = state.borrow().svid.as_ref().map(|s| s.not_after);
             let until = expiry.map_or(next, |e| e.min(next));
             let sleep = until.duration_since(SystemTime::now()).unwrap_or_default();
-            let mut retry_now = false;
             tokio::select! {
                 () = cancel.cancelled() => return,
                 () = inner.shutdown.cancelled() => return,
                 () = tokio::time::sleep(sleep) => {}
-                () = changed(reachable_again.as_mut()), if failed => retry_now = true,
+                () = changed(reachable_again.as_mut()), if backoff.is_wakeable() => {
+                    if backoff.woken() {
+                        let sooner = backoff
+                            .retry_at()
+                            .saturating_duration_since(tokio::time::Instant::now());
+                        next = next.min(SystemTime::now() + sooner);
+                    }
+                    continue;
+                }
             }
             let now = SystemTime::now();
-            if retry_now {
-                break;
-            }
             if expiry.is_some_and(|e| e <= now) {
                 state.send_modify(|s| s.svid = None);
             }

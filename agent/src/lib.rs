@@ -11,10 +11,11 @@
 //! agent logs one error line, stops serving, deletes its SVID and key from `data_dir`,
 //! and [`RunningAgent::wait`] returns [`AgentError::Banned`] or [`AgentError::Evicted`]
 //! (`tessera-agent run` exits 1). Other node API failures are retried with backoff; with
-//! several servers configured, a server that cannot be reached or answers `Unavailable`
-//! is left for the next one first ([`node`]).
+//! several servers configured, a server that cannot be reached, answers `Unavailable` or
+//! does not answer within the call's deadline is left for the next one first ([`node`]).
 
 pub mod attest;
+mod backoff;
 pub mod cache;
 pub mod cli;
 pub mod config;
@@ -43,7 +44,7 @@ use std::time::{Duration, SystemTime};
 use tessera_audit::{AgentEvent, AuditLog};
 use tessera_plugin_sdk::socket::{prepare_socket_dir, remove_stale_socket, set_socket_mode};
 use tessera_plugin_sdk::{SpiffeId, WorkloadAttestor};
-use tessera_proto::node::{AgentStatus, SyncRequest, SyncResponse};
+use tessera_proto::node::{AgentStatus, SyncResponse};
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -52,11 +53,12 @@ use tokio_util::sync::CancellationToken;
 pub use crate::config::AgentConfig;
 pub use crate::error::AgentError;
 
+use crate::backoff::Backoff;
 use crate::cache::{CacheSnapshot, TrustBundle};
 use crate::config::WorkloadAttestorConfig;
 use crate::instances::Instances;
 use crate::jwt_cache::JwtCache;
-use crate::manager::{SvidManager, jitter_fraction, renewal_time};
+use crate::manager::{SvidManager, renewal_time};
 use crate::node::ServerConnection;
 use crate::store::{AgentSvidFiles, Store, parse_pem_certificates};
 use crate::tls::{AgentCredentials, ServerTrust, ServerVerifier};
@@ -699,15 +701,16 @@ fn bind_workload_socket(path: &Path) -> Result<UnixListener, AgentError> {
     Ok(listener)
 }
 
-fn backoff(current: Duration) -> Duration {
-    (current * 2).clamp(Duration::from_millis(500), Duration::from_secs(30))
-}
-
 /// Follows the server's `Sync` stream, reconnecting with backoff and resuming from the
 /// last revision received (on whichever configured server answers: they share one
-/// datastore, so revisions mean the same on all). Ends with [`AgentError::Banned`] /
-/// [`AgentError::Evicted`] when the server removes the agent (the stream's last message
-/// says so, or the call is refused for that reason); every other failure is retried.
+/// datastore, so revisions mean the same on all). Opening the stream includes its first
+/// message, within the call deadline ([`node::open_sync`]); once open, the stream may
+/// stay silent as long as nothing changes, so a dead connection under it is left to
+/// HTTP/2 keepalive, and when another call leaves the stream's server for the next one
+/// (that server failed it), the stream moves there too. Ends with
+/// [`AgentError::Banned`] / [`AgentError::Evicted`] when the server removes the agent
+/// (the stream's last message says so, or the call is refused for that reason); every
+/// other failure is retried.
 async fn sync_loop(
     connection: Arc<ServerConnection>,
     updates: mpsc::Sender<SyncResponse>,
@@ -715,46 +718,68 @@ async fn sync_loop(
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
     let mut since = 0;
-    let mut delay = Duration::ZERO;
+    let mut backoff = Backoff::new();
     let mut reachable_again = connection.reachable_again();
+    let mut current = connection.watch_current();
     loop {
         let opened = tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
-            opened = connection.call("Sync", |mut client| async move {
-                client.sync(SyncRequest { since_revision: since }).await
-            }) => opened,
+            opened = node::open_sync(&connection, since) => opened,
         };
         match opened {
-            Ok(response) => {
-                let mut stream = response.into_inner();
-                loop {
-                    let message = tokio::select! {
-                        () = shutdown.cancelled() => return Ok(()),
-                        message = stream.message() => message,
+            Ok(node::SyncStream {
+                server,
+                first,
+                mut rest,
+            }) => {
+                let address = connection.address_at(server);
+                // Whether the server in use moved while the stream was being opened.
+                current.mark_changed();
+                let mut next = Some(Ok(first));
+                let moved = loop {
+                    let message = match next.take() {
+                        Some(message) => message,
+                        None => tokio::select! {
+                            () = shutdown.cancelled() => return Ok(()),
+                            message = rest.message() => message,
+                            Ok(()) = current.changed() => {
+                                current.borrow_and_update();
+                                if connection.current_index() != server {
+                                    break true;
+                                }
+                                continue;
+                            }
+                        },
                     };
                     match message {
                         Ok(Some(message)) => {
                             if let Some(removal) = Removal::from_sync(&message) {
                                 return Err(ouster.oust(removal).await);
                             }
-                            delay = Duration::ZERO;
+                            backoff.succeeded();
                             since = message.revision;
                             if updates.send(message).await.is_err() {
                                 return Ok(());
                             }
                         }
                         Ok(None) => {
-                            tracing::info!(server = %connection.current_address(), "server ended the sync stream; reconnecting");
-                            break;
+                            tracing::info!(server = %address, "server ended the sync stream; reconnecting");
+                            break false;
                         }
                         Err(status) => {
                             if let Some(removal) = Removal::from_status(&status) {
                                 return Err(ouster.oust(removal).await);
                             }
-                            tracing::warn!(server = %connection.current_address(), error = %node::describe(&status), "sync stream failed");
-                            break;
+                            tracing::warn!(server = %address, error = %node::describe(&status), "sync stream failed");
+                            break false;
                         }
                     }
+                };
+                if moved {
+                    // Another call found this server failing: follow it to the next one
+                    // now (no backoff: nothing failed here).
+                    tracing::info!(server = %address, next = %connection.current_address(), "node API moved to another server; moving the sync stream there");
+                    continue;
                 }
             }
             Err(status) => {
@@ -764,15 +789,18 @@ async fn sync_loop(
                 tracing::warn!(error = %node::describe(&status), "cannot open the sync stream");
             }
         }
-        delay = backoff(delay);
-        let wait = delay.mul_f64(0.5 + 0.5 * jitter_fraction());
+        backoff.failed();
         reachable_again.mark_unchanged();
-        tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
-            () = tokio::time::sleep(wait) => {}
-            // Another call reached a server: reconnect now rather than at the end of
-            // the backoff.
-            Ok(()) = reachable_again.changed() => {}
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                () = tokio::time::sleep_until(backoff.retry_at()) => break,
+                // Another call reached a server: reconnect sooner than at the end of
+                // the backoff (within the limits of [`Backoff::woken`]).
+                Ok(()) = reachable_again.changed(), if backoff.is_wakeable() => {
+                    backoff.woken();
+                }
+            }
         }
     }
 }
@@ -790,16 +818,27 @@ async fn renew_loop(
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
     let mut next = renewal_time(SystemTime::now(), current.not_after);
-    let mut delay = Duration::ZERO;
+    let mut backoff = Backoff::new();
     let mut reachable_again = connection.reachable_again();
     loop {
-        let wait = next.duration_since(SystemTime::now()).unwrap_or_default();
         reachable_again.mark_unchanged();
-        tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
-            () = tokio::time::sleep(wait) => {}
-            // A failed renewal waits for its backoff, or until a call reaches a server.
-            Ok(()) = reachable_again.changed(), if !delay.is_zero() => {}
+        loop {
+            let wait = if backoff.is_failing() {
+                backoff
+                    .retry_at()
+                    .saturating_duration_since(tokio::time::Instant::now())
+            } else {
+                next.duration_since(SystemTime::now()).unwrap_or_default()
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                () = tokio::time::sleep(wait) => break,
+                // A failed renewal waits for its backoff, or until a call reaches a
+                // server (within the limits of [`Backoff::woken`]).
+                Ok(()) = reachable_again.changed(), if backoff.is_wakeable() => {
+                    backoff.woken();
+                }
+            }
         }
         let (key, csr) = blocking(store::new_key_and_csr).await?;
         let renewed = tokio::select! {
@@ -838,7 +877,7 @@ async fn renew_loop(
                     not_before: info.not_before,
                 };
                 next = renewal_time(SystemTime::now(), current.not_after);
-                delay = Duration::ZERO;
+                backoff.succeeded();
             }
             Err(status) => {
                 if let Some(removal) = Removal::from_status(&status) {
@@ -850,9 +889,8 @@ async fn renew_loop(
                         node::describe(&status)
                     )));
                 }
-                delay = backoff(delay);
-                tracing::warn!(error = %node::describe(&status), retry_in = ?delay, "agent SVID renewal failed");
-                next = SystemTime::now() + delay.mul_f64(0.5 + 0.5 * jitter_fraction());
+                let wait = backoff.failed();
+                tracing::warn!(error = %node::describe(&status), retry_in = ?wait, "agent SVID renewal failed");
             }
         }
     }
@@ -968,6 +1006,176 @@ mod tests {
         .unwrap_err();
         assert!(matches!(err, AgentError::Banned), "{err}");
         assert_eq!((c.calls(), d.calls()), (1, 0));
+    }
+
+    /// A sync loop on `connection` (shortened time limits), its messages, and its
+    /// shutdown token.
+    fn spawn_sync_loop(
+        connection: &Arc<ServerConnection>,
+        dir: &Path,
+    ) -> (
+        mpsc::Receiver<SyncResponse>,
+        CancellationToken,
+        tokio::task::JoinHandle<Result<(), AgentError>>,
+    ) {
+        let (tx, rx) = mpsc::channel(64);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(sync_loop(
+            Arc::clone(connection),
+            tx,
+            test_ouster(dir),
+            shutdown.clone(),
+        ));
+        (rx, shutdown, task)
+    }
+
+    async fn next_within(rx: &mut mpsc::Receiver<SyncResponse>, limit: Duration) -> SyncResponse {
+        tokio::time::timeout(limit, rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no sync message within {limit:?}"))
+            .expect("sync loop running")
+    }
+
+    fn short_connection(ca: &testing::FakeCa, addresses: &[&str]) -> Arc<ServerConnection> {
+        let addresses: Vec<String> = addresses.iter().map(|a| (*a).to_owned()).collect();
+        Arc::new(
+            ServerConnection::with_timeouts(&addresses, ca.client_tls(), testing::short_timeouts())
+                .unwrap(),
+        )
+    }
+
+    /// A server that accepts the `Sync` call but never sends its first message is left
+    /// at the call deadline; a stream whose connection goes dead without a word is
+    /// found by keepalive; a stream follows the other calls off a failing server.
+    #[tokio::test]
+    async fn a_silent_or_stuck_sync_stream_moves_to_the_next_server() {
+        use crate::testing::{FakeCa, NodeMode, Relay};
+        const SERVER: &str = "spiffe://example.org/tessera/server";
+        let dir = tempfile::tempdir().unwrap();
+        let ca = FakeCa::new();
+        let timeouts = testing::short_timeouts();
+
+        // The first message never comes from a: b's, after a's deadline.
+        let a = ca.serve("a", SERVER).await;
+        let b = ca.serve("b", SERVER).await;
+        a.set_mode(NodeMode::Hang);
+        let connection = short_connection(&ca, &[&a.address, &b.address]);
+        let started = tokio::time::Instant::now();
+        let (mut rx, shutdown, task) = spawn_sync_loop(&connection, dir.path());
+        assert_eq!(
+            next_within(&mut rx, Duration::from_secs(5)).await.revision,
+            1
+        );
+        assert!(
+            started.elapsed() >= timeouts.call,
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!((a.sync_calls(), b.syncs()), (1, vec![0]));
+        shutdown.cancel();
+        task.await.unwrap().unwrap();
+
+        // The connection to c goes dead without closing (c's host vanished): HTTP/2
+        // keepalive (PING every 200 ms, 300 ms to answer) finds it, the stream resumes
+        // on d.
+        let c = ca.serve("c", SERVER).await;
+        let d = ca.serve("d", SERVER).await;
+        let relay = Relay::to(&c.address).await;
+        let connection = short_connection(&ca, &[&relay.address, &d.address]);
+        let (mut rx, shutdown, task) = spawn_sync_loop(&connection, dir.path());
+        assert_eq!(
+            next_within(&mut rx, Duration::from_secs(5)).await.revision,
+            1
+        );
+        relay.freeze();
+        let frozen = tokio::time::Instant::now();
+        assert_eq!(
+            next_within(&mut rx, Duration::from_secs(5)).await.revision,
+            2
+        );
+        eprintln!("dead sync connection left after {:?}", frozen.elapsed());
+        assert_eq!((c.syncs(), d.syncs()), (vec![0], vec![1]));
+        assert_eq!(connection.current_address(), d.address);
+        shutdown.cancel();
+        task.await.unwrap().unwrap();
+
+        // e's stream stays open and silent while e's handlers hang (the first message
+        // was sent before): the renewal leaves e at its deadline, and the stream
+        // follows it to f.
+        let e = ca.serve("e", SERVER).await;
+        let f = ca.serve("f", SERVER).await;
+        let connection = short_connection(&ca, &[&e.address, &f.address]);
+        let (mut rx, shutdown, task) = spawn_sync_loop(&connection, dir.path());
+        assert_eq!(
+            next_within(&mut rx, Duration::from_secs(5)).await.revision,
+            1
+        );
+        e.set_mode(NodeMode::Hang);
+        let renewed = node::renew(&connection, vec![1]).await.unwrap();
+        assert_eq!(renewed.spiffe_id, "f");
+        assert_eq!(
+            next_within(&mut rx, Duration::from_secs(5)).await.revision,
+            2
+        );
+        assert_eq!((e.syncs(), f.syncs()), (vec![0], vec![1]), "resumed on f");
+        shutdown.cancel();
+        task.await.unwrap().unwrap();
+    }
+
+    /// The review's partial outage: `Sync` fails on every server while other calls
+    /// succeed (each announcing "reachable again"): the sync loop keeps (about) its
+    /// backoff. After a full outage, a success still brings it back at once.
+    #[tokio::test]
+    async fn reachable_again_does_not_defeat_the_sync_backoff() {
+        use crate::testing::{FakeCa, NodeMode};
+        let dir = tempfile::tempdir().unwrap();
+        let ca = FakeCa::new();
+        let a = ca.serve("a", "spiffe://example.org/tessera/server").await;
+        a.set_sync_mode(Some(NodeMode::Unavailable));
+        let connection = short_connection(&ca, &[&a.address]);
+        let (mut rx, shutdown, task) = spawn_sync_loop(&connection, dir.path());
+        // A renewal every 20 ms for 3 s: each one succeeds after a failed Sync round.
+        let started = tokio::time::Instant::now();
+        let mut renewals = 0;
+        while started.elapsed() < Duration::from_secs(3) {
+            node::renew(&connection, vec![1]).await.unwrap();
+            renewals += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let syncs = a.sync_calls();
+        eprintln!("partial outage: {syncs} Sync calls, {renewals} renewals in 3 s");
+        // Backoff alone: 0.5, 1, 2 s steps (jittered): 4 or 5 attempts; woken at most
+        // every other step (never sooner than 0.5 s after a failure): at most 7.
+        assert!((3..=7).contains(&syncs), "{syncs} Sync calls in 3 s");
+        shutdown.cancel();
+        task.await.unwrap().unwrap();
+        assert!(rx.try_recv().is_err());
+
+        // A full outage: the loop backs off to a 4 s step (a wait of 2 to 4 s after
+        // the fourth failure); a success elsewhere brings it back within the floor.
+        a.set_sync_mode(None);
+        a.set_mode(NodeMode::Unavailable);
+        let before = a.sync_calls();
+        let (mut rx, shutdown, task) = spawn_sync_loop(&connection, dir.path());
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while a.sync_calls() < before + 4 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("four Sync attempts within 10 s");
+        a.set_mode(NodeMode::Serve);
+        let back = tokio::time::Instant::now();
+        node::renew(&connection, vec![1]).await.unwrap();
+        assert_eq!(
+            next_within(&mut rx, Duration::from_secs(5)).await.revision,
+            1
+        );
+        let took = back.elapsed();
+        eprintln!("full outage over: sync back after {took:?}");
+        assert!(took < Duration::from_millis(1500), "{took:?}");
+        shutdown.cancel();
+        task.await.unwrap().unwrap();
     }
 
     #[tokio::test]

@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Backoff;
 use crate::cache::{CacheSnapshot, TrustBundle, WorkloadSvid};
 use crate::node::ServerConnection;
 use crate::store::Store;
@@ -27,10 +28,6 @@ use crate::tls::ServerTrust;
 
 /// Most SVIDs requested in one call.
 const BATCH: usize = 100;
-/// First retry delay after a failure; doubles up to [`MAX_BACKOFF`].
-const MIN_BACKOFF: Duration = Duration::from_millis(500);
-/// Longest retry delay.
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// A random fraction in `[0, 1)` for jitter.
 pub fn jitter_fraction() -> f64 {
@@ -79,7 +76,7 @@ impl SvidManager {
         let mut state = (**self.cache.borrow()).clone();
         let mut entries = (*state.entries).clone();
         let mut svids = (*state.svids).clone();
-        let mut retry_at: HashMap<String, (Instant, Duration)> = HashMap::new();
+        let mut retry_at: HashMap<String, Backoff> = HashMap::new();
         let mut failing: std::collections::BTreeSet<String> = (*state.failing).clone();
         // Hashes the host's interpreters in the background (SECURITY.md §3.3 item 34).
         let mut interpreter_lint = crate::interpreters::InterpreterLint::start();
@@ -114,7 +111,7 @@ impl SvidManager {
                 .filter(|entry| {
                     retry_at
                         .get(&entry.id)
-                        .is_none_or(|(at, _)| *at <= instant_now)
+                        .is_none_or(|backoff| backoff.retry_at() <= instant_now)
                 })
                 .map(|entry| entry.id.clone())
                 .take(BATCH)
@@ -129,14 +126,13 @@ impl SvidManager {
                             changed = true;
                         }
                         Err(reason) => {
-                            let delay = retry_at
-                                .get(&minted.entry_id)
-                                .map_or(MIN_BACKOFF, |(_, d)| (*d * 2).min(MAX_BACKOFF));
-                            let jittered = delay.mul_f64(0.5 + 0.5 * jitter_fraction());
-                            tracing::warn!(entry_id = %minted.entry_id, %reason, retry_in = ?jittered, "cannot obtain an X.509-SVID");
-                            failing.insert(minted.entry_id.clone());
+                            let wait = retry_at
+                                .entry(minted.entry_id.clone())
+                                .or_default()
+                                .failed();
+                            tracing::warn!(entry_id = %minted.entry_id, %reason, retry_in = ?wait, "cannot obtain an X.509-SVID");
+                            failing.insert(minted.entry_id);
                             changed = true;
-                            retry_at.insert(minted.entry_id, (Instant::now() + jittered, delay));
                         }
                     }
                 }
@@ -164,7 +160,7 @@ impl SvidManager {
                         .map(|at| at.duration_since(SystemTime::now()).unwrap_or_default())
                         .map(|d| Instant::now() + d),
                 )
-                .chain(retry_at.values().map(|(at, _)| *at))
+                .chain(retry_at.values().map(Backoff::retry_at))
                 .min()
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             let more_due = entries.values().any(|entry| {
@@ -197,11 +193,11 @@ impl SvidManager {
                 }
                 () = tokio::time::sleep_until(next_wake) => {}
                 // A call reached a server after none could be reached: what waits for
-                // its backoff is retried now (its backoff keeps growing if it fails).
-                Ok(()) = reachable_again.changed(), if !retry_at.is_empty() => {
-                    let now = Instant::now();
-                    for (at, _) in retry_at.values_mut() {
-                        *at = (*at).min(now);
+                // its backoff is retried sooner (within the limits of
+                // [`Backoff::woken`]; its backoff keeps growing if it fails).
+                Ok(()) = reachable_again.changed(), if retry_at.values().any(Backoff::is_wakeable) => {
+                    for backoff in retry_at.values_mut() {
+                        backoff.woken();
                     }
                 }
             }

@@ -7,17 +7,32 @@
 //! issued is accepted by all). Every node API call goes through
 //! [`ServerConnection::call`]: it uses the current server; when the server cannot be
 //! reached (a transport failure: refused, reset, TLS handshake or identity check failed,
-//! timeout) or answers `Unavailable`, the next address is tried, round robin, until
+//! timeout), answers `Unavailable` or does not answer in time, the next address is tried, round robin, until
 //! each was tried once in this call; then the caller's own backoff applies before the
 //! next round. A server that answers is kept (the agent does not hop on every call).
 //! Any other answer, `PermissionDenied` (banned, evicted) above all, is the answer: no
 //! other server is asked. Every address is authenticated the same way
 //! (`spiffe://<td>/tessera/server`, chained to the current bundle).
+//!
+//! **Deadlines.** A server may accept connections, and even answer HTTP/2 keepalive
+//! PINGs, while its handlers hang (its datastore connection is half-open, say). So every
+//! attempt of a call on one server has a deadline: [`CALL_DEADLINE`] for
+//! the agent's own calls (`RenewAgent`, the SVID manager's `BatchNewX509SVID`, an
+//! `AttestAgent` stream as a whole, a `Sync` stream up to its first message), the
+//! shorter [`WORKLOAD_SIGNING_DEADLINE`] for signings a workload is waiting for
+//! (`NewJWTSVID`, a templated X.509-SVID). A deadline that elapses is a reason to try
+//! the next server, like `Unavailable` (logged at warn with the server's address); after
+//! a full round the caller gets `DeadlineExceeded`, which it retries with backoff. Once
+//! open, a `Sync` stream may rightly stay silent for hours (the server sends nothing
+//! while nothing changes for the agent): a dead connection under it is found by HTTP/2
+//! keepalive ([`KEEPALIVE_INTERVAL`], [`KEEPALIVE_TIMEOUT`]), and when another call
+//! leaves the stream's server for the next one ([`ServerConnection::watch_current`]),
+//! the stream moves there too.
 
 use std::fmt;
 use std::future::Future;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -25,8 +40,8 @@ use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use tessera_proto::node::node_client::NodeClient;
 use tessera_proto::node::{
-    AgentSvid, AttestAgentRequest, AttestationParams, RenewAgentRequest, attest_agent_request,
-    attest_agent_response,
+    AgentSvid, AttestAgentRequest, AttestationParams, RenewAgentRequest, SyncRequest, SyncResponse,
+    attest_agent_request, attest_agent_response,
 };
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -35,23 +50,76 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::error::AgentError;
 
-/// How long a connection attempt to the server may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a connection attempt to the server may take (the TCP connection, then the
+/// TLS handshake, each).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Deadline of one attempt (on one server) of the agent's own node API calls:
+/// `RenewAgent`, the SVID manager's `BatchNewX509SVID`, an `AttestAgent` stream from
+/// its start to its result, a `Sync` stream from its opening to its first message.
+pub const CALL_DEADLINE: Duration = Duration::from_secs(30);
+/// Deadline of one attempt of a signing a workload waits for (`NewJWTSVID`, a templated
+/// X.509-SVID): short enough that trying two more servers still fits in the Workload
+/// API's 30 s wait for a first answer
+/// ([`crate::workload_api::FIRST_RESPONSE_DEADLINE`]).
+pub const WORKLOAD_SIGNING_DEADLINE: Duration = Duration::from_secs(10);
+/// HTTP/2 keepalive: a PING after this long without a frame from the server, also while
+/// no call is open (the server sends nothing on a `Sync` stream while nothing changes).
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
+/// A PING not acknowledged within this closes the connection, and fails every call and
+/// stream on it (a dead connection is noticed within the interval plus this).
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The time limits of the node API connections (see the constants; tests shorten them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Timeouts {
+    /// [`CONNECT_TIMEOUT`].
+    pub(crate) connect: Duration,
+    /// [`CALL_DEADLINE`].
+    pub(crate) call: Duration,
+    /// [`WORKLOAD_SIGNING_DEADLINE`].
+    pub(crate) workload_signing: Duration,
+    /// [`KEEPALIVE_INTERVAL`].
+    pub(crate) keepalive_interval: Duration,
+    /// [`KEEPALIVE_TIMEOUT`].
+    pub(crate) keepalive_timeout: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect: CONNECT_TIMEOUT,
+            call: CALL_DEADLINE,
+            workload_signing: WORKLOAD_SIGNING_DEADLINE,
+            keepalive_interval: KEEPALIVE_INTERVAL,
+            keepalive_timeout: KEEPALIVE_TIMEOUT,
+        }
+    }
+}
 
 /// A lazily connecting gRPC channel to `address` through `tls`.
 pub fn channel(address: &str, tls: Arc<rustls::ClientConfig>) -> Result<Channel, AgentError> {
+    channel_with(address, tls, &Timeouts::default())
+}
+
+fn channel_with(
+    address: &str,
+    tls: Arc<rustls::ClientConfig>,
+    timeouts: &Timeouts,
+) -> Result<Channel, AgentError> {
     let target = address.to_owned();
+    let connect_timeout = timeouts.connect;
     let endpoint = Endpoint::from_shared(format!("http://{address}"))
         .map_err(|err| AgentError::Config(format!("server_address `{address}`: {err}")))?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .http2_keep_alive_interval(Duration::from_secs(30))
+        .connect_timeout(connect_timeout)
+        .http2_keep_alive_interval(timeouts.keepalive_interval)
+        .keep_alive_timeout(timeouts.keepalive_timeout)
         .keep_alive_while_idle(true);
     Ok(
         endpoint.connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
             let target = target.clone();
             let tls = Arc::clone(&tls);
             async move {
-                let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&target))
+                let tcp = tokio::time::timeout(connect_timeout, TcpStream::connect(&target))
                     .await
                     .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
                 tcp.set_nodelay(true)?;
@@ -59,7 +127,7 @@ pub fn channel(address: &str, tls: Arc<rustls::ClientConfig>) -> Result<Channel,
                 let name = ServerName::try_from("tessera-server")
                     .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?;
                 let stream = tokio::time::timeout(
-                    CONNECT_TIMEOUT,
+                    connect_timeout,
                     TlsConnector::from(tls).connect(name, tcp),
                 )
                 .await
@@ -89,12 +157,17 @@ pub fn describe(status: &tonic::Status) -> String {
 }
 
 /// Why a failed call should be tried on the next server, or `None` when the answer is
-/// final: `Unavailable`, or a failure below gRPC (the call carries a transport, HTTP/2
-/// or I/O error: the server could not be reached or the connection broke). A server
-/// that answered anything else (`PermissionDenied` for a banned or evicted agent,
+/// final: `Unavailable`, `DeadlineExceeded` (no answer in time: the agent's deadline
+/// elapsed), or a failure below gRPC (the call carries a transport, HTTP/2 or I/O
+/// error: the server could not be reached or the connection broke). A server that
+/// answered anything else (`PermissionDenied` for a banned or evicted agent,
 /// `NotFound`, `InvalidArgument`...) would answer the same elsewhere.
 pub fn failover_reason(status: &tonic::Status) -> Option<String> {
-    if status.code() == tonic::Code::Unavailable || transport_failure(status) {
+    if matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+    ) || transport_failure(status)
+    {
         Some(describe(status))
     } else {
         None
@@ -119,11 +192,21 @@ fn transport_failure(status: &tonic::Status) -> bool {
 pub trait Failover {
     /// Why the next server should be tried, or `None` when this error is the answer.
     fn failover_reason(&self) -> Option<String>;
+
+    /// The error of an attempt that got no answer in time (`message` says from whom and
+    /// how long it waited): a reason to try the next server.
+    fn deadline_exceeded(message: String) -> Self
+    where
+        Self: Sized;
 }
 
 impl Failover for tonic::Status {
     fn failover_reason(&self) -> Option<String> {
         failover_reason(self)
+    }
+
+    fn deadline_exceeded(message: String) -> Self {
+        tonic::Status::deadline_exceeded(message)
     }
 }
 
@@ -140,8 +223,9 @@ struct Server {
 pub struct ServerConnection {
     servers: Vec<Server>,
     tls: Arc<rustls::ClientConfig>,
-    /// Index of the server in use.
-    current: AtomicUsize,
+    timeouts: Timeouts,
+    /// Index of the server in use (watched by the `Sync` stream, which follows it).
+    current: watch::Sender<usize>,
     /// The last call found no server reachable.
     unreachable: AtomicBool,
     /// Bumped when a call succeeds after calls failed to reach any server: waiting
@@ -161,6 +245,15 @@ impl fmt::Debug for ServerConnection {
 impl ServerConnection {
     /// Connections to `addresses` (at least one), the first in use.
     pub fn new(addresses: &[String], tls: Arc<rustls::ClientConfig>) -> Result<Self, AgentError> {
+        Self::with_timeouts(addresses, tls, Timeouts::default())
+    }
+
+    /// The same with other time limits (tests shorten them).
+    pub(crate) fn with_timeouts(
+        addresses: &[String],
+        tls: Arc<rustls::ClientConfig>,
+        timeouts: Timeouts,
+    ) -> Result<Self, AgentError> {
         if addresses.is_empty() {
             return Err(AgentError::Config(
                 "server_address lists no server".to_owned(),
@@ -171,14 +264,15 @@ impl ServerConnection {
             .map(|address| {
                 Ok(Server {
                     address: address.clone(),
-                    channel: RwLock::new(channel(address, Arc::clone(&tls))?),
+                    channel: RwLock::new(channel_with(address, Arc::clone(&tls), &timeouts)?),
                 })
             })
             .collect::<Result<Vec<_>, AgentError>>()?;
         Ok(Self {
             servers,
             tls,
-            current: AtomicUsize::new(0),
+            timeouts,
+            current: watch::Sender::new(0),
             unreachable: AtomicBool::new(false),
             reachable_again: watch::Sender::new(0),
         })
@@ -187,9 +281,13 @@ impl ServerConnection {
     /// The same, starting with the server at `index` (the one node attestation used).
     #[must_use]
     pub fn starting_at(self, index: usize) -> Self {
-        self.current
-            .store(index % self.servers.len(), Ordering::SeqCst);
+        self.current.send_replace(index % self.servers.len());
         self
+    }
+
+    /// The time limits in force.
+    pub(crate) fn timeouts(&self) -> &Timeouts {
+        &self.timeouts
     }
 
     /// The configured addresses, in order.
@@ -199,12 +297,23 @@ impl ServerConnection {
 
     /// Index of the server in use.
     pub fn current_index(&self) -> usize {
-        self.current.load(Ordering::SeqCst) % self.servers.len()
+        *self.current.borrow() % self.servers.len()
     }
 
     /// Address of the server in use.
     pub fn current_address(&self) -> &str {
-        &self.servers[self.current_index()].address
+        self.address_at(self.current_index())
+    }
+
+    /// Address of the server at `index`.
+    pub fn address_at(&self, index: usize) -> &str {
+        &self.servers[index % self.servers.len()].address
+    }
+
+    /// Changes when the server in use changes (its value is not reduced modulo the
+    /// number of servers: read [`ServerConnection::current_index`]).
+    pub fn watch_current(&self) -> watch::Receiver<usize> {
+        self.current.subscribe()
     }
 
     /// Changes (the value is bumped) whenever a call succeeds after calls could reach no
@@ -223,11 +332,44 @@ impl ServerConnection {
     }
 
     /// Runs `attempt` (one node API call, `what` names it in logs) on the server in
-    /// use; when it fails in a way another server may not ([`Failover`]), on the next
-    /// one, round robin, until every server was tried once. Returns the first answer
-    /// that is not such a failure, or the last failure. The server that answered stays
-    /// in use.
-    pub async fn call<T, E, F, Fut>(&self, what: &str, mut attempt: F) -> Result<T, E>
+    /// use; when it fails in a way another server may not ([`Failover`]), or gets no
+    /// answer within [`CALL_DEADLINE`], on the next one, round robin, until every server
+    /// was tried once. Returns the first answer that is not such a failure, or the last
+    /// failure. The server that answered stays in use.
+    pub async fn call<T, E, F, Fut>(&self, what: &str, attempt: F) -> Result<T, E>
+    where
+        E: Failover,
+        F: FnMut(NodeClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        self.call_within(what, self.timeouts.call, attempt).await
+    }
+
+    /// [`ServerConnection::call`] with `deadline` for each attempt.
+    pub async fn call_within<T, E, F, Fut>(
+        &self,
+        what: &str,
+        deadline: Duration,
+        attempt: F,
+    ) -> Result<T, E>
+    where
+        E: Failover,
+        F: FnMut(NodeClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        self.call_on(what, deadline, attempt)
+            .await
+            .map(|(value, _)| value)
+    }
+
+    /// [`ServerConnection::call_within`], also returning the index of the server that
+    /// answered.
+    async fn call_on<T, E, F, Fut>(
+        &self,
+        what: &str,
+        deadline: Duration,
+        mut attempt: F,
+    ) -> Result<(T, usize), E>
     where
         E: Failover,
         F: FnMut(NodeClient<Channel>) -> Fut,
@@ -237,10 +379,18 @@ impl ServerConnection {
         let mut index = self.current_index();
         let mut tried = 0;
         loop {
-            match attempt(self.client_at(index)).await {
+            let answer = match tokio::time::timeout(deadline, attempt(self.client_at(index))).await
+            {
+                Ok(answer) => answer,
+                Err(_) => Err(E::deadline_exceeded(format!(
+                    "{what}: no answer from {} within {deadline:?}",
+                    self.servers[index].address
+                ))),
+            };
+            match answer {
                 Ok(value) => {
                     self.answered(index);
-                    return Ok(value);
+                    return Ok((value, index));
                 }
                 Err(err) => match err.failover_reason() {
                     None => {
@@ -263,7 +413,12 @@ impl ServerConnection {
     /// The server at `index` answered: keep it; if no server could be reached before,
     /// say so and wake the waiting retries.
     fn answered(&self, index: usize) {
-        let previous = self.current.swap(index, Ordering::SeqCst) % self.servers.len();
+        let mut previous = index;
+        self.current.send_if_modified(|current| {
+            previous = *current % self.servers.len();
+            *current = index;
+            previous != index
+        });
         if previous != index && self.servers.len() > 1 {
             tracing::info!(server = %self.servers[index].address, "node API: using server");
         }
@@ -285,10 +440,14 @@ impl ServerConnection {
         }
         let from = &self.servers[index].address;
         let to = &self.servers[next].address;
-        let switched = self
-            .current
-            .compare_exchange(index, next, Ordering::SeqCst, Ordering::SeqCst)
-            .is_ok();
+        let switched = self.current.send_if_modified(|current| {
+            if *current % count == index {
+                *current = next;
+                true
+            } else {
+                false
+            }
+        });
         if more {
             tracing::warn!(server = %from, call = what, %reason, "node API: server failed; trying the next one");
             if switched {
@@ -305,7 +464,7 @@ impl ServerConnection {
     /// credentials.
     pub fn reconnect(&self) -> Result<(), AgentError> {
         for server in &self.servers {
-            let fresh = channel(&server.address, Arc::clone(&self.tls))?;
+            let fresh = channel_with(&server.address, Arc::clone(&self.tls), &self.timeouts)?;
             if let Ok(mut slot) = server.channel.write() {
                 *slot = fresh;
             }
@@ -327,6 +486,10 @@ impl Failover for AttemptError {
             Self::Status(status) => failover_reason(status),
             Self::Local(_) => None,
         }
+    }
+
+    fn deadline_exceeded(message: String) -> Self {
+        Self::Status(tonic::Status::deadline_exceeded(message))
     }
 }
 
@@ -474,10 +637,47 @@ pub async fn renew(
         .ok_or_else(|| tonic::Status::internal("server sent no SVID"))
 }
 
+/// A `Sync` stream that a server opened.
+#[derive(Debug)]
+pub struct SyncStream {
+    /// Index of the server it runs on.
+    pub server: usize,
+    /// Its first message (the server always sends one at once: the snapshot, or the
+    /// changes since the revision asked); `None` when the server ended it at once.
+    pub first: Option<SyncResponse>,
+    /// The messages after the first.
+    pub rest: tonic::Streaming<SyncResponse>,
+}
+
+/// Opens a `Sync` stream from `since_revision` on the server in use, or the next: the
+/// attempt on one server lasts until the first message, within [`CALL_DEADLINE`] (a
+/// server whose handler hangs, or that answers that first message with `Unavailable`,
+/// is left for the next like one that cannot be reached).
+pub async fn open_sync(
+    connection: &ServerConnection,
+    since_revision: u64,
+) -> Result<SyncStream, tonic::Status> {
+    let ((first, rest), server) = connection
+        .call_on("Sync", connection.timeouts.call, |mut client| async move {
+            let mut rest = client
+                .sync(SyncRequest { since_revision })
+                .await?
+                .into_inner();
+            let first = rest.message().await?;
+            Ok::<_, tonic::Status>((first, rest))
+        })
+        .await?;
+    Ok(SyncStream {
+        server,
+        first,
+        rest,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{FakeCa, NodeMode, closed_address};
+    use crate::testing::{FakeCa, NodeMode, closed_address, short_timeouts};
 
     const SERVER_ID: &str = "spiffe://example.org/tessera/server";
 
@@ -494,9 +694,15 @@ mod tests {
             .map_err(|status| status.code())
     }
 
+    fn connection_with(ca: &FakeCa, addresses: &[&str], timeouts: Timeouts) -> ServerConnection {
+        let addresses: Vec<String> = addresses.iter().map(|a| (*a).to_owned()).collect();
+        ServerConnection::with_timeouts(&addresses, ca.client_tls(), timeouts).unwrap()
+    }
+
     #[test]
     fn only_unreachable_or_unavailable_servers_are_left() {
         assert!(failover_reason(&tonic::Status::unavailable("down")).is_some());
+        assert!(failover_reason(&tonic::Status::deadline_exceeded("no answer in time")).is_some());
         for status in [
             tonic::Status::permission_denied("agent is banned"),
             tonic::Status::permission_denied("agent must re-attest"),
@@ -572,6 +778,94 @@ mod tests {
         again.mark_unchanged();
         assert_eq!(renewed_by(&servers).await, Ok("a".into()));
         assert!(!again.has_changed().unwrap(), "only after an outage");
+    }
+
+    /// The review's case: a server that accepts connections (and answers HTTP/2 PINGs)
+    /// but whose handlers hang. Every call leaves it at its deadline for the next server;
+    /// alone, it makes the call fail (retryably) at the deadline instead of hanging.
+    #[tokio::test]
+    async fn a_server_that_never_answers_is_left_at_the_deadline() {
+        use crate::signer::Signer as _;
+        let ca = FakeCa::new();
+        let a = ca.serve("a", SERVER_ID).await;
+        let b = ca.serve("b", SERVER_ID).await;
+        a.set_mode(NodeMode::Hang);
+        let timeouts = short_timeouts();
+        let within = |elapsed: Duration, deadline: Duration| {
+            assert!(elapsed >= deadline, "{elapsed:?} < {deadline:?}");
+            assert!(elapsed < deadline + Duration::from_secs(2), "{elapsed:?}");
+        };
+
+        // Renewal: a hangs, b answers once a's deadline (400 ms) has passed.
+        let servers = connection_with(&ca, &[&a.address, &b.address], timeouts);
+        let asked = tokio::time::Instant::now();
+        assert_eq!(renewed_by(&servers).await, Ok("b".into()));
+        within(asked.elapsed(), timeouts.call);
+        assert_eq!((a.calls(), b.calls()), (1, 1));
+        assert_eq!(servers.current_address(), b.address, "b stays in use");
+
+        // Signing for a workload: its own, shorter deadline (250 ms).
+        let servers = connection_with(&ca, &[&a.address, &b.address], timeouts);
+        let asked = tokio::time::Instant::now();
+        let jwt = servers
+            .new_jwt("e1", &["aud".to_owned()], &Default::default())
+            .await
+            .unwrap();
+        assert_eq!(jwt.spiffe_id, "b");
+        within(asked.elapsed(), timeouts.workload_signing);
+        assert!(asked.elapsed() < timeouts.call, "{:?}", asked.elapsed());
+        let servers = connection_with(&ca, &[&a.address, &b.address], timeouts);
+        let asked = tokio::time::Instant::now();
+        assert!(
+            servers
+                .new_x509("e1", vec![1], &Default::default())
+                .await
+                .is_err_and(|status| status.code() == tonic::Code::Internal),
+            "b answered (with no result)"
+        );
+        within(asked.elapsed(), timeouts.workload_signing);
+        assert_eq!(servers.current_address(), b.address);
+
+        // Attestation, a stream, as a whole.
+        let servers = connection_with(&ca, &[&a.address, &b.address], timeouts);
+        let asked = tokio::time::Instant::now();
+        let svid = attest_with_join_token(&servers, "id.secret", vec![1])
+            .await
+            .unwrap();
+        assert_eq!(svid.spiffe_id, "b");
+        within(asked.elapsed(), timeouts.call);
+
+        // a alone: the call ends at the deadline with a retryable error, and the next
+        // success is announced like after any outage.
+        let servers = connection_with(&ca, &[&a.address], timeouts);
+        let again = servers.reachable_again();
+        let asked = tokio::time::Instant::now();
+        let status = renew(&servers, vec![1]).await.unwrap_err();
+        within(asked.elapsed(), timeouts.call);
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+        assert!(status.message().contains(&a.address), "{status:?}");
+        assert!(failover_reason(&status).is_some(), "retryable");
+        assert!(
+            crate::Removal::from_status(&status).is_none(),
+            "not a removal"
+        );
+        let err = attest_with_join_token(&servers, "id.secret", vec![1])
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no server reachable"), "{err}");
+        a.set_mode(NodeMode::Serve);
+        assert_eq!(renewed_by(&servers).await, Ok("a".into()));
+        assert!(again.has_changed().unwrap());
+
+        // The default deadlines.
+        let defaults = Timeouts::default();
+        assert_eq!(defaults.call, Duration::from_secs(30));
+        assert_eq!(defaults.workload_signing, Duration::from_secs(10));
+        assert!(
+            defaults.workload_signing * 3 <= crate::workload_api::FIRST_RESPONSE_DEADLINE,
+            "three servers fit in a workload's first wait"
+        );
     }
 
     #[tokio::test]

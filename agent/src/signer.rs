@@ -61,10 +61,14 @@ impl Signer for ServerConnection {
                 }],
             };
             let response = self
-                .call("BatchNewX509SVID", |mut client| {
-                    let request = request.clone();
-                    async move { client.batch_new_x509svid(request).await }
-                })
+                .call_within(
+                    "BatchNewX509SVID",
+                    self.timeouts().workload_signing,
+                    |mut client| {
+                        let request = request.clone();
+                        async move { client.batch_new_x509svid(request).await }
+                    },
+                )
                 .await?
                 .into_inner();
             match response.results.into_iter().next().and_then(|r| r.result) {
@@ -90,10 +94,14 @@ impl Signer for ServerConnection {
                 template_values: values.to_map(),
             };
             Ok(self
-                .call("NewJWTSVID", |mut client| {
-                    let request = request.clone();
-                    async move { client.new_jwtsvid(request).await }
-                })
+                .call_within(
+                    "NewJWTSVID",
+                    self.timeouts().workload_signing,
+                    |mut client| {
+                        let request = request.clone();
+                        async move { client.new_jwtsvid(request).await }
+                    },
+                )
                 .await?
                 .into_inner())
         })

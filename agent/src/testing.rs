@@ -235,6 +235,9 @@ pub(crate) enum NodeMode {
     Unavailable,
     /// `PermissionDenied` "agent is banned" to every call.
     Banned,
+    /// Accepts every call and never answers (its datastore connection is half-open):
+    /// the handler awaits forever.
+    Hang,
 }
 
 /// A node API server on loopback TLS presenting `spiffe://example.org/tessera/server`
@@ -245,7 +248,10 @@ pub(crate) struct FakeNode {
     pub(crate) name: String,
     pub(crate) address: String,
     mode: Arc<Mutex<NodeMode>>,
+    /// How `Sync` is answered, when not as every other call.
+    sync_mode: Arc<Mutex<Option<NodeMode>>>,
     calls: Arc<AtomicUsize>,
+    sync_calls: Arc<AtomicUsize>,
     /// `since_revision` of every `Sync` call received.
     syncs: Arc<Mutex<Vec<u64>>>,
     stop: tokio_util::sync::CancellationToken,
@@ -326,7 +332,9 @@ impl FakeCa {
             name: name.to_owned(),
             address: listener.local_addr().unwrap().to_string(),
             mode: Arc::new(Mutex::new(NodeMode::Serve)),
+            sync_mode: Arc::default(),
             calls: Arc::new(AtomicUsize::new(0)),
+            sync_calls: Arc::new(AtomicUsize::new(0)),
             syncs: Arc::new(Mutex::new(Vec::new())),
             stop: tokio_util::sync::CancellationToken::new(),
             served: Arc::default(),
@@ -376,8 +384,19 @@ impl FakeNode {
         *self.mode.lock().unwrap() = mode;
     }
 
+    /// How `Sync` alone is answered from now on (`None`: as every other call).
+    pub(crate) fn set_sync_mode(&self, mode: Option<NodeMode>) {
+        *self.sync_mode.lock().unwrap() = mode;
+    }
+
+    /// Calls received (all methods).
     pub(crate) fn calls(&self) -> usize {
         self.calls.load(Ordering::SeqCst)
+    }
+
+    /// `Sync` calls received.
+    pub(crate) fn sync_calls(&self) -> usize {
+        self.sync_calls.load(Ordering::SeqCst)
     }
 
     pub(crate) fn syncs(&self) -> Vec<u64> {
@@ -395,12 +414,30 @@ impl FakeNode {
     }
 
     /// Counts a call and answers per the mode.
-    fn enter(&self) -> Result<(), Status> {
+    async fn enter(&self) -> Result<(), Status> {
         self.calls.fetch_add(1, Ordering::SeqCst);
-        match *self.mode.lock().unwrap() {
+        let mode = *self.mode.lock().unwrap();
+        Self::answer(mode).await
+    }
+
+    /// Counts a `Sync` call and answers per the mode for `Sync`.
+    async fn enter_sync(&self) -> Result<(), Status> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.sync_calls.fetch_add(1, Ordering::SeqCst);
+        let mode = self
+            .sync_mode
+            .lock()
+            .unwrap()
+            .unwrap_or_else(|| *self.mode.lock().unwrap());
+        Self::answer(mode).await
+    }
+
+    async fn answer(mode: NodeMode) -> Result<(), Status> {
+        match mode {
             NodeMode::Serve => Ok(()),
             NodeMode::Unavailable => Err(Status::unavailable("datastore unavailable")),
             NodeMode::Banned => Err(Status::permission_denied("agent is banned")),
+            NodeMode::Hang => std::future::pending().await,
         }
     }
 
@@ -424,7 +461,7 @@ impl tessera_proto::node::node_server::Node for FakeNode {
         &self,
         _request: tonic::Request<tonic::Streaming<tessera_proto::node::AttestAgentRequest>>,
     ) -> Result<tonic::Response<Self::AttestAgentStream>, Status> {
-        self.enter()?;
+        self.enter().await?;
         let response = tessera_proto::node::AttestAgentResponse {
             step: Some(tessera_proto::node::attest_agent_response::Step::Result(
                 self.svid(),
@@ -439,7 +476,7 @@ impl tessera_proto::node::node_server::Node for FakeNode {
         &self,
         _request: tonic::Request<tessera_proto::node::RenewAgentRequest>,
     ) -> Result<tonic::Response<tessera_proto::node::RenewAgentResponse>, Status> {
-        self.enter()?;
+        self.enter().await?;
         Ok(tonic::Response::new(
             tessera_proto::node::RenewAgentResponse {
                 svid: Some(self.svid()),
@@ -452,7 +489,7 @@ impl tessera_proto::node::node_server::Node for FakeNode {
         &self,
         request: tonic::Request<tessera_proto::node::SyncRequest>,
     ) -> Result<tonic::Response<Self::SyncStream>, Status> {
-        self.enter()?;
+        self.enter_sync().await?;
         let since = request.get_ref().since_revision;
         self.syncs.lock().unwrap().push(since);
         let first = tessera_proto::node::SyncResponse {
@@ -475,7 +512,7 @@ impl tessera_proto::node::node_server::Node for FakeNode {
         &self,
         _request: tonic::Request<tessera_proto::node::BatchNewX509svidRequest>,
     ) -> Result<tonic::Response<tessera_proto::node::BatchNewX509svidResponse>, Status> {
-        self.enter()?;
+        self.enter().await?;
         Ok(tonic::Response::new(
             tessera_proto::node::BatchNewX509svidResponse::default(),
         ))
@@ -485,11 +522,96 @@ impl tessera_proto::node::node_server::Node for FakeNode {
         &self,
         _request: tonic::Request<tessera_proto::node::NewJwtsvidRequest>,
     ) -> Result<tonic::Response<NewJwtsvidResponse>, Status> {
-        self.enter()?;
+        self.enter().await?;
         Ok(tonic::Response::new(NewJwtsvidResponse {
             spiffe_id: self.name.clone(),
             ..Default::default()
         }))
+    }
+}
+
+/// A TCP relay to a [`FakeNode`] that can be frozen: it then forwards nothing more, in
+/// either direction, on its connections and on new ones, but keeps them open (a host
+/// that vanished without closing anything, a black-holed route).
+#[derive(Debug)]
+pub(crate) struct Relay {
+    pub(crate) address: String,
+    frozen: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    pub(crate) async fn to(target: &str) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let frozen = tokio_util::sync::CancellationToken::new();
+        let target = target.to_owned();
+        let freeze = frozen.clone();
+        let task = tokio::spawn(async move {
+            let mut held = tokio::task::JoinSet::new();
+            while let Ok((inbound, _)) = listener.accept().await {
+                let Ok(outbound) = tokio::net::TcpStream::connect(&target).await else {
+                    continue;
+                };
+                let (in_read, in_write) = inbound.into_split();
+                let (out_read, out_write) = outbound.into_split();
+                held.spawn(Self::forward(in_read, out_write, freeze.clone()));
+                held.spawn(Self::forward(out_read, in_write, freeze.clone()));
+            }
+        });
+        Self {
+            address,
+            frozen,
+            task,
+        }
+    }
+
+    async fn forward(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        frozen: tokio_util::sync::CancellationToken,
+    ) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let read = tokio::select! {
+                () = frozen.cancelled() => break,
+                read = from.read(&mut buf) => read,
+            };
+            let n = match read {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if frozen.is_cancelled() || to.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        // Frozen: hold both ends open, forward nothing.
+        std::future::pending::<()>().await;
+        drop((from, to));
+    }
+
+    /// Stops forwarding, keeping every connection open.
+    pub(crate) fn freeze(&self) {
+        self.frozen.cancel();
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Node API time limits short enough for tests: connect 500 ms, call 400 ms, workload
+/// signing 250 ms, keepalive PING every 200 ms answered within 300 ms.
+pub(crate) fn short_timeouts() -> crate::node::Timeouts {
+    crate::node::Timeouts {
+        connect: Duration::from_millis(500),
+        call: Duration::from_millis(400),
+        workload_signing: Duration::from_millis(250),
+        keepalive_interval: Duration::from_millis(200),
+        keepalive_timeout: Duration::from_millis(300),
     }
 }
 
