@@ -17,7 +17,7 @@ use tessera_tests::{Harness, my_uid};
 use tokio::sync::mpsc;
 use tonic::{Code, Streaming};
 
-use crate::support::{fetch_x509_raw, raw_workload_client};
+use crate::support::{chain_verifies, fetch_x509_raw, raw_workload_client};
 
 fn uid_selector() -> String {
     format!("unix:uid:{}", my_uid())
@@ -80,33 +80,7 @@ fn time(unix: i64) -> SystemTime {
 
 /// The chain (leaf first) verifies against `bundle` at `at`, for client authentication.
 fn verify(chain: &[Vec<u8>], bundle: &[Vec<u8>], at: SystemTime) {
-    use rustls::pki_types::{CertificateDer, UnixTime};
-    let anchors: Vec<_> = bundle
-        .iter()
-        .map(|der| {
-            webpki::anchor_from_trusted_cert(&CertificateDer::from(der.as_slice()))
-                .unwrap()
-                .to_owned()
-        })
-        .collect();
-    let leaf = CertificateDer::from(chain[0].as_slice());
-    let intermediates: Vec<CertificateDer<'_>> = chain[1..]
-        .iter()
-        .map(|der| CertificateDer::from(der.as_slice()))
-        .collect();
-    let algorithms =
-        rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms;
-    webpki::EndEntityCert::try_from(&leaf)
-        .unwrap()
-        .verify_for_usage(
-            algorithms.all,
-            &anchors,
-            &intermediates,
-            UnixTime::since_unix_epoch(at.duration_since(SystemTime::UNIX_EPOCH).unwrap()),
-            webpki::KeyUsage::client_auth(),
-            None,
-            None,
-        )
+    chain_verifies(chain, bundle, at, webpki::KeyUsage::client_auth())
         .expect("the SVID chains to the bundle served with it");
 }
 

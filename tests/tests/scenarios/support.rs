@@ -661,19 +661,18 @@ pub async fn poll_until(what: &str, condition: impl Fn() -> bool + Send + 'stati
 }
 
 /// Splits concatenated DER certificates (the Workload API's `x509_svid` and `bundle`).
-pub fn split_der(mut bytes: &[u8]) -> Vec<Vec<u8>> {
-    let mut out = Vec::new();
-    while !bytes.is_empty() {
-        let (rest, _) = x509_parser::parse_x509_certificate(bytes).expect("DER certificate");
-        out.push(bytes[..bytes.len() - rest.len()].to_vec());
-        bytes = rest;
-    }
-    out
+pub fn split_der(bytes: &[u8]) -> Vec<Vec<u8>> {
+    tessera_agent::cli::split_der_certificates(bytes).expect("concatenated DER certificates")
 }
 
-/// Verifies `chain` (leaf first) against `bundle` with webpki, now, for client
-/// authentication; returns the issuer's subject (it names the CA serial).
-pub fn verify(chain: &[Vec<u8>], bundle: &[Vec<u8>]) -> String {
+/// Whether `chain` (leaf first) verifies against `bundle` with webpki at `at` for
+/// `usage`.
+pub fn chain_verifies(
+    chain: &[Vec<u8>],
+    bundle: &[Vec<u8>],
+    at: std::time::SystemTime,
+    usage: webpki::KeyUsage,
+) -> Result<(), webpki::Error> {
     use rustls::pki_types::{CertificateDer, UnixTime};
     let anchors: Vec<_> = bundle
         .iter()
@@ -690,14 +689,19 @@ pub fn verify(chain: &[Vec<u8>], bundle: &[Vec<u8>]) -> String {
         .collect();
     let leaf = webpki::EndEntityCert::try_from(&leaf_der).unwrap();
     let algs = rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms;
-    leaf.verify_for_usage(
-        algs.all,
-        &anchors,
-        &intermediates,
-        UnixTime::now(),
+    let at = UnixTime::since_unix_epoch(at.duration_since(std::time::UNIX_EPOCH).unwrap());
+    leaf.verify_for_usage(algs.all, &anchors, &intermediates, at, usage, None, None)
+        .map(|_| ())
+}
+
+/// Verifies `chain` (leaf first) against `bundle` with webpki, now, for client
+/// authentication; returns the issuer's subject (it names the CA serial).
+pub fn verify(chain: &[Vec<u8>], bundle: &[Vec<u8>]) -> String {
+    chain_verifies(
+        chain,
+        bundle,
+        std::time::SystemTime::now(),
         webpki::KeyUsage::client_auth(),
-        None,
-        None,
     )
     .expect("the SVID verifies against the bundle");
     let (_, cert) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();

@@ -18,7 +18,9 @@ use tessera_agent::cli::with_header;
 use tessera_proto::workload::X509svidRequest;
 use tessera_tests::{Harness, fetch_as, my_uid};
 
-use crate::support::{fetch_x509_raw, raw_workload_client, workload_bin};
+use crate::support::{
+    chain_verifies, fetch_x509_raw, raw_workload_client, split_der, workload_bin,
+};
 
 /// An upstream CA made with rcgen.
 struct TestCa {
@@ -104,63 +106,21 @@ async fn start(upstream: &Upstream, server_extra: &str) -> Harness {
     h
 }
 
-/// Splits concatenated DER certificates.
-fn split_der(mut bytes: &[u8]) -> Vec<Vec<u8>> {
-    let mut out = Vec::new();
-    while !bytes.is_empty() {
-        let (rest, _) = x509_parser::parse_x509_certificate(bytes).expect("DER certificate");
-        out.push(bytes[..bytes.len() - rest.len()].to_vec());
-        bytes = rest;
-    }
-    out
-}
-
 /// Verifies `chain` (leaf first) against `bundle` with webpki, now, for client and
 /// server auth, and with rustls' `WebPkiServerVerifier` (what a TLS client of the
 /// workload does).
 fn verify(chain: &[Vec<u8>], bundle: &[Vec<u8>]) {
-    let anchors: Vec<_> = bundle
-        .iter()
-        .map(|der| {
-            webpki::anchor_from_trusted_cert(&CertificateDer::from(der.as_slice()))
-                .unwrap()
-                .to_owned()
-        })
-        .collect();
-    let leaf_der = CertificateDer::from(chain[0].as_slice());
-    let intermediates: Vec<CertificateDer<'_>> = chain[1..]
-        .iter()
-        .map(|d| CertificateDer::from(d.as_slice()))
-        .collect();
-    let leaf = webpki::EndEntityCert::try_from(&leaf_der).unwrap();
-    let algs = rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms;
+    let now = std::time::SystemTime::now();
     for usage in [
         webpki::KeyUsage::client_auth(),
         webpki::KeyUsage::server_auth(),
     ] {
-        leaf.verify_for_usage(
-            algs.all,
-            &anchors,
-            &intermediates,
-            UnixTime::now(),
-            usage,
-            None,
-            None,
-        )
-        .expect("the SVID chain verifies against the bundle");
+        chain_verifies(chain, bundle, now, usage)
+            .expect("the SVID chain verifies against the bundle");
     }
     // Without the served intermediates the leaf does not reach the root.
     assert!(
-        leaf.verify_for_usage(
-            algs.all,
-            &anchors,
-            &[],
-            UnixTime::now(),
-            webpki::KeyUsage::client_auth(),
-            None,
-            None,
-        )
-        .is_err(),
+        chain_verifies(&chain[..1], bundle, now, webpki::KeyUsage::client_auth()).is_err(),
         "the leaf alone must not verify: the chain is what makes it"
     );
 
@@ -179,6 +139,11 @@ fn verify(chain: &[Vec<u8>], bundle: &[Vec<u8>]) {
     .build()
     .unwrap();
     let name = rustls::pki_types::ServerName::try_from("workload.example.org").unwrap();
+    let leaf_der = CertificateDer::from(chain[0].as_slice());
+    let intermediates: Vec<CertificateDer<'_>> = chain[1..]
+        .iter()
+        .map(|d| CertificateDer::from(d.as_slice()))
+        .collect();
     let result = rustls::client::danger::ServerCertVerifier::verify_server_cert(
         verifier.as_ref(),
         &leaf_der,
