@@ -2,19 +2,21 @@
 # A throwaway PostgreSQL server for the test suite.
 #
 #   scripts/postgres.sh start   installs Debian's postgresql if its binaries are missing,
-#                               creates a cluster (trust authentication, loopback only)
-#                               and starts it unless it already runs; prints the
-#                               connection URL of its superuser on stdout.
+#                               creates a cluster and starts it unless it already runs;
+#                               prints the connection URL of its superuser on stdout
+#                               (postgres://postgres:<password>@127.0.0.1:<port>/postgres).
 #   scripts/postgres.sh stop    stops it.
 #
-# TESSERA_PG_DIR (default /tmp/tessera-postgres) and TESSERA_PG_PORT (default 54329)
-# choose where. Tests create one database per test in it. Nothing here is for
-# production: the cluster trusts every local connection.
+# TESSERA_PG_DIR (default ${TMPDIR:-/tmp}/tessera-postgres-<uid>) and TESSERA_PG_PORT
+# (default 54329) choose where. Tests create one database per test in it. The server
+# listens on 127.0.0.1 only; TCP connections need the superuser's password, generated
+# when the cluster is created and kept in <dir>/password (mode 0600); connections on
+# its Unix socket (in <dir>, mode 0700) are trusted. Nothing here is for production.
 set -euo pipefail
 
-dir=${TESSERA_PG_DIR:-/tmp/tessera-postgres}
+dir=${TESSERA_PG_DIR:-${TMPDIR:-/tmp}/tessera-postgres-$(id -u)}
 port=${TESSERA_PG_PORT:-54329}
-url="postgres://postgres@127.0.0.1:${port}/postgres"
+password_file="$dir/password"
 
 log() { echo "postgres.sh: $*" >&2; }
 
@@ -63,18 +65,67 @@ as_owner() {
   fi
 }
 
+# Refuses a cluster directory that someone else could have prepared (it may sit in a
+# shared /tmp, and start() deletes a half-made cluster in it): a symbolic link, or a
+# directory owned by anyone but us or the postgres user.
+check_dir() {
+  if [ -L "$dir" ]; then
+    log "refusing $dir: it is a symbolic link (set TESSERA_PG_DIR to a directory of your own)"
+    exit 1
+  fi
+  if [ ! -e "$dir" ]; then
+    return 0
+  fi
+  if [ ! -d "$dir" ]; then
+    log "refusing $dir: it is not a directory"
+    exit 1
+  fi
+  local owner postgres_uid
+  owner=$(stat -c %u -- "$dir")
+  postgres_uid=$(id -u postgres 2> /dev/null || echo none)
+  if [ "$owner" != "$(id -u)" ] && [ "$owner" != "$postgres_uid" ]; then
+    log "refusing $dir: it belongs to uid $owner, neither us nor postgres (set TESSERA_PG_DIR to a directory of your own)"
+    exit 1
+  fi
+}
+
+# Creates the cluster in $dir: a random superuser password in $password_file, and
+# password authentication (SCRAM) for every TCP connection.
+create_cluster() {
+  local bin=$1
+  if [ ! -d "$dir" ]; then
+    # Not `mkdir -p`: fails if someone created it since check_dir looked.
+    mkdir -m 700 -- "$dir" || { log "cannot create $dir"; exit 1; }
+  fi
+  check_dir
+  chmod 700 -- "$dir"
+  # A cluster that initdb left half-made; $dir is ours and not a link (checked).
+  rm -rf -- "$dir/data"
+  mkdir -m 700 -- "$dir/data"
+  (
+    umask 077
+    od -An -tx1 -N24 /dev/urandom | tr -d ' \n' > "$password_file"
+    echo >> "$password_file"
+  )
+  if [ "$(id -u)" -eq 0 ]; then chown -R postgres: -- "$dir"; fi
+  as_owner "$bin/initdb" -D "$dir/data" --username=postgres --pwfile="$password_file" \
+    --auth-local=trust --auth-host=scram-sha-256 \
+    --encoding=UTF8 --no-sync > "$dir/initdb.log" 2>&1 \
+    || { log "initdb failed: $(tail -n 5 "$dir/initdb.log")"; return 1; }
+}
+
 start() {
+  check_dir
   install_server
-  local bin
+  local bin password
   bin=$(bindir)
   if [ ! -f "$dir/data/PG_VERSION" ]; then
-    rm -rf "$dir"
-    mkdir -p "$dir/data"
-    if [ "$(id -u)" -eq 0 ]; then chown -R postgres: "$dir"; fi
-    chmod 700 "$dir/data"
-    as_owner "$bin/initdb" -D "$dir/data" --auth=trust --username=postgres \
-      --encoding=UTF8 --no-sync > "$dir/initdb.log" 2>&1 \
-      || { log "initdb failed: $(tail -n 5 "$dir/initdb.log")"; return 1; }
+    create_cluster "$bin"
+  fi
+  password=$(head -n 1 "$password_file" 2> /dev/null || true)
+  if [ -z "$password" ]; then
+    log "$dir holds a cluster without $password_file (made by an older postgres.sh, with trust authentication): stop it (TESSERA_PG_DIR=$dir $0 stop) and remove $dir"
+    return 1
   fi
   if ! as_owner "$bin/pg_ctl" -D "$dir/data" status > /dev/null 2>&1; then
     # Tests open many short-lived databases: fsync off and more connections than
@@ -88,7 +139,7 @@ start() {
   local i
   for i in $(seq 1 100); do
     if "$bin/pg_isready" -q -h 127.0.0.1 -p "$port"; then
-      echo "$url"
+      echo "postgres://postgres:${password}@127.0.0.1:${port}/postgres"
       return 0
     fi
     sleep 0.1
@@ -98,6 +149,7 @@ start() {
 }
 
 stop() {
+  check_dir
   local bin
   bin=$(bindir)
   if [ -n "$bin" ] && [ -f "$dir/data/PG_VERSION" ]; then

@@ -94,7 +94,10 @@ pub trait Datastore: Send + Sync + std::fmt::Debug {
     /// (as [`Datastore::consume_join_token`]) and, only when that succeeds, records
     /// `agent` with the token's alias added to its aliases. A token is therefore never
     /// spent without an agent being recorded (SECURITY.md §3.10 item 101): the caller
-    /// signs the agent SVID first and discards it unless this returns `Consumed`.
+    /// signs the agent SVID first and discards it unless this returns `Consumed`. A
+    /// token that cannot be consumed gives the answer of
+    /// [`Datastore::consume_join_token`] (`Invalid`, or `Expired` with the expired token
+    /// deleted), worked out in the same transaction without trying to consume it again.
     ///
     /// [`DatastoreError::AgentBanned`] when an agent with this ID is banned: checked in
     /// the same transaction, which is then rolled back (the token stays unused).

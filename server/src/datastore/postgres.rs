@@ -35,19 +35,34 @@
 //! [`watch`] value of [`Datastore::change_notifications`] on each notification, and
 //! once more each time it has (re)subscribed after losing the connection (notifications
 //! sent meanwhile are lost), retrying with a backoff from 100 ms up to 5 s while the
-//! database is down. [`Datastore::close`] and dropping the datastore stop the task.
+//! database is down. It also subscribes again, on a new connection, when a datastore
+//! call went unanswered (see below): its own connection may be half-open too.
+//! [`Datastore::close`] and dropping the datastore stop the task.
 //!
 //! # Connections
 //!
 //! `connection_string` is a `postgres://` URL or libpq's `key=value` form (translated
 //! to the URL form sqlx parses, so `~/.pgpass` applies to both). TLS uses rustls with
 //! aws-lc-rs and the Mozilla roots (`sslmode=verify-full`, `sslrootcert=...` for a
-//! private CA); as with libpq, `prefer` and `require` do not verify the server. Each
-//! connection gets `lock_timeout` (10 s) and `idle_in_transaction_session_timeout`
-//! (60 s) unless the connection string sets them, so a stuck server cannot hold the
-//! change-feed lock for long; waiting longer fails `Unavailable`. The database must be
-//! UTF-8 encoded, and the role needs to create tables in its schema the first time
-//! (PostgreSQL 15 no longer lets every role create in `public`).
+//! private CA); as with libpq, `prefer` and `require` do not verify the server, and
+//! opening warns when a server on another host is reached that way (a man in the
+//! middle could strip TLS and ask for the password in clear text). Each connection
+//! gets `lock_timeout` (10 s), `statement_timeout` (20 s) and
+//! `idle_in_transaction_session_timeout` (60 s) unless the connection string sets them
+//! (in `options`: `-c name=value`, `-cname=value` or `--name=value`), so a stuck server
+//! cannot hold the change-feed lock for long; waiting longer fails `Unavailable`.
+//!
+//! Those bound a server that answers. One that vanished without a word (power loss, a
+//! partition, a failover to another address) leaves half-open connections: no RST
+//! comes, sqlx 0.9 sets no TCP keepalive (it opens the socket itself and offers no
+//! option or hook for it) and no timeout of its own, so a query sent on one waits for
+//! ever. So every call is bounded as a whole ([`CALL_TIMEOUT`], 30 s, waiting for a
+//! connection included) and then fails `Unavailable`; its connection is closed rather
+//! than returned to the pool, and so is every other connection opened before (they are
+//! not pinged first: a ping on a half-open connection waits for ever too), and the
+//! listener subscribes again on a new connection. The database must be UTF-8 encoded,
+//! and the role needs to create tables in its schema the first time (PostgreSQL 15 no
+//! longer lets every role create in `public`).
 //!
 //! Migrations live in `server/migrations/postgres/`, embedded as for SQLite; sqlx's
 //! migrator holds an advisory lock while it runs, so servers opening the same database
@@ -55,12 +70,17 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeSet;
+use std::net::IpAddr;
 use std::str::FromStr as _;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use sqlx::error::DatabaseError;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions, PgRow};
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{
+    PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions, PgRow, PgSslMode,
+};
 use sqlx::{Connection as _, Postgres, Row, SqlSafeStr, Transaction};
 use tessera_plugin_sdk::{RegistrationEntry, Selector, SpiffeId, TrustDomain};
 use tokio::sync::watch;
@@ -90,11 +110,18 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long opening waits for the first connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long one datastore call may take, waiting for a connection included, before it
+/// fails `Unavailable` (see [`PostgresDatastore::bounded`]).
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Session settings of every pooled connection, unless the connection string sets
-/// them: how long a statement waits for a lock (the change-feed lock included), and
-/// how long a transaction may sit idle (a client stuck while holding the lock).
-const SESSION_SETTINGS: [(&str, &str); 2] = [
+/// them: how long a statement waits for a lock (the change-feed lock included), how
+/// long a statement may run (shorter than [`CALL_TIMEOUT`], so that PostgreSQL cancels a
+/// slow statement and the connection is kept), and how long a transaction may sit idle
+/// (a client stuck while holding the lock).
+const SESSION_SETTINGS: [(&str, &str); 3] = [
     ("lock_timeout", "10s"),
+    ("statement_timeout", "20s"),
     ("idle_in_transaction_session_timeout", "60s"),
 ];
 
@@ -156,95 +183,207 @@ macro_rules! select_agents {
 #[derive(Debug)]
 pub(crate) struct PostgresDatastore {
     pool: PgPool,
-    /// The listener's own pool (one connection), so that it never waits behind queries.
-    listen_pool: PgPool,
+    /// The listener task (on connections of its own, so that it never waits behind
+    /// queries), until `close`.
+    listening: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     notifications: watch::Receiver<u64>,
     stop: CancellationToken,
     /// Stops the listener task when the datastore is dropped without `close`.
     _stop_on_drop: DropGuard,
+    /// How long one call may take, waiting for a connection included.
+    call_timeout: Duration,
+    /// Shared with both pools' hooks and the listener.
+    distrust: Arc<Distrust>,
+}
+
+/// When a call last went unanswered. A connection to a server that vanished without a
+/// word (power loss, a partition, a failover to another address) gets no RST: it looks
+/// healthy, and anything sent on it waits for ever. So once a call has timed out, the
+/// connections opened before then are closed instead of being used again (new ones are
+/// opened), and the listener subscribes again on a new connection.
+#[derive(Debug)]
+struct Distrust {
+    since: watch::Sender<Option<Instant>>,
+}
+
+impl Distrust {
+    fn new() -> Self {
+        Self {
+            since: watch::Sender::new(None),
+        }
+    }
+
+    /// A call went unanswered now.
+    fn mark(&self) {
+        self.since.send_replace(Some(Instant::now()));
+    }
+
+    /// Whether a connection opened `age` ago predates the last unanswered call.
+    fn covers(&self, age: Duration) -> bool {
+        let Some(since) = *self.since.borrow() else {
+            return false;
+        };
+        Instant::now()
+            .checked_sub(age)
+            .is_none_or(|opened| opened <= since)
+    }
+}
+
+/// Options of both pools: connections are checked before use (a ping, as sqlx's
+/// default `test_before_acquire`) unless [`Distrust`] says to close them, which is also
+/// checked when they are released (sqlx pings a released connection, which would wait
+/// for ever on a half-open one, holding its place in the pool).
+fn pool_options(distrust: &Arc<Distrust>) -> PgPoolOptions {
+    let before = Arc::clone(distrust);
+    let after = Arc::clone(distrust);
+    PgPoolOptions::new()
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .test_before_acquire(false)
+        .before_acquire(move |conn, meta| {
+            let distrusted = before.covers(meta.age);
+            Box::pin(async move {
+                if distrusted {
+                    return Ok(false);
+                }
+                conn.ping().await?;
+                Ok(true)
+            })
+        })
+        .after_release(move |_conn, meta| {
+            let distrusted = after.covers(meta.age);
+            Box::pin(async move { Ok(!distrusted) })
+        })
 }
 
 impl PostgresDatastore {
     /// See [`super::open_postgres`].
     pub(crate) async fn open(config: &PostgresConfig) -> Result<Self, DatastoreError> {
+        Self::open_with(config, CALL_TIMEOUT).await
+    }
+
+    /// [`Self::open`] with another bound on each call (tests).
+    async fn open_with(
+        config: &PostgresConfig,
+        call_timeout: Duration,
+    ) -> Result<Self, DatastoreError> {
         let options = connect_options(&config.connection_string)?;
         let target = describe(&options);
+        if let Some(host) = unverified_remote_host(&options) {
+            tracing::warn!(
+                %host,
+                sslmode = ssl_mode_name(options.get_ssl_mode()),
+                "the PostgreSQL server is reached over the network without verifying its \
+                 certificate: an attacker on the path can strip TLS, ask for the password in \
+                 clear text and answer in the database's place. Set sslmode=verify-full in \
+                 connection_string (with sslrootcert=<CA file> for a private CA)"
+            );
+        }
 
         // One direct connection first: when the server is unreachable, opening fails at
         // once with the reason (a pool would retry until its timeout and then only say
         // that it timed out).
+        let no_answer = || unreachable(&target, &format!("no answer within {CONNECT_TIMEOUT:?}"));
         let mut conn =
             match tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&options)).await
             {
                 Ok(Ok(conn)) => conn,
                 Ok(Err(e)) => return Err(unreachable(&target, &e.to_string())),
-                Err(_) => {
-                    return Err(unreachable(
-                        &target,
-                        &format!("no answer within {}s", CONNECT_TIMEOUT.as_secs()),
-                    ));
-                }
+                Err(_) => return Err(no_answer()),
             };
-        let checked = check_encoding(&mut conn).await;
+        let checked = tokio::time::timeout(CONNECT_TIMEOUT, check_encoding(&mut conn))
+            .await
+            .map_err(|_| no_answer())?;
         // Closing is a courtesy to the server; the check's outcome is what counts.
-        let _ = conn.close().await;
+        let _ = tokio::time::timeout(CONNECT_TIMEOUT, conn.close()).await;
         checked?;
         migrate(&options).await?;
 
-        let mut pool_options = options.clone();
-        let set = pool_options.get_options().unwrap_or_default().to_owned();
+        let mut pool_options_with_settings = options.clone();
+        let set = options_settings(pool_options_with_settings.get_options().unwrap_or_default());
         for (name, value) in SESSION_SETTINGS {
-            // `options` holds `-c name=value` or `--name=value` words.
-            let prefix = format!("{name}=");
-            let already = set
-                .split_whitespace()
-                .any(|word| word.trim_start_matches('-').starts_with(&prefix));
-            if !already {
-                pool_options = pool_options.options([(name, value)]);
+            if !set.iter().any(|s| s == name) {
+                pool_options_with_settings = pool_options_with_settings.options([(name, value)]);
             }
         }
-        if pool_options.get_application_name().is_none() {
-            pool_options = pool_options.application_name(APPLICATION_NAME);
+        if pool_options_with_settings.get_application_name().is_none() {
+            pool_options_with_settings =
+                pool_options_with_settings.application_name(APPLICATION_NAME);
         }
-        let pool = PgPoolOptions::new()
+        let distrust = Arc::new(Distrust::new());
+        let pool = pool_options(&distrust)
             .max_connections(config.max_connections)
-            .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_lazy_with(pool_options);
-        let listen_pool = PgPoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(ACQUIRE_TIMEOUT)
-            // The listening connection lives as long as it works.
-            .max_lifetime(None)
-            .idle_timeout(None)
-            .connect_lazy_with(options.application_name(LISTENER_APPLICATION_NAME));
+            .connect_lazy_with(pool_options_with_settings);
+        let listen_options = options.application_name(LISTENER_APPLICATION_NAME);
 
         // Subscribed before `open` returns: a change committed after it is announced.
-        let listener = subscribe(&listen_pool)
+        let subscription = subscribe(&listen_options, call_timeout, &distrust)
             .await
             .map_err(|e| unreachable(&target, &e.to_string()))?;
         let (wake, notifications) = watch::channel(0);
         let stop = CancellationToken::new();
-        tokio::spawn(listen(listener, listen_pool.clone(), wake, stop.clone()));
+        let listening = tokio::spawn(listen(
+            subscription,
+            listen_options,
+            wake,
+            stop.clone(),
+            call_timeout,
+            Arc::clone(&distrust),
+        ));
         Ok(Self {
             pool,
-            listen_pool,
+            listening: std::sync::Mutex::new(Some(listening)),
             notifications,
             _stop_on_drop: stop.clone().drop_guard(),
             stop,
+            call_timeout,
+            distrust,
         })
     }
 
-    /// Starts a write transaction holding the change-feed lock.
-    async fn begin_write(&self) -> Result<Transaction<'static, Postgres>, DatastoreError> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(LOCK_CHANGE_FEED).execute(&mut *tx).await?;
-        Ok(tx)
+    /// Runs `work` on a pooled connection, all of it (waiting for the connection
+    /// included) within the call timeout. PostgreSQL answers or fails within
+    /// `statement_timeout` and `lock_timeout`; this bounds what they cannot, a server
+    /// that no longer answers at all (sqlx sets no TCP keepalive and no timeout of its
+    /// own). Past it the call fails `Unavailable`, and the connection is closed, never
+    /// returned to the pool, along with every connection opened before ([`Distrust`]).
+    async fn bounded<T>(
+        &self,
+        work: impl AsyncFnOnce(&mut PgConnection) -> Result<T, DatastoreError>,
+    ) -> Result<T, DatastoreError> {
+        let mut held: Option<PoolConnection<Postgres>> = None;
+        let outcome = tokio::time::timeout(self.call_timeout, async {
+            let conn = held.insert(self.pool.acquire().await?);
+            work(&mut **conn).await
+        })
+        .await;
+        match outcome {
+            Ok(result) => result,
+            Err(_) => {
+                self.distrust.mark();
+                // Mid-exchange, perhaps with a transaction open: detached and dropped,
+                // the connection's socket is closed without another word (returning it
+                // would have sqlx ping it, waiting for ever); the server rolls back.
+                if let Some(conn) = held.take() {
+                    drop(conn.detach());
+                }
+                Err(DatastoreError::Unavailable(
+                    format!("PostgreSQL did not answer within {:?}", self.call_timeout).into(),
+                ))
+            }
+        }
     }
+}
 
-    /// Starts a read-only transaction on one snapshot.
-    async fn begin_read(&self) -> Result<Transaction<'static, Postgres>, DatastoreError> {
-        Ok(self.pool.begin_with(BEGIN_READ).await?)
-    }
+/// Starts a write transaction holding the change-feed lock.
+async fn begin_write(conn: &mut PgConnection) -> Result<Transaction<'_, Postgres>, DatastoreError> {
+    let mut tx = conn.begin().await?;
+    sqlx::query(LOCK_CHANGE_FEED).execute(&mut *tx).await?;
+    Ok(tx)
+}
+
+/// Starts a read-only transaction on one snapshot.
+async fn begin_read(conn: &mut PgConnection) -> Result<Transaction<'_, Postgres>, DatastoreError> {
+    Ok(conn.begin_with(BEGIN_READ).await?)
 }
 
 /// Checks the database's encoding, on the first connection.
@@ -401,19 +540,147 @@ fn describe(options: &PgConnectOptions) -> String {
     }
 }
 
+/// The names of the settings an `options` connection parameter sets, as PostgreSQL
+/// reads them (lower case, `-` as `_`): `-c name=value`, `-cname=value` and
+/// `--name=value` words, separated by whitespace that no `\` escapes.
+fn options_settings(options: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word: Option<String> = None;
+    let mut chars = options.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                let w = word.get_or_insert_with(String::new);
+                w.extend(chars.next());
+            }
+            c if c.is_ascii_whitespace() => words.extend(word.take()),
+            c => word.get_or_insert_with(String::new).push(c),
+        }
+    }
+    words.extend(word);
+    let mut names = Vec::new();
+    let mut words = words.into_iter();
+    while let Some(word) = words.next() {
+        let setting = if word == "-c" {
+            words.next()
+        } else if let Some(setting) = word.strip_prefix("--") {
+            Some(setting.to_owned())
+        } else {
+            word.strip_prefix("-c").map(str::to_owned)
+        };
+        if let Some((name, _)) = setting.as_deref().and_then(|s| s.split_once('=')) {
+            names.push(name.to_ascii_lowercase().replace('-', "_"));
+        }
+    }
+    names
+}
+
+/// `host:port` when `options` reach the server over TCP on another host than this one
+/// without verifying its certificate (any `sslmode` but `verify-ca` and `verify-full`):
+/// there, an attacker on the path can strip TLS (sqlx, like libpq, accepts whatever
+/// authentication the server asks for, cleartext password included) or answer in the
+/// database's place. `None` for a Unix socket and for loopback (`localhost`,
+/// 127.0.0.0/8, `::1`).
+fn unverified_remote_host(options: &PgConnectOptions) -> Option<String> {
+    if matches!(
+        options.get_ssl_mode(),
+        PgSslMode::VerifyCa | PgSslMode::VerifyFull
+    ) {
+        return None;
+    }
+    let host = options.get_host();
+    if options.get_socket().is_some() || host.starts_with('/') {
+        return None;
+    }
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let loopback = bare.eq_ignore_ascii_case("localhost")
+        || bare
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback());
+    (!loopback).then(|| format!("{host}:{}", options.get_port()))
+}
+
+/// libpq's name of an `sslmode`.
+fn ssl_mode_name(mode: PgSslMode) -> &'static str {
+    match mode {
+        PgSslMode::Disable => "disable",
+        PgSslMode::Allow => "allow",
+        PgSslMode::Prefer => "prefer",
+        PgSslMode::Require => "require",
+        PgSslMode::VerifyCa => "verify-ca",
+        PgSslMode::VerifyFull => "verify-full",
+    }
+}
+
 /// [`DatastoreError::Unavailable`] for a server that cannot be reached at `target`.
 fn unreachable(target: &str, why: &str) -> DatastoreError {
     DatastoreError::Unavailable(format!("cannot connect to PostgreSQL at {target}: {why}").into())
 }
 
-/// A listener subscribed to [`CHANNEL`].
-async fn subscribe(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
-    let mut listener = PgListener::connect_with(pool).await?;
-    // A lost connection is reported by `try_recv` (after reconnecting), so that it
-    // wakes the server.
-    listener.eager_reconnect(true);
-    listener.listen(CHANNEL).await?;
-    Ok(listener)
+/// A listener subscribed to [`CHANNEL`], on a one-connection pool made for it: a
+/// listener dropped on a half-open connection leaves sqlx's `UNLISTEN *` waiting there
+/// for ever, holding its pool's connection, so a new subscription never shares a pool
+/// with an old one.
+struct Subscription {
+    listener: PgListener,
+    pool: PgPool,
+}
+
+impl Subscription {
+    /// Ends the subscription in the background: dropping the listener sends
+    /// `UNLISTEN *`, and its pool is closed once the connection is back (or given up
+    /// after `within`).
+    fn end(self, within: Duration) {
+        let Self { listener, pool } = self;
+        drop(listener);
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(within, pool.close()).await;
+        });
+    }
+}
+
+/// Subscribes to [`CHANNEL`] on a new connection (see [`Subscription`]), within
+/// `within`; past it [`Distrust`] is marked before the half-made listener is dropped.
+async fn subscribe(
+    options: &PgConnectOptions,
+    within: Duration,
+    distrust: &Arc<Distrust>,
+) -> Result<Subscription, sqlx::Error> {
+    let pool = pool_options(distrust)
+        .max_connections(1)
+        // The listening connection lives as long as it works.
+        .max_lifetime(None)
+        .idle_timeout(None)
+        .connect_lazy_with(options.clone());
+    let listen_pool = pool.clone();
+    let subscribing = async move {
+        let mut listener = PgListener::connect_with(&listen_pool).await?;
+        // A lost connection is reported by `try_recv` (after reconnecting), so that it
+        // wakes the server.
+        listener.eager_reconnect(true);
+        listener.listen(CHANNEL).await?;
+        Ok::<_, sqlx::Error>(listener)
+    };
+    let mut subscribing = std::pin::pin!(subscribing);
+    let subscribed = tokio::select! {
+        subscribed = &mut subscribing => subscribed,
+        () = tokio::time::sleep(within) => {
+            distrust.mark();
+            Err(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("PostgreSQL did not answer within {within:?}"),
+            )))
+        }
+    };
+    match subscribed {
+        Ok(listener) => Ok(Subscription { listener, pool }),
+        Err(error) => {
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(within, pool.close()).await;
+            });
+            Err(error)
+        }
+    }
 }
 
 /// Bumps the notification count.
@@ -422,25 +689,34 @@ fn wake_up(wake: &watch::Sender<u64>) {
 }
 
 /// The listener task: bumps `wake` on every notification and after every
-/// resubscription, until `stop`. Never panics; errors are logged and retried.
+/// resubscription, until `stop`. Subscribes again on a new connection when the
+/// connection is lost, and when a datastore call went unanswered ([`Distrust`]): the
+/// listening connection may be half-open too, and would then wait for ever. Never
+/// panics; errors are logged and retried.
 async fn listen(
-    listener: PgListener,
-    pool: PgPool,
+    subscription: Subscription,
+    options: PgConnectOptions,
     wake: watch::Sender<u64>,
     stop: CancellationToken,
+    call_timeout: Duration,
+    distrust: Arc<Distrust>,
 ) {
-    let mut listener = Some(listener);
+    let mut distrusted = distrust.since.subscribe();
+    distrusted.mark_unchanged();
+    let mut subscription = Some(subscription);
     let mut subscribed_at = Instant::now();
     let mut backoff = RECONNECT_MIN;
     loop {
-        let Some(current) = listener.as_mut() else {
+        let Some(current) = subscription.as_mut() else {
             let subscribed = tokio::select! {
                 () = stop.cancelled() => return,
-                subscribed = subscribe(&pool) => subscribed,
+                subscribed = subscribe(&options, call_timeout, &distrust) => subscribed,
             };
+            // This subscription is on a connection opened after the mark, if any.
+            distrusted.mark_unchanged();
             match subscribed {
                 Ok(fresh) => {
-                    listener = Some(fresh);
+                    subscription = Some(fresh);
                     subscribed_at = Instant::now();
                     tracing::info!("listening for datastore changes again");
                     // Changes committed while the connection was down were announced to
@@ -458,9 +734,26 @@ async fn listen(
             }
             continue;
         };
+        // `try_recv` is cancel safe.
         let received = tokio::select! {
-            () = stop.cancelled() => return,
-            received = current.try_recv() => received,
+            () = stop.cancelled() => None,
+            Ok(()) = distrusted.changed() => Some(None),
+            received = current.listener.try_recv() => Some(Some(received)),
+        };
+        let received = match received {
+            Some(Some(received)) => received,
+            stopped_or_distrusted => {
+                if let Some(ended) = subscription.take() {
+                    ended.end(call_timeout);
+                }
+                if stopped_or_distrusted.is_none() {
+                    return;
+                }
+                tracing::warn!(
+                    "a datastore call went unanswered: listening for changes on a new connection"
+                );
+                continue;
+            }
         };
         match received {
             Ok(Some(_)) => wake_up(&wake),
@@ -471,7 +764,9 @@ async fn listen(
             }
             Err(error) => {
                 tracing::warn!(%error, "lost the connection listening for datastore changes");
-                listener = None;
+                if let Some(ended) = subscription.take() {
+                    ended.end(call_timeout);
+                }
                 // A connection that worked for a while starts the backoff again; one that
                 // keeps failing at once keeps growing it.
                 if subscribed_at.elapsed() > RECONNECT_MAX {
@@ -868,6 +1163,30 @@ async fn revocation_in(
     revocation_from_row(&row, serials).map(Some)
 }
 
+/// What a caller learns of a join token it could not consume, consuming nothing: an
+/// expired, unused token is useless to anyone, so it is deleted, and "expired" is said
+/// only to a caller who holds its secret; anything else is
+/// [`TokenOutcome::Invalid`].
+async fn unconsumable_token(
+    conn: &mut PgConnection,
+    id: &str,
+    secret_hash: &[u8; 32],
+    now: i64,
+) -> Result<TokenOutcome, DatastoreError> {
+    let expired_hash: Option<Vec<u8>> = sqlx::query_scalar(
+        "DELETE FROM join_tokens WHERE id = $1 AND used_at IS NULL AND expires_at <= $2 \
+         RETURNING secret_hash",
+    )
+    .bind(id)
+    .bind(now)
+    .fetch_optional(conn)
+    .await?;
+    Ok(match expired_hash {
+        Some(hash) if hash.as_slice() == secret_hash.as_slice() => TokenOutcome::Expired,
+        _ => TokenOutcome::Invalid,
+    })
+}
+
 /// Reads the current revision inside `conn`'s transaction (or as its own statement).
 async fn current_revision_in(conn: &mut PgConnection) -> Result<u64, DatastoreError> {
     let revision: i64 = sqlx::query_scalar(concat!("SELECT ", current_revision!()))
@@ -882,41 +1201,44 @@ impl Datastore for PostgresDatastore {
         let id = new_entry_id()?;
         let row = EntryColumns::new(entry)?;
 
-        let mut tx = self.begin_write().await?;
-        let revision = record_change(
-            &mut tx,
-            ChangeKind::EntryUpserted,
-            &id,
-            &[row.entry.parent_id.as_str()],
-        )
-        .await?;
-        let revision_i64 = revision_to_i64(revision)?;
-        let inserted = sqlx::query(
-            "INSERT INTO entries (id, spiffe_id, parent_id, selectors, similarity_key, \
-             x509_svid_ttl_secs, jwt_svid_ttl_secs, jwt_audiences, jwt_multi_audience, \
-             dns_names, hint, federates_with, created_revision, revision) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
-        )
-        .bind(&id)
-        .bind(row.entry.spiffe_id.as_str())
-        .bind(row.entry.parent_id.as_str())
-        .bind(&row.selectors)
-        .bind(&row.similarity_key)
-        .bind(row.x509_svid_ttl_secs)
-        .bind(row.jwt_svid_ttl_secs)
-        .bind(&row.jwt_audiences)
-        .bind(row.entry.jwt_multi_audience)
-        .bind(&row.dns_names)
-        .bind(&row.entry.hint)
-        .bind(&row.federates_with)
-        .bind(revision_i64)
-        .bind(revision_i64)
-        .execute(&mut *tx)
-        .await;
-        inserted.map_err(similar_entry_conflict)?;
-        tx.commit().await?;
+        self.bounded(async move |conn| {
+            let mut tx = begin_write(conn).await?;
+            let revision = record_change(
+                &mut tx,
+                ChangeKind::EntryUpserted,
+                &id,
+                &[row.entry.parent_id.as_str()],
+            )
+            .await?;
+            let revision_i64 = revision_to_i64(revision)?;
+            let inserted = sqlx::query(
+                "INSERT INTO entries (id, spiffe_id, parent_id, selectors, similarity_key, \
+                 x509_svid_ttl_secs, jwt_svid_ttl_secs, jwt_audiences, jwt_multi_audience, \
+                 dns_names, hint, federates_with, created_revision, revision) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+            )
+            .bind(&id)
+            .bind(row.entry.spiffe_id.as_str())
+            .bind(row.entry.parent_id.as_str())
+            .bind(&row.selectors)
+            .bind(&row.similarity_key)
+            .bind(row.x509_svid_ttl_secs)
+            .bind(row.jwt_svid_ttl_secs)
+            .bind(&row.jwt_audiences)
+            .bind(row.entry.jwt_multi_audience)
+            .bind(&row.dns_names)
+            .bind(&row.entry.hint)
+            .bind(&row.federates_with)
+            .bind(revision_i64)
+            .bind(revision_i64)
+            .execute(&mut *tx)
+            .await;
+            inserted.map_err(similar_entry_conflict)?;
+            tx.commit().await?;
 
-        Ok(row.into_entry(id, revision, revision))
+            Ok(row.into_entry(id, revision, revision))
+        })
+        .await
     }
 
     async fn update_entry(
@@ -926,78 +1248,87 @@ impl Datastore for PostgresDatastore {
     ) -> Result<Option<RegistrationEntry>, DatastoreError> {
         let row = EntryColumns::new(entry)?;
 
-        let mut tx = self.begin_write().await?;
-        let old_parent: Option<String> =
-            sqlx::query_scalar("SELECT parent_id FROM entries WHERE id = $1")
-                .bind(id)
-                .fetch_optional(&mut *tx)
-                .await?;
-        let Some(old_parent) = old_parent else {
-            tx.rollback().await?;
-            return Ok(None);
-        };
-        let revision = record_change(
-            &mut tx,
-            ChangeKind::EntryUpserted,
-            id,
-            &[old_parent.as_str(), row.entry.parent_id.as_str()],
-        )
-        .await?;
-        let updated: Result<Option<i64>, _> = sqlx::query_scalar(
-            "UPDATE entries SET spiffe_id = $1, parent_id = $2, selectors = $3, \
-             similarity_key = $4, x509_svid_ttl_secs = $5, jwt_svid_ttl_secs = $6, \
-             jwt_audiences = $7, jwt_multi_audience = $8, dns_names = $9, hint = $10, \
-             federates_with = $11, revision = $12 \
-             WHERE id = $13 RETURNING created_revision",
-        )
-        .bind(row.entry.spiffe_id.as_str())
-        .bind(row.entry.parent_id.as_str())
-        .bind(&row.selectors)
-        .bind(&row.similarity_key)
-        .bind(row.x509_svid_ttl_secs)
-        .bind(row.jwt_svid_ttl_secs)
-        .bind(&row.jwt_audiences)
-        .bind(row.entry.jwt_multi_audience)
-        .bind(&row.dns_names)
-        .bind(&row.entry.hint)
-        .bind(&row.federates_with)
-        .bind(revision_to_i64(revision)?)
-        .bind(id)
-        .fetch_optional(&mut *tx)
-        .await;
-        let Some(created_revision) = updated.map_err(similar_entry_conflict)? else {
-            // Also undoes the change row, so the revision is not consumed.
-            tx.rollback().await?;
-            return Ok(None);
-        };
-        let created_revision =
-            stored_u64(created_revision, &format!("entries[{id}].created_revision"))?;
-        tx.commit().await?;
+        self.bounded(async move |conn| {
+            let mut tx = begin_write(conn).await?;
+            let old_parent: Option<String> =
+                sqlx::query_scalar("SELECT parent_id FROM entries WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            let Some(old_parent) = old_parent else {
+                tx.rollback().await?;
+                return Ok(None);
+            };
+            let revision = record_change(
+                &mut tx,
+                ChangeKind::EntryUpserted,
+                id,
+                &[old_parent.as_str(), row.entry.parent_id.as_str()],
+            )
+            .await?;
+            let updated: Result<Option<i64>, _> = sqlx::query_scalar(
+                "UPDATE entries SET spiffe_id = $1, parent_id = $2, selectors = $3, \
+                 similarity_key = $4, x509_svid_ttl_secs = $5, jwt_svid_ttl_secs = $6, \
+                 jwt_audiences = $7, jwt_multi_audience = $8, dns_names = $9, hint = $10, \
+                 federates_with = $11, revision = $12 \
+                 WHERE id = $13 RETURNING created_revision",
+            )
+            .bind(row.entry.spiffe_id.as_str())
+            .bind(row.entry.parent_id.as_str())
+            .bind(&row.selectors)
+            .bind(&row.similarity_key)
+            .bind(row.x509_svid_ttl_secs)
+            .bind(row.jwt_svid_ttl_secs)
+            .bind(&row.jwt_audiences)
+            .bind(row.entry.jwt_multi_audience)
+            .bind(&row.dns_names)
+            .bind(&row.entry.hint)
+            .bind(&row.federates_with)
+            .bind(revision_to_i64(revision)?)
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await;
+            let Some(created_revision) = updated.map_err(similar_entry_conflict)? else {
+                // Also undoes the change row, so the revision is not consumed.
+                tx.rollback().await?;
+                return Ok(None);
+            };
+            let created_revision =
+                stored_u64(created_revision, &format!("entries[{id}].created_revision"))?;
+            tx.commit().await?;
 
-        Ok(Some(row.into_entry(
-            id.to_owned(),
-            created_revision,
-            revision,
-        )))
+            Ok(Some(row.into_entry(
+                id.to_owned(),
+                created_revision,
+                revision,
+            )))
+        })
+        .await
     }
 
     async fn get_entry(&self, id: &str) -> Result<Option<RegistrationEntry>, DatastoreError> {
-        sqlx::query(select_entries!("WHERE id = $1"))
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?
-            .as_ref()
-            .map(entry_from_row)
-            .transpose()
+        self.bounded(async move |conn| {
+            sqlx::query(select_entries!("WHERE id = $1"))
+                .bind(id)
+                .fetch_optional(&mut *conn)
+                .await?
+                .as_ref()
+                .map(entry_from_row)
+                .transpose()
+        })
+        .await
     }
 
     async fn list_entries(&self) -> Result<Vec<RegistrationEntry>, DatastoreError> {
-        sqlx::query(select_entries!("ORDER BY id"))
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(entry_from_row)
-            .collect()
+        self.bounded(async move |conn| {
+            sqlx::query(select_entries!("ORDER BY id"))
+                .fetch_all(&mut *conn)
+                .await?
+                .iter()
+                .map(entry_from_row)
+                .collect()
+        })
+        .await
     }
 
     async fn list_entries_by_parent(
@@ -1010,50 +1341,59 @@ impl Datastore for PostgresDatastore {
         // One statement for any number of parents: the IDs travel as a text array and
         // are compared as exact strings.
         let parents: Vec<&str> = parent_ids.iter().map(SpiffeId::as_str).collect();
-        sqlx::query(select_entries!("WHERE parent_id = ANY($1) ORDER BY id"))
-            .bind(&parents)
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(entry_from_row)
-            .collect()
+        self.bounded(async move |conn| {
+            sqlx::query(select_entries!("WHERE parent_id = ANY($1) ORDER BY id"))
+                .bind(&parents)
+                .fetch_all(&mut *conn)
+                .await?
+                .iter()
+                .map(entry_from_row)
+                .collect()
+        })
+        .await
     }
 
     async fn delete_entry(&self, id: &str) -> Result<bool, DatastoreError> {
-        let mut tx = self.begin_write().await?;
-        let parent: Option<String> =
-            sqlx::query_scalar("DELETE FROM entries WHERE id = $1 RETURNING parent_id")
-                .bind(id)
-                .fetch_optional(&mut *tx)
-                .await?;
-        let Some(parent) = parent else {
-            tx.rollback().await?;
-            return Ok(false);
-        };
-        record_change(&mut tx, ChangeKind::EntryDeleted, id, &[parent.as_str()]).await?;
-        tx.commit().await?;
-        Ok(true)
+        self.bounded(async move |conn| {
+            let mut tx = begin_write(conn).await?;
+            let parent: Option<String> =
+                sqlx::query_scalar("DELETE FROM entries WHERE id = $1 RETURNING parent_id")
+                    .bind(id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            let Some(parent) = parent else {
+                tx.rollback().await?;
+                return Ok(false);
+            };
+            record_change(&mut tx, ChangeKind::EntryDeleted, id, &[parent.as_str()]).await?;
+            tx.commit().await?;
+            Ok(true)
+        })
+        .await
     }
 
     async fn create_join_token(&self, token: NewJoinToken) -> Result<(), DatastoreError> {
         let expires_at = to_unix_secs(token.expires_at, "join token expires_at")?;
-        let result = sqlx::query(
-            "INSERT INTO join_tokens (id, secret_hash, alias, expires_at, used_at) \
-             VALUES ($1, $2, $3, $4, NULL)",
-        )
-        .bind(&token.id)
-        .bind(&token.secret_hash[..])
-        .bind(token.alias.as_ref().map(SpiffeId::as_str))
-        .bind(expires_at)
-        .execute(&self.pool)
-        .await;
-        match result.map_err(DatastoreError::from) {
-            Ok(_) => Ok(()),
-            Err(DatastoreError::Conflict(_)) => Err(DatastoreError::Conflict(
-                "a join token with this id exists".to_owned(),
-            )),
-            Err(e) => Err(e),
-        }
+        self.bounded(async move |conn| {
+            let result = sqlx::query(
+                "INSERT INTO join_tokens (id, secret_hash, alias, expires_at, used_at) \
+                 VALUES ($1, $2, $3, $4, NULL)",
+            )
+            .bind(&token.id)
+            .bind(&token.secret_hash[..])
+            .bind(token.alias.as_ref().map(SpiffeId::as_str))
+            .bind(expires_at)
+            .execute(&mut *conn)
+            .await;
+            match result.map_err(DatastoreError::from) {
+                Ok(_) => Ok(()),
+                Err(DatastoreError::Conflict(_)) => Err(DatastoreError::Conflict(
+                    "a join token with this id exists".to_owned(),
+                )),
+                Err(e) => Err(e),
+            }
+        })
+        .await
     }
 
     async fn consume_join_token(
@@ -1063,46 +1403,38 @@ impl Datastore for PostgresDatastore {
         now: SystemTime,
     ) -> Result<TokenOutcome, DatastoreError> {
         let now = to_unix_secs(now, "now")?;
-        // The one statement that decides: concurrent callers queue on the row lock and
-        // re-check `used_at IS NULL` once the first has committed, so exactly one wins.
-        let consumed: Option<Option<String>> = sqlx::query_scalar(
-            "UPDATE join_tokens SET used_at = $1 \
-             WHERE id = $2 AND secret_hash = $3 AND used_at IS NULL AND expires_at > $1 \
-             RETURNING alias",
-        )
-        .bind(now)
-        .bind(id)
-        .bind(&secret_hash[..])
-        .fetch_optional(&self.pool)
-        .await?;
-        if let Some(alias) = consumed {
-            let alias = alias
-                .map(|a| stored_spiffe_id(&a, &format!("join_tokens[{id}].alias")))
-                .transpose()?;
-            return Ok(TokenOutcome::Consumed { alias });
-        }
-
-        // Not consumable. An expired, unused token is useless to anyone: delete it, and
-        // say "expired" only to a caller who holds its secret.
-        let expired_hash: Option<Vec<u8>> = sqlx::query_scalar(
-            "DELETE FROM join_tokens WHERE id = $1 AND used_at IS NULL AND expires_at <= $2 \
-             RETURNING secret_hash",
-        )
-        .bind(id)
-        .bind(now)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(match expired_hash {
-            Some(hash) if hash.as_slice() == secret_hash.as_slice() => TokenOutcome::Expired,
-            _ => TokenOutcome::Invalid,
+        self.bounded(async move |conn| {
+            // The one statement that decides: concurrent callers queue on the row lock and
+            // re-check `used_at IS NULL` once the first has committed, so exactly one wins.
+            let consumed: Option<Option<String>> = sqlx::query_scalar(
+                "UPDATE join_tokens SET used_at = $1 \
+                 WHERE id = $2 AND secret_hash = $3 AND used_at IS NULL AND expires_at > $1 \
+                 RETURNING alias",
+            )
+            .bind(now)
+            .bind(id)
+            .bind(&secret_hash[..])
+            .fetch_optional(&mut *conn)
+            .await?;
+            if let Some(alias) = consumed {
+                let alias = alias
+                    .map(|a| stored_spiffe_id(&a, &format!("join_tokens[{id}].alias")))
+                    .transpose()?;
+                return Ok(TokenOutcome::Consumed { alias });
+            }
+            unconsumable_token(conn, id, secret_hash, now).await
         })
+        .await
     }
 
     async fn upsert_agent(&self, agent: AttestedAgent) -> Result<(), DatastoreError> {
-        let mut tx = self.begin_write().await?;
-        upsert_agent_in(&mut tx, &agent).await?;
-        tx.commit().await?;
-        Ok(())
+        self.bounded(async move |conn| {
+            let mut tx = begin_write(conn).await?;
+            upsert_agent_in(&mut tx, &agent).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
     }
 
     async fn attest_with_join_token(
@@ -1113,55 +1445,67 @@ impl Datastore for PostgresDatastore {
         mut agent: AttestedAgent,
     ) -> Result<TokenOutcome, DatastoreError> {
         let now_secs = to_unix_secs(now, "now")?;
-        let mut tx = self.begin_write().await?;
-        let consumed: Option<Option<String>> = sqlx::query_scalar(
-            "UPDATE join_tokens SET used_at = $1 \
-             WHERE id = $2 AND secret_hash = $3 AND used_at IS NULL AND expires_at > $1 \
-             RETURNING alias",
-        )
-        .bind(now_secs)
-        .bind(id)
-        .bind(&secret_hash[..])
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(alias) = consumed else {
-            tx.rollback().await?;
-            // Not consumable: the same answer (and expired-token cleanup) as
-            // `consume_join_token`, which now consumes nothing.
-            return self.consume_join_token(id, secret_hash, now).await;
-        };
-        let alias = alias
-            .map(|a| stored_spiffe_id(&a, &format!("join_tokens[{id}].alias")))
-            .transpose()?;
-        if let Some(alias) = alias.as_ref().filter(|a| !agent.aliases.contains(a)) {
-            agent.aliases.push(alias.clone());
-        }
-        // A banned agent fails here, and dropping `tx` rolls the token back to unused.
-        upsert_agent_in(&mut tx, &agent).await?;
-        tx.commit().await?;
-        Ok(TokenOutcome::Consumed { alias })
+        self.bounded(async move |conn| {
+            let mut tx = begin_write(conn).await?;
+            let consumed: Option<Option<String>> = sqlx::query_scalar(
+                "UPDATE join_tokens SET used_at = $1 \
+                 WHERE id = $2 AND secret_hash = $3 AND used_at IS NULL AND expires_at > $1 \
+                 RETURNING alias",
+            )
+            .bind(now_secs)
+            .bind(id)
+            .bind(&secret_hash[..])
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some(alias) = consumed else {
+                // Not consumable: the answer (and expired-token cleanup) of
+                // `consume_join_token`, in this transaction. Never by trying to consume
+                // again: a token that became consumable meanwhile would be spent without
+                // an agent recorded.
+                let outcome = unconsumable_token(&mut tx, id, secret_hash, now_secs).await?;
+                tx.commit().await?;
+                return Ok(outcome);
+            };
+            let alias = alias
+                .map(|a| stored_spiffe_id(&a, &format!("join_tokens[{id}].alias")))
+                .transpose()?;
+            if let Some(alias) = alias.as_ref().filter(|a| !agent.aliases.contains(a)) {
+                agent.aliases.push(alias.clone());
+            }
+            // A banned agent fails here, and dropping `tx` rolls the token back to unused.
+            upsert_agent_in(&mut tx, &agent).await?;
+            tx.commit().await?;
+            Ok(TokenOutcome::Consumed { alias })
+        })
+        .await
     }
 
     async fn get_agent(
         &self,
         spiffe_id: &SpiffeId,
     ) -> Result<Option<AttestedAgent>, DatastoreError> {
-        sqlx::query(select_agents!("WHERE spiffe_id = $1"))
-            .bind(spiffe_id.as_str())
-            .fetch_optional(&self.pool)
-            .await?
-            .as_ref()
-            .map(agent_from_row)
-            .transpose()
+        self.bounded(async move |conn| {
+            sqlx::query(select_agents!("WHERE spiffe_id = $1"))
+                .bind(spiffe_id.as_str())
+                .fetch_optional(&mut *conn)
+                .await?
+                .as_ref()
+                .map(agent_from_row)
+                .transpose()
+        })
+        .await
     }
 
     async fn list_agents(&self) -> Result<Vec<AttestedAgent>, DatastoreError> {
-        sqlx::query(select_agents!("ORDER BY spiffe_id"))
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(agent_from_row)
-            .collect()
+        self.bounded(async move |conn| {
+            sqlx::query(select_agents!("ORDER BY spiffe_id"))
+                .fetch_all(&mut *conn)
+                .await?
+                .iter()
+                .map(agent_from_row)
+                .collect()
+        })
+        .await
     }
 
     async fn rotate_agent_serial(
@@ -1177,26 +1521,29 @@ impl Datastore for PostgresDatastore {
             ));
         }
         let expires_at = to_unix_secs(new_expires_at, "agent expires_at")?;
-        let mut tx = self.begin_write().await?;
-        let rotated = sqlx::query(
-            "UPDATE agents SET previous_serial = $1, serial = $2, expires_at = $3 \
-             WHERE spiffe_id = $4 AND banned_at IS NULL \
-               AND (serial = $1 OR (previous_serial IS NOT NULL AND previous_serial = $1))",
-        )
-        .bind(current_serial)
-        .bind(new_serial)
-        .bind(expires_at)
-        .bind(spiffe_id.as_str())
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if rotated == 0 {
-            tx.rollback().await?;
-            return Ok(false);
-        }
-        record_change(&mut tx, ChangeKind::AgentUpdated, spiffe_id.as_str(), &[]).await?;
-        tx.commit().await?;
-        Ok(true)
+        self.bounded(async move |conn| {
+            let mut tx = begin_write(conn).await?;
+            let rotated = sqlx::query(
+                "UPDATE agents SET previous_serial = $1, serial = $2, expires_at = $3 \
+                 WHERE spiffe_id = $4 AND banned_at IS NULL \
+                   AND (serial = $1 OR (previous_serial IS NOT NULL AND previous_serial = $1))",
+            )
+            .bind(current_serial)
+            .bind(new_serial)
+            .bind(expires_at)
+            .bind(spiffe_id.as_str())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if rotated == 0 {
+                tx.rollback().await?;
+                return Ok(false);
+            }
+            record_change(&mut tx, ChangeKind::AgentUpdated, spiffe_id.as_str(), &[]).await?;
+            tx.commit().await?;
+            Ok(true)
+        })
+        .await
     }
 
     async fn confirm_agent_serial(
@@ -1204,49 +1551,55 @@ impl Datastore for PostgresDatastore {
         spiffe_id: &SpiffeId,
         serial: &str,
     ) -> Result<(), DatastoreError> {
-        // Hot path (every call from an agent): a read, and the change-feed lock only
-        // when a previous serial is still remembered.
-        let pending: Option<i32> = sqlx::query_scalar(
-            "SELECT 1 FROM agents WHERE spiffe_id = $1 AND serial = $2 \
-             AND previous_serial IS NOT NULL",
-        )
-        .bind(spiffe_id.as_str())
-        .bind(serial)
-        .fetch_optional(&self.pool)
-        .await?;
-        if pending.is_none() {
-            return Ok(());
-        }
-        let mut tx = self.begin_write().await?;
-        let confirmed = sqlx::query(
-            "UPDATE agents SET previous_serial = NULL \
-             WHERE spiffe_id = $1 AND serial = $2 AND previous_serial IS NOT NULL",
-        )
-        .bind(spiffe_id.as_str())
-        .bind(serial)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if confirmed == 0 {
-            tx.rollback().await?;
-            return Ok(());
-        }
-        record_change(&mut tx, ChangeKind::AgentUpdated, spiffe_id.as_str(), &[]).await?;
-        tx.commit().await?;
-        Ok(())
+        self.bounded(async move |conn| {
+            // Hot path (every call from an agent): a read, and the change-feed lock only
+            // when a previous serial is still remembered.
+            let pending: Option<i32> = sqlx::query_scalar(
+                "SELECT 1 FROM agents WHERE spiffe_id = $1 AND serial = $2 \
+                 AND previous_serial IS NOT NULL",
+            )
+            .bind(spiffe_id.as_str())
+            .bind(serial)
+            .fetch_optional(&mut *conn)
+            .await?;
+            if pending.is_none() {
+                return Ok(());
+            }
+            let mut tx = begin_write(conn).await?;
+            let confirmed = sqlx::query(
+                "UPDATE agents SET previous_serial = NULL \
+                 WHERE spiffe_id = $1 AND serial = $2 AND previous_serial IS NOT NULL",
+            )
+            .bind(spiffe_id.as_str())
+            .bind(serial)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if confirmed == 0 {
+                tx.rollback().await?;
+                return Ok(());
+            }
+            record_change(&mut tx, ChangeKind::AgentUpdated, spiffe_id.as_str(), &[]).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
     }
 
     async fn get_bundle(&self, trust_domain: &str) -> Result<Option<StoredBundle>, DatastoreError> {
-        sqlx::query(
-            "SELECT trust_domain, x509_authorities, jwt_authorities, sequence_number \
-             FROM bundles WHERE trust_domain = $1",
-        )
-        .bind(trust_domain)
-        .fetch_optional(&self.pool)
-        .await?
-        .as_ref()
-        .map(bundle_from_row)
-        .transpose()
+        self.bounded(async move |conn| {
+            sqlx::query(
+                "SELECT trust_domain, x509_authorities, jwt_authorities, sequence_number \
+                 FROM bundles WHERE trust_domain = $1",
+            )
+            .bind(trust_domain)
+            .fetch_optional(&mut *conn)
+            .await?
+            .as_ref()
+            .map(bundle_from_row)
+            .transpose()
+        })
+        .await
     }
 
     async fn set_bundle(&self, bundle: StoredBundle) -> Result<(), DatastoreError> {
@@ -1255,17 +1608,20 @@ impl Datastore for PostgresDatastore {
         })?;
         let jwt_authorities = jwt_authorities_json(&bundle.jwt_authorities)?;
 
-        let mut tx = self.begin_write().await?;
-        store_bundle_in(
-            &mut tx,
-            &bundle.trust_domain,
-            &bundle.x509_authorities,
-            &jwt_authorities,
-            sequence_number,
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(())
+        self.bounded(async move |conn| {
+            let mut tx = begin_write(conn).await?;
+            store_bundle_in(
+                &mut tx,
+                &bundle.trust_domain,
+                &bundle.x509_authorities,
+                &jwt_authorities,
+                sequence_number,
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
     }
 
     async fn publish_authorities(
@@ -1285,103 +1641,114 @@ impl Datastore for PostgresDatastore {
         let now = to_unix_secs(now, "now")?;
         let td = contribution.trust_domain.as_str();
 
-        // Under the change-feed lock, the read-modify-write of the bundle sees every
-        // other server's publication that came before it.
-        let mut tx = self.begin_write().await?;
-        sqlx::query(
-            "INSERT INTO authority_contributions (trust_domain, server_id, x509_authorities, \
-             jwt_authorities, expires_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6) \
-             ON CONFLICT (trust_domain, server_id) DO UPDATE SET \
-               x509_authorities = excluded.x509_authorities, \
-               jwt_authorities = excluded.jwt_authorities, \
-               expires_at = excluded.expires_at, \
-               updated_at = excluded.updated_at",
-        )
-        .bind(td)
-        .bind(&contribution.server_id)
-        .bind(&authorities)
-        .bind(&jwt_authorities)
-        .bind(expires_at)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "DELETE FROM authority_contributions \
-             WHERE trust_domain = $1 AND server_id <> $2 AND expires_at <= $3",
-        )
-        .bind(td)
-        .bind(&contribution.server_id)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        let contributions = contributions_in(&mut tx, td).await?;
-        let (x509, jwt) = merge_contributions(&contributions);
-        let stored = sqlx::query(
-            "SELECT trust_domain, x509_authorities, jwt_authorities, sequence_number \
-             FROM bundles WHERE trust_domain = $1",
-        )
-        .bind(td)
-        .fetch_optional(&mut *tx)
-        .await?
-        .as_ref()
-        .map(bundle_from_row)
-        .transpose()?;
-        if stored
+        self.bounded(async move |conn| {
+            // Under the change-feed lock, the read-modify-write of the bundle sees every
+            // other server's publication that came before it.
+            let mut tx = begin_write(conn).await?;
+            sqlx::query(
+                "INSERT INTO authority_contributions (trust_domain, server_id, x509_authorities, \
+                 jwt_authorities, expires_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6) \
+                 ON CONFLICT (trust_domain, server_id) DO UPDATE SET \
+                   x509_authorities = excluded.x509_authorities, \
+                   jwt_authorities = excluded.jwt_authorities, \
+                   expires_at = excluded.expires_at, \
+                   updated_at = excluded.updated_at",
+            )
+            .bind(td)
+            .bind(&contribution.server_id)
+            .bind(&authorities)
+            .bind(&jwt_authorities)
+            .bind(expires_at)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "DELETE FROM authority_contributions \
+                 WHERE trust_domain = $1 AND server_id <> $2 AND expires_at <= $3",
+            )
+            .bind(td)
+            .bind(&contribution.server_id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            let contributions = contributions_in(&mut tx, td).await?;
+            let (x509, jwt) = merge_contributions(&contributions);
+            let stored = sqlx::query(
+                "SELECT trust_domain, x509_authorities, jwt_authorities, sequence_number \
+                 FROM bundles WHERE trust_domain = $1",
+            )
+            .bind(td)
+            .fetch_optional(&mut *tx)
+            .await?
             .as_ref()
-            .is_some_and(|b| b.x509_authorities == x509 && b.jwt_authorities == jwt)
-        {
+            .map(bundle_from_row)
+            .transpose()?;
+            if stored
+                .as_ref()
+                .is_some_and(|b| b.x509_authorities == x509 && b.jwt_authorities == jwt)
+            {
+                tx.commit().await?;
+                return Ok(false);
+            }
+            let sequence_number = stored.map_or(Ok(1), |b| {
+                i64::try_from(b.sequence_number)
+                    .ok()
+                    .and_then(|n| n.checked_add(1))
+                    .ok_or_else(|| {
+                        DatastoreError::Corrupt(format!(
+                            "bundles[{td}].sequence_number: out of range"
+                        ))
+                    })
+            })?;
+            store_bundle_in(
+                &mut tx,
+                td,
+                &x509,
+                &jwt_authorities_json(&jwt)?,
+                sequence_number,
+            )
+            .await?;
             tx.commit().await?;
-            return Ok(false);
-        }
-        let sequence_number = stored.map_or(Ok(1), |b| {
-            i64::try_from(b.sequence_number)
-                .ok()
-                .and_then(|n| n.checked_add(1))
-                .ok_or_else(|| {
-                    DatastoreError::Corrupt(format!("bundles[{td}].sequence_number: out of range"))
-                })
-        })?;
-        store_bundle_in(
-            &mut tx,
-            td,
-            &x509,
-            &jwt_authorities_json(&jwt)?,
-            sequence_number,
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(true)
+            Ok(true)
+        })
+        .await
     }
 
     async fn list_contributions(
         &self,
         trust_domain: &str,
     ) -> Result<Vec<AuthorityContribution>, DatastoreError> {
-        let mut conn = self.pool.acquire().await?;
-        contributions_in(&mut conn, trust_domain).await
+        self.bounded(async move |conn| contributions_in(conn, trust_domain).await)
+            .await
     }
 
     async fn list_bundles(&self) -> Result<Vec<StoredBundle>, DatastoreError> {
-        sqlx::query(
-            "SELECT trust_domain, x509_authorities, jwt_authorities, sequence_number \
-             FROM bundles ORDER BY trust_domain",
-        )
-        .fetch_all(&self.pool)
-        .await?
-        .iter()
-        .map(bundle_from_row)
-        .collect()
+        self.bounded(async move |conn| {
+            sqlx::query(
+                "SELECT trust_domain, x509_authorities, jwt_authorities, sequence_number \
+                 FROM bundles ORDER BY trust_domain",
+            )
+            .fetch_all(&mut *conn)
+            .await?
+            .iter()
+            .map(bundle_from_row)
+            .collect()
+        })
+        .await
     }
 
     async fn delete_bundle(&self, trust_domain: &str) -> Result<bool, DatastoreError> {
-        let mut tx = self.begin_write().await?;
-        let deleted = delete_bundle_in(&mut tx, trust_domain).await?;
-        if deleted {
-            tx.commit().await?;
-        } else {
-            tx.rollback().await?;
-        }
-        Ok(deleted)
+        self.bounded(async move |conn| {
+            let mut tx = begin_write(conn).await?;
+            let deleted = delete_bundle_in(&mut tx, trust_domain).await?;
+            if deleted {
+                tx.commit().await?;
+            } else {
+                tx.rollback().await?;
+            }
+            Ok(deleted)
+        })
+        .await
     }
 
     async fn create_federation_relationship(
@@ -1390,28 +1757,31 @@ impl Datastore for PostgresDatastore {
     ) -> Result<(), DatastoreError> {
         let now = now_unix_secs();
         let td = relationship.trust_domain.name().to_owned();
-        let mut tx = self.begin_write().await?;
-        let inserted = sqlx::query(
-            "INSERT INTO federation_relationships (trust_domain, bundle_endpoint_url, \
-             profile, endpoint_spiffe_id, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $5)",
-        )
-        .bind(&td)
-        .bind(&relationship.bundle_endpoint_url)
-        .bind(relationship.profile.name())
-        .bind(endpoint_id_column(&relationship.profile))
-        .bind(now)
-        .execute(&mut *tx)
-        .await;
-        inserted.map_err(|e| match DatastoreError::from(e) {
-            DatastoreError::Conflict(_) => {
-                DatastoreError::Conflict(format!("a federation relationship with {td} exists"))
-            }
-            other => other,
-        })?;
-        record_change(&mut tx, ChangeKind::FederationUpdated, &td, &[]).await?;
-        tx.commit().await?;
-        Ok(())
+        self.bounded(async move |conn| {
+            let mut tx = begin_write(conn).await?;
+            let inserted = sqlx::query(
+                "INSERT INTO federation_relationships (trust_domain, bundle_endpoint_url, \
+                 profile, endpoint_spiffe_id, created_at, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5, $5)",
+            )
+            .bind(&td)
+            .bind(&relationship.bundle_endpoint_url)
+            .bind(relationship.profile.name())
+            .bind(endpoint_id_column(&relationship.profile))
+            .bind(now)
+            .execute(&mut *tx)
+            .await;
+            inserted.map_err(|e| match DatastoreError::from(e) {
+                DatastoreError::Conflict(_) => {
+                    DatastoreError::Conflict(format!("a federation relationship with {td} exists"))
+                }
+                other => other,
+            })?;
+            record_change(&mut tx, ChangeKind::FederationUpdated, &td, &[]).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
     }
 
     async fn update_federation_relationship(
@@ -1419,76 +1789,89 @@ impl Datastore for PostgresDatastore {
         relationship: FederationRelationship,
     ) -> Result<bool, DatastoreError> {
         let td = relationship.trust_domain.name();
-        let mut tx = self.begin_write().await?;
-        let updated = sqlx::query(
-            "UPDATE federation_relationships SET bundle_endpoint_url = $1, profile = $2, \
-             endpoint_spiffe_id = $3, updated_at = $4 WHERE trust_domain = $5",
-        )
-        .bind(&relationship.bundle_endpoint_url)
-        .bind(relationship.profile.name())
-        .bind(endpoint_id_column(&relationship.profile))
-        .bind(now_unix_secs())
-        .bind(td)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if updated == 0 {
-            tx.rollback().await?;
-            return Ok(false);
-        }
-        record_change(&mut tx, ChangeKind::FederationUpdated, td, &[]).await?;
-        tx.commit().await?;
-        Ok(true)
+        self.bounded(async move |conn| {
+            let mut tx = begin_write(conn).await?;
+            let updated = sqlx::query(
+                "UPDATE federation_relationships SET bundle_endpoint_url = $1, profile = $2, \
+                 endpoint_spiffe_id = $3, updated_at = $4 WHERE trust_domain = $5",
+            )
+            .bind(&relationship.bundle_endpoint_url)
+            .bind(relationship.profile.name())
+            .bind(endpoint_id_column(&relationship.profile))
+            .bind(now_unix_secs())
+            .bind(td)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if updated == 0 {
+                tx.rollback().await?;
+                return Ok(false);
+            }
+            record_change(&mut tx, ChangeKind::FederationUpdated, td, &[]).await?;
+            tx.commit().await?;
+            Ok(true)
+        })
+        .await
     }
 
     async fn get_federation_relationship(
         &self,
         trust_domain: &str,
     ) -> Result<Option<FederationRelationship>, DatastoreError> {
-        sqlx::query(
-            "SELECT trust_domain, bundle_endpoint_url, profile, endpoint_spiffe_id \
-             FROM federation_relationships WHERE trust_domain = $1",
-        )
-        .bind(trust_domain)
-        .fetch_optional(&self.pool)
-        .await?
-        .as_ref()
-        .map(relationship_from_row)
-        .transpose()
+        self.bounded(async move |conn| {
+            sqlx::query(
+                "SELECT trust_domain, bundle_endpoint_url, profile, endpoint_spiffe_id \
+                 FROM federation_relationships WHERE trust_domain = $1",
+            )
+            .bind(trust_domain)
+            .fetch_optional(&mut *conn)
+            .await?
+            .as_ref()
+            .map(relationship_from_row)
+            .transpose()
+        })
+        .await
     }
 
     async fn list_federation_relationships(
         &self,
     ) -> Result<Vec<FederationRelationship>, DatastoreError> {
-        sqlx::query(
-            "SELECT trust_domain, bundle_endpoint_url, profile, endpoint_spiffe_id \
-             FROM federation_relationships ORDER BY trust_domain",
-        )
-        .fetch_all(&self.pool)
-        .await?
-        .iter()
-        .map(relationship_from_row)
-        .collect()
+        self.bounded(async move |conn| {
+            sqlx::query(
+                "SELECT trust_domain, bundle_endpoint_url, profile, endpoint_spiffe_id \
+                 FROM federation_relationships ORDER BY trust_domain",
+            )
+            .fetch_all(&mut *conn)
+            .await?
+            .iter()
+            .map(relationship_from_row)
+            .collect()
+        })
+        .await
     }
 
     async fn delete_federation_relationship(
         &self,
         trust_domain: &str,
     ) -> Result<bool, DatastoreError> {
-        let mut tx = self.begin_write().await?;
-        let deleted = sqlx::query("DELETE FROM federation_relationships WHERE trust_domain = $1")
-            .bind(trust_domain)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        if deleted == 0 {
-            tx.rollback().await?;
-            return Ok(false);
-        }
-        record_change(&mut tx, ChangeKind::FederationUpdated, trust_domain, &[]).await?;
-        delete_bundle_in(&mut tx, trust_domain).await?;
-        tx.commit().await?;
-        Ok(true)
+        self.bounded(async move |conn| {
+            let mut tx = begin_write(conn).await?;
+            let deleted =
+                sqlx::query("DELETE FROM federation_relationships WHERE trust_domain = $1")
+                    .bind(trust_domain)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+            if deleted == 0 {
+                tx.rollback().await?;
+                return Ok(false);
+            }
+            record_change(&mut tx, ChangeKind::FederationUpdated, trust_domain, &[]).await?;
+            delete_bundle_in(&mut tx, trust_domain).await?;
+            tx.commit().await?;
+            Ok(true)
+        })
+        .await
     }
 
     async fn ban_agent(
@@ -1497,55 +1880,61 @@ impl Datastore for PostgresDatastore {
         now: SystemTime,
     ) -> Result<Option<AttestedAgent>, DatastoreError> {
         let now = to_unix_secs(now, "banned_at")?;
-        let mut tx = self.begin_write().await?;
-        let banned = sqlx::query(
-            "UPDATE agents SET banned_at = $1 WHERE spiffe_id = $2 AND banned_at IS NULL",
-        )
-        .bind(now)
-        .bind(spiffe_id.as_str())
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if banned > 0 {
-            record_change(
-                &mut tx,
-                ChangeKind::AgentBanned,
-                spiffe_id.as_str(),
-                &[spiffe_id.as_str()],
+        self.bounded(async move |conn| {
+            let mut tx = begin_write(conn).await?;
+            let banned = sqlx::query(
+                "UPDATE agents SET banned_at = $1 WHERE spiffe_id = $2 AND banned_at IS NULL",
             )
-            .await?;
-        }
-        let agent = sqlx::query(select_agents!("WHERE spiffe_id = $1"))
-            .bind(spiffe_id.as_str())
-            .fetch_optional(&mut *tx)
-            .await?
-            .as_ref()
-            .map(agent_from_row)
-            .transpose()?;
-        tx.commit().await?;
-        Ok(agent)
-    }
-
-    async fn evict_agent(&self, spiffe_id: &SpiffeId) -> Result<bool, DatastoreError> {
-        let mut tx = self.begin_write().await?;
-        let deleted = sqlx::query("DELETE FROM agents WHERE spiffe_id = $1")
+            .bind(now)
             .bind(spiffe_id.as_str())
             .execute(&mut *tx)
             .await?
             .rows_affected();
-        if deleted == 0 {
-            tx.rollback().await?;
-            return Ok(false);
-        }
-        record_change(
-            &mut tx,
-            ChangeKind::AgentEvicted,
-            spiffe_id.as_str(),
-            &[spiffe_id.as_str()],
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(true)
+            if banned > 0 {
+                record_change(
+                    &mut tx,
+                    ChangeKind::AgentBanned,
+                    spiffe_id.as_str(),
+                    &[spiffe_id.as_str()],
+                )
+                .await?;
+            }
+            let agent = sqlx::query(select_agents!("WHERE spiffe_id = $1"))
+                .bind(spiffe_id.as_str())
+                .fetch_optional(&mut *tx)
+                .await?
+                .as_ref()
+                .map(agent_from_row)
+                .transpose()?;
+            tx.commit().await?;
+            Ok(agent)
+        })
+        .await
+    }
+
+    async fn evict_agent(&self, spiffe_id: &SpiffeId) -> Result<bool, DatastoreError> {
+        self.bounded(async move |conn| {
+            let mut tx = begin_write(conn).await?;
+            let deleted = sqlx::query("DELETE FROM agents WHERE spiffe_id = $1")
+                .bind(spiffe_id.as_str())
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            if deleted == 0 {
+                tx.rollback().await?;
+                return Ok(false);
+            }
+            record_change(
+                &mut tx,
+                ChangeKind::AgentEvicted,
+                spiffe_id.as_str(),
+                &[spiffe_id.as_str()],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(true)
+        })
+        .await
     }
 
     async fn revoke_identity(
@@ -1563,84 +1952,93 @@ impl Datastore for PostgresDatastore {
         let scope_json =
             serde_json::to_string(&scope).map_err(|e| DatastoreError::Internal(Box::new(e)))?;
 
-        // The change-feed lock also orders this against `record_instance_svids`: the
-        // serials read here include every SVID recorded before, and every later
-        // recording sees this revocation.
-        let mut tx = self.begin_write().await?;
-        // One statement: a revocation in force is kept as it is (idempotence); an
-        // expired one not yet pruned is replaced.
-        let written = sqlx::query(
-            "INSERT INTO revocations (spiffe_id, revoked_at, expires_at, scope) \
-             VALUES ($1, $2, GREATEST($3, COALESCE( \
-                 (SELECT MAX(expires_at) FROM instance_svids WHERE spiffe_id = $1), 0)), $4) \
-             ON CONFLICT (spiffe_id) DO UPDATE SET \
-               revoked_at = excluded.revoked_at, \
-               expires_at = excluded.expires_at, \
-               scope = excluded.scope \
-             WHERE revocations.expires_at <= $2",
-        )
-        .bind(spiffe_id.as_str())
-        .bind(revoked_at)
-        .bind(expires_at)
-        .bind(&scope_json)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        let created = written > 0;
-        if created {
-            record_change(
-                &mut tx,
-                ChangeKind::IdentityRevoked,
-                spiffe_id.as_str(),
-                &scope,
+        self.bounded(async move |conn| {
+            // The change-feed lock also orders this against `record_instance_svids`: the
+            // serials read here include every SVID recorded before, and every later
+            // recording sees this revocation.
+            let mut tx = begin_write(conn).await?;
+            // One statement: a revocation in force is kept as it is (idempotence); an
+            // expired one not yet pruned is replaced.
+            let written = sqlx::query(
+                "INSERT INTO revocations (spiffe_id, revoked_at, expires_at, scope) \
+                 VALUES ($1, $2, GREATEST($3, COALESCE( \
+                     (SELECT MAX(expires_at) FROM instance_svids WHERE spiffe_id = $1), 0)), $4) \
+                 ON CONFLICT (spiffe_id) DO UPDATE SET \
+                   revoked_at = excluded.revoked_at, \
+                   expires_at = excluded.expires_at, \
+                   scope = excluded.scope \
+                 WHERE revocations.expires_at <= $2",
             )
-            .await?;
-        }
-        let revocation = revocation_in(&mut tx, spiffe_id.as_str())
+            .bind(spiffe_id.as_str())
+            .bind(revoked_at)
+            .bind(expires_at)
+            .bind(&scope_json)
+            .execute(&mut *tx)
             .await?
-            .ok_or_else(|| {
-                DatastoreError::Internal("the revocation just written is missing".into())
-            })?;
-        tx.commit().await?;
-        Ok((revocation, created))
+            .rows_affected();
+            let created = written > 0;
+            if created {
+                record_change(
+                    &mut tx,
+                    ChangeKind::IdentityRevoked,
+                    spiffe_id.as_str(),
+                    &scope,
+                )
+                .await?;
+            }
+            let revocation = revocation_in(&mut tx, spiffe_id.as_str())
+                .await?
+                .ok_or_else(|| {
+                    DatastoreError::Internal("the revocation just written is missing".into())
+                })?;
+            tx.commit().await?;
+            Ok((revocation, created))
+        })
+        .await
     }
 
     async fn get_revocation(
         &self,
         spiffe_id: &SpiffeId,
     ) -> Result<Option<Revocation>, DatastoreError> {
-        let mut tx = self.begin_read().await?;
-        let revocation = revocation_in(&mut tx, spiffe_id.as_str()).await?;
-        tx.rollback().await?;
-        Ok(revocation)
+        self.bounded(async move |conn| {
+            let mut tx = begin_read(conn).await?;
+            let revocation = revocation_in(&mut tx, spiffe_id.as_str()).await?;
+            tx.rollback().await?;
+            Ok(revocation)
+        })
+        .await
     }
 
     async fn list_revocations(&self) -> Result<Vec<Revocation>, DatastoreError> {
-        let mut tx = self.begin_read().await?;
-        let rows = sqlx::query(
+        self.bounded(async move |conn| {
+            let mut tx = begin_read(conn).await?;
+            let rows = sqlx::query(
             "SELECT spiffe_id, revoked_at, expires_at, scope FROM revocations ORDER BY spiffe_id",
         )
         .fetch_all(&mut *tx)
         .await?;
-        let serials: Vec<(String, String)> = sqlx::query_as(
-            "SELECT s.spiffe_id, s.serial FROM instance_svids s \
-             JOIN revocations r ON r.spiffe_id = s.spiffe_id ORDER BY s.serial",
-        )
-        .fetch_all(&mut *tx)
-        .await?;
-        tx.rollback().await?;
-        let mut by_id: std::collections::HashMap<String, Vec<String>> =
-            std::collections::HashMap::new();
-        for (id, serial) in serials {
-            by_id.entry(id).or_default().push(serial);
-        }
-        rows.iter()
-            .map(|row| {
-                let id: String = row.try_get("spiffe_id")?;
-                let serials = by_id.remove(&id).unwrap_or_default();
-                revocation_from_row(row, serials)
-            })
-            .collect()
+            let serials: Vec<(String, String)> = sqlx::query_as(
+                "SELECT s.spiffe_id, s.serial FROM instance_svids s \
+                 JOIN revocations r ON r.spiffe_id = s.spiffe_id ORDER BY s.serial",
+            )
+            .fetch_all(&mut *tx)
+            .await?;
+            tx.rollback().await?;
+            let mut by_id: std::collections::HashMap<String, Vec<String>> =
+                std::collections::HashMap::new();
+            for (id, serial) in serials {
+                by_id.entry(id).or_default().push(serial);
+            }
+            rows.iter()
+                .map(|row| {
+                    let id: String = row.try_get("spiffe_id")?;
+                    let serials = by_id.remove(&id).unwrap_or_default();
+                    revocation_from_row(row, serials)
+                })
+                .collect()
+        })
+        .await
     }
 
     async fn revoked_among(
@@ -1653,14 +2051,17 @@ impl Datastore for PostgresDatastore {
         }
         let now = to_unix_secs(now, "now")?;
         let ids: Vec<&str> = ids.iter().map(SpiffeId::as_str).collect();
-        let revoked: Vec<String> = sqlx::query_scalar(
-            "SELECT spiffe_id FROM revocations WHERE spiffe_id = ANY($1) AND expires_at > $2",
-        )
-        .bind(&ids)
-        .bind(now)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(revoked.into_iter().collect())
+        self.bounded(async move |conn| {
+            let revoked: Vec<String> = sqlx::query_scalar(
+                "SELECT spiffe_id FROM revocations WHERE spiffe_id = ANY($1) AND expires_at > $2",
+            )
+            .bind(&ids)
+            .bind(now)
+            .fetch_all(&mut *conn)
+            .await?;
+            Ok(revoked.into_iter().collect())
+        })
+        .await
     }
 
     async fn record_instance_svids(
@@ -1679,75 +2080,84 @@ impl Datastore for PostgresDatastore {
             expiries.push(to_unix_secs(svid.expires_at, "instance SVID expires_at")?);
         }
 
-        // Insert first, then take back what a revocation in force covers, under the
-        // change-feed lock: a concurrent `revoke_identity` runs wholly before (and is
-        // seen here) or wholly after (and lists the serials).
-        let mut tx = self.begin_write().await?;
-        sqlx::query(
-            "INSERT INTO instance_svids (serial, spiffe_id, expires_at) \
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[])",
-        )
-        .bind(&serials)
-        .bind(&spiffe_ids)
-        .bind(&expiries)
-        .execute(&mut *tx)
-        .await?;
-        let withdrawn: Vec<String> = sqlx::query_scalar(
-            "DELETE FROM instance_svids \
-             WHERE serial = ANY($1) \
-               AND spiffe_id IN (SELECT spiffe_id FROM revocations WHERE expires_at > $2) \
-             RETURNING serial",
-        )
-        .bind(&serials)
-        .bind(now_unix_secs())
-        .fetch_all(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(serials
-            .iter()
-            .map(|serial| !withdrawn.iter().any(|w| w == serial))
-            .collect())
+        self.bounded(async move |conn| {
+            // Insert first, then take back what a revocation in force covers, under the
+            // change-feed lock: a concurrent `revoke_identity` runs wholly before (and is
+            // seen here) or wholly after (and lists the serials).
+            let mut tx = begin_write(conn).await?;
+            sqlx::query(
+                "INSERT INTO instance_svids (serial, spiffe_id, expires_at) \
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[])",
+            )
+            .bind(&serials)
+            .bind(&spiffe_ids)
+            .bind(&expiries)
+            .execute(&mut *tx)
+            .await?;
+            let withdrawn: Vec<String> = sqlx::query_scalar(
+                "DELETE FROM instance_svids \
+                 WHERE serial = ANY($1) \
+                   AND spiffe_id IN (SELECT spiffe_id FROM revocations WHERE expires_at > $2) \
+                 RETURNING serial",
+            )
+            .bind(&serials)
+            .bind(now_unix_secs())
+            .fetch_all(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(serials
+                .iter()
+                .map(|serial| !withdrawn.iter().any(|w| w == serial))
+                .collect())
+        })
+        .await
     }
 
     async fn revoked_serials(&self, now: SystemTime) -> Result<Vec<RevokedSerial>, DatastoreError> {
         let now = to_unix_secs(now, "now")?;
-        let rows: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT s.serial, r.revoked_at FROM instance_svids s \
-             JOIN revocations r ON r.spiffe_id = s.spiffe_id \
-             WHERE s.expires_at > $1 AND r.expires_at > $1 ORDER BY s.serial",
-        )
-        .bind(now)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.into_iter()
-            .map(|(serial, revoked_at)| {
-                let revoked_at =
-                    from_unix_secs(revoked_at, &format!("revocations[{serial}].revoked_at"))?;
-                Ok(RevokedSerial { serial, revoked_at })
-            })
-            .collect()
+        self.bounded(async move |conn| {
+            let rows: Vec<(String, i64)> = sqlx::query_as(
+                "SELECT s.serial, r.revoked_at FROM instance_svids s \
+                 JOIN revocations r ON r.spiffe_id = s.spiffe_id \
+                 WHERE s.expires_at > $1 AND r.expires_at > $1 ORDER BY s.serial",
+            )
+            .bind(now)
+            .fetch_all(&mut *conn)
+            .await?;
+            rows.into_iter()
+                .map(|(serial, revoked_at)| {
+                    let revoked_at =
+                        from_unix_secs(revoked_at, &format!("revocations[{serial}].revoked_at"))?;
+                    Ok(RevokedSerial { serial, revoked_at })
+                })
+                .collect()
+        })
+        .await
     }
 
     async fn prune_revocations(&self, now: SystemTime) -> Result<u64, DatastoreError> {
         let now = to_unix_secs(now, "now")?;
-        let mut tx = self.begin_write().await?;
-        let revocations = sqlx::query("DELETE FROM revocations WHERE expires_at <= $1")
-            .bind(now)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        let serials = sqlx::query("DELETE FROM instance_svids WHERE expires_at <= $1")
-            .bind(now)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        tx.commit().await?;
-        Ok(revocations + serials)
+        self.bounded(async move |conn| {
+            let mut tx = begin_write(conn).await?;
+            let revocations = sqlx::query("DELETE FROM revocations WHERE expires_at <= $1")
+                .bind(now)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            let serials = sqlx::query("DELETE FROM instance_svids WHERE expires_at <= $1")
+                .bind(now)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            tx.commit().await?;
+            Ok(revocations + serials)
+        })
+        .await
     }
 
     async fn current_revision(&self) -> Result<u64, DatastoreError> {
-        let mut conn = self.pool.acquire().await?;
-        current_revision_in(&mut conn).await
+        self.bounded(async move |conn| current_revision_in(conn).await)
+            .await
     }
 
     async fn changes_since(&self, revision: u64) -> Result<ChangeSet, DatastoreError> {
@@ -1755,63 +2165,72 @@ impl Datastore for PostgresDatastore {
         let Ok(since) = i64::try_from(revision) else {
             return Ok(ChangeSet::TooOld);
         };
-        // One snapshot: the feed bounds and the rows agree. Commit order is revision
-        // order, so the snapshot holds every revision up to its current one.
-        let mut tx = self.begin_read().await?;
-        let current = current_revision_in(&mut tx).await?;
-        let pruned_through: i64 =
-            sqlx::query_scalar("SELECT pruned_through FROM change_feed WHERE id = 1")
-                .fetch_one(&mut *tx)
-                .await?;
-        let pruned_through = stored_u64(pruned_through, "change_feed.pruned_through")?;
-        if revision > current || revision < pruned_through {
+        self.bounded(async move |conn| {
+            // One snapshot: the feed bounds and the rows agree. Commit order is revision
+            // order, so the snapshot holds every revision up to its current one.
+            let mut tx = begin_read(conn).await?;
+            let current = current_revision_in(&mut tx).await?;
+            let pruned_through: i64 =
+                sqlx::query_scalar("SELECT pruned_through FROM change_feed WHERE id = 1")
+                    .fetch_one(&mut *tx)
+                    .await?;
+            let pruned_through = stored_u64(pruned_through, "change_feed.pruned_through")?;
+            if revision > current || revision < pruned_through {
+                tx.rollback().await?;
+                return Ok(ChangeSet::TooOld);
+            }
+            let rows = sqlx::query(
+                "SELECT revision, kind, object_id, scope FROM changes WHERE revision > $1 \
+                 ORDER BY revision",
+            )
+            .bind(since)
+            .fetch_all(&mut *tx)
+            .await?;
             tx.rollback().await?;
-            return Ok(ChangeSet::TooOld);
-        }
-        let rows = sqlx::query(
-            "SELECT revision, kind, object_id, scope FROM changes WHERE revision > $1 \
-             ORDER BY revision",
-        )
-        .bind(since)
-        .fetch_all(&mut *tx)
-        .await?;
-        tx.rollback().await?;
-        rows.iter()
-            .map(change_from_row)
-            .collect::<Result<Vec<_>, _>>()
-            .map(ChangeSet::Complete)
+            rows.iter()
+                .map(change_from_row)
+                .collect::<Result<Vec<_>, _>>()
+                .map(ChangeSet::Complete)
+        })
+        .await
     }
 
     async fn prune_changes(&self, keep: u64) -> Result<u64, DatastoreError> {
-        let mut tx = self.begin_write().await?;
-        let current = current_revision_in(&mut tx).await?;
-        let cutoff = current.saturating_sub(keep);
-        let pruned_through: i64 =
-            sqlx::query_scalar("SELECT pruned_through FROM change_feed WHERE id = 1")
-                .fetch_one(&mut *tx)
+        self.bounded(async move |conn| {
+            let mut tx = begin_write(conn).await?;
+            let current = current_revision_in(&mut tx).await?;
+            let cutoff = current.saturating_sub(keep);
+            let pruned_through: i64 =
+                sqlx::query_scalar("SELECT pruned_through FROM change_feed WHERE id = 1")
+                    .fetch_one(&mut *tx)
+                    .await?;
+            let pruned_through = stored_u64(pruned_through, "change_feed.pruned_through")?;
+            if cutoff <= pruned_through {
+                tx.rollback().await?;
+                return Ok(0);
+            }
+            let cutoff = revision_to_i64(cutoff)?;
+            let removed = sqlx::query("DELETE FROM changes WHERE revision <= $1")
+                .bind(cutoff)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            sqlx::query("UPDATE change_feed SET pruned_through = $1 WHERE id = 1")
+                .bind(cutoff)
+                .execute(&mut *tx)
                 .await?;
-        let pruned_through = stored_u64(pruned_through, "change_feed.pruned_through")?;
-        if cutoff <= pruned_through {
-            tx.rollback().await?;
-            return Ok(0);
-        }
-        let cutoff = revision_to_i64(cutoff)?;
-        let removed = sqlx::query("DELETE FROM changes WHERE revision <= $1")
-            .bind(cutoff)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        sqlx::query("UPDATE change_feed SET pruned_through = $1 WHERE id = 1")
-            .bind(cutoff)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(removed)
+            tx.commit().await?;
+            Ok(removed)
+        })
+        .await
     }
 
     async fn ping(&self) -> Result<(), DatastoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
+        self.bounded(async move |conn| {
+            sqlx::query("SELECT 1").execute(&mut *conn).await?;
+            Ok(())
+        })
+        .await
     }
 
     fn change_notifications(&self) -> Option<watch::Receiver<u64>> {
@@ -1820,8 +2239,17 @@ impl Datastore for PostgresDatastore {
 
     async fn close(&self) {
         self.stop.cancel();
-        self.pool.close().await;
-        self.listen_pool.close().await;
+        // Closing waits for every connection in use to come back: bounded, as a call
+        // may be waiting on a server that no longer answers.
+        let _ = tokio::time::timeout(self.call_timeout, self.pool.close()).await;
+        let listening = self
+            .listening
+            .lock()
+            .map(|mut l| l.take())
+            .unwrap_or_default();
+        if let Some(listening) = listening {
+            let _ = tokio::time::timeout(self.call_timeout, listening).await;
+        }
     }
 }
 
@@ -1924,6 +2352,81 @@ mod tests {
                 "{bad}: {err:?}"
             );
             assert!(!err.to_string().contains("hunter2"), "{err}");
+        }
+    }
+
+    #[test]
+    fn options_name_their_settings_as_postgresql_reads_them() {
+        assert_eq!(
+            options_settings(
+                "-c lock_timeout=5s -clock_timeout=6s --Statement-Timeout=1min \
+                 -c search_path=a\\ b -B 8 -c  work_mem=4MB -c"
+            ),
+            [
+                "lock_timeout",
+                "lock_timeout",
+                "statement_timeout",
+                "search_path",
+                "work_mem"
+            ]
+        );
+        // An escaped space does not end a word; a word without `=` sets nothing.
+        assert_eq!(
+            options_settings("-c application_name=a\\ -c\\ lock_timeout=1s -c geqo"),
+            ["application_name"]
+        );
+        assert!(options_settings("").is_empty());
+        // What sqlx writes for `options([(name, value)])` is read back.
+        let written = PgConnectOptions::new().options([("lock_timeout", "1 s")]);
+        assert_eq!(
+            options_settings(written.get_options().unwrap()),
+            ["lock_timeout"]
+        );
+    }
+
+    #[test]
+    fn unverified_tcp_to_another_host_is_told_apart() {
+        let host = |s: &str| unverified_remote_host(&connect_options(s).unwrap());
+        // Across a network without verifying the server: named, never with the password.
+        for (string, named) in [
+            ("postgres://u:pw@db.example.org/t", "db.example.org:5432"),
+            (
+                "postgres://u:pw@db.example.org:6543/t?sslmode=require",
+                "db.example.org:6543",
+            ),
+            (
+                "postgres://u:pw@10.0.0.5/t?sslmode=disable",
+                "10.0.0.5:5432",
+            ),
+            (
+                "postgres://u:pw@[2001:db8::1]/t?sslmode=allow",
+                "[2001:db8::1]:5432",
+            ),
+            (
+                "host=db.example.org dbname=t password=pw sslmode=prefer",
+                "db.example.org:5432",
+            ),
+            ("hostaddr=192.0.2.7 dbname=t", "192.0.2.7:5432"),
+            (
+                "postgres://u@localhost.example.org/t",
+                "localhost.example.org:5432",
+            ),
+        ] {
+            assert_eq!(host(string).as_deref(), Some(named), "{string}");
+        }
+        // Verified, on a Unix socket, or on loopback: nothing to say.
+        for string in [
+            "postgres://u:pw@db.example.org/t?sslmode=verify-full",
+            "postgres://u:pw@db.example.org/t?sslmode=verify-ca",
+            "host=/run/postgresql dbname=t",
+            "postgres:///t?host=/var/run/postgresql",
+            "postgres://u:pw@127.0.0.1:54329/t",
+            "postgres://u:pw@127.4.5.6/t?sslmode=disable",
+            "postgres://u:pw@[::1]/t",
+            "postgres://u:pw@LocalHost/t",
+            "host=localhost dbname=t",
+        ] {
+            assert_eq!(host(string), None, "{string}");
         }
     }
 
@@ -2243,25 +2746,305 @@ mod tests {
         drop_postgres(&config).await;
     }
 
+    /// A TCP proxy to the PostgreSQL server that the test can turn into a black hole:
+    /// nothing forwarded either way, every socket kept open (no RST, no FIN), as after
+    /// the server lost power or a partition. New connections are held the same way.
+    /// When it forwards again, only new connections are forwarded: the server behind
+    /// the held ones is gone for good.
+    struct BlackHole {
+        addr: SocketAddr,
+        /// Cancelled when the current connections stop being forwarded.
+        freeze: Arc<Mutex<Option<CancellationToken>>>,
+        held: Arc<Mutex<Vec<TcpStream>>>,
+        accept: tokio::task::JoinHandle<()>,
+    }
+
+    impl BlackHole {
+        async fn start(upstream: SocketAddr) -> Self {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let freeze = Arc::new(Mutex::new(Some(CancellationToken::new())));
+            let held: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+            let accept = {
+                let freeze = Arc::clone(&freeze);
+                let held = Arc::clone(&held);
+                tokio::spawn(async move {
+                    while let Ok((mut client, _)) = listener.accept().await {
+                        let Some(freeze) = freeze.lock().unwrap().clone() else {
+                            held.lock().unwrap().push(client);
+                            continue;
+                        };
+                        let held = Arc::clone(&held);
+                        tokio::spawn(async move {
+                            let Ok(mut server) = TcpStream::connect(upstream).await else {
+                                return;
+                            };
+                            let frozen = tokio::select! {
+                                () = freeze.cancelled() => true,
+                                _ = tokio::io::copy_bidirectional(&mut client, &mut server) => false,
+                            };
+                            if frozen {
+                                held.lock().unwrap().extend([client, server]);
+                            }
+                        });
+                    }
+                })
+            };
+            Self {
+                addr,
+                freeze,
+                held,
+                accept,
+            }
+        }
+
+        fn swallow(&self) {
+            if let Some(freeze) = self.freeze.lock().unwrap().take() {
+                freeze.cancel();
+            }
+        }
+
+        fn forward(&self) {
+            *self.freeze.lock().unwrap() = Some(CancellationToken::new());
+        }
+    }
+
+    impl Drop for BlackHole {
+        fn drop(&mut self) {
+            self.accept.abort();
+            self.swallow();
+            self.held.lock().unwrap().clear();
+        }
+    }
+
+    /// A server that stops answering without closing anything (a half-open connection:
+    /// no RST ever comes) fails every call `Unavailable` within the call timeout instead
+    /// of hanging it; the connections involved are closed, not pooled, and once the
+    /// database answers again (on new connections) calls and notifications work again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_server_that_stops_answering_fails_calls_in_time_then_recovers() {
+        let Some(config) = fresh_postgres().await else {
+            return;
+        };
+        let direct = connect_options(&config.connection_string).unwrap();
+        let upstream: SocketAddr = format!("{}:{}", direct.get_host(), direct.get_port())
+            .parse()
+            .unwrap();
+        let hole = BlackHole::start(upstream).await;
+        let mut url = url::Url::parse(&config.connection_string).unwrap();
+        url.set_port(Some(hole.addr.port())).unwrap();
+        let through_hole = PostgresConfig {
+            connection_string: url.into(),
+            max_connections: 4,
+        };
+        const TIMEOUT: Duration = Duration::from_millis(800);
+        let ds = Arc::new(
+            PostgresDatastore::open_with(&through_hole, TIMEOUT)
+                .await
+                .unwrap(),
+        );
+        let other = open_postgres(&config).await.unwrap();
+        let mut rx = ds.change_notifications().unwrap();
+        // Several pooled connections, idle and healthy.
+        let warm: Vec<_> = (0..4)
+            .map(|i| {
+                let ds = Arc::clone(&ds);
+                tokio::spawn(
+                    async move { ds.upsert_agent(agent(&format!("{AGENT_A}{i}"), "01")).await },
+                )
+            })
+            .collect();
+        for task in warm {
+            task.await.unwrap().unwrap();
+        }
+        assert!(woken(&mut rx).await);
+        // Released connections are pinged before they are idle again.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        rx.mark_unchanged();
+
+        // Calls in the middle of a transaction when the server goes: two of the pooled
+        // connections wait for the change-feed lock, which another client holds; the
+        // other two are idle.
+        let mut admin = PgConnection::connect(&config.connection_string)
+            .await
+            .unwrap();
+        sqlx::query(AssertSqlSafe(
+            "SELECT pg_advisory_lock(1952805747, 1)".to_owned(),
+        ))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+        let writes: Vec<_> = (0..2)
+            .map(|i| {
+                let ds = Arc::clone(&ds);
+                tokio::spawn(async move {
+                    let started = Instant::now();
+                    let created = ds
+                        .create_entry(new_entry(&format!("mid/{i}"), AGENT_A, &["unix:uid:1"]))
+                        .await;
+                    (created, started.elapsed())
+                })
+            })
+            .collect();
+        let waiting_for_the_lock = "SELECT COUNT(*) FROM pg_locks \
+             WHERE locktype = 'advisory' AND NOT granted";
+        while sqlx::query_scalar::<_, i64>(AssertSqlSafe(waiting_for_the_lock.to_owned()))
+            .fetch_one(&mut admin)
+            .await
+            .unwrap()
+            < 2
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        hole.swallow();
+        for write in writes {
+            let (created, took) = write.await.unwrap();
+            let err = created.unwrap_err();
+            assert!(matches!(err, DatastoreError::Unavailable(_)), "{err:?}");
+            assert!(took < TIMEOUT + Duration::from_secs(2), "{took:?}");
+        }
+        // The server side of those connections is gone too (else the first to get the
+        // lock would hold it until idle_in_transaction_session_timeout).
+        sqlx::query(AssertSqlSafe(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks \
+             WHERE locktype = 'advisory' AND NOT granted"
+                .to_owned(),
+        ))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+        admin.close().await.unwrap();
+
+        // Answering again, on new connections: the two idle connections opened before
+        // are not tried (they would never answer), and calls succeed at once.
+        hole.forward();
+        for _ in 0..3 {
+            let started = Instant::now();
+            assert_eq!(ds.list_agents().await.unwrap().len(), 4);
+            assert!(started.elapsed() < TIMEOUT, "{:?}", started.elapsed());
+        }
+        assert!(woken(&mut rx).await, "the listener did not subscribe again");
+
+        hole.swallow();
+        // More calls at once than the pool has connections, twice over: none hangs.
+        for _ in 0..2 {
+            let calls: Vec<_> = (0..8)
+                .map(|i| {
+                    let ds = Arc::clone(&ds);
+                    tokio::spawn(async move {
+                        let started = Instant::now();
+                        let result = match i % 4 {
+                            0 => ds
+                                .create_entry(new_entry(
+                                    &format!("w/{i}"),
+                                    AGENT_A,
+                                    &["unix:uid:1"],
+                                ))
+                                .await
+                                .map(drop),
+                            1 => ds.list_agents().await.map(drop),
+                            2 => ds.current_revision().await.map(drop),
+                            _ => ds.ping().await,
+                        };
+                        (result, started.elapsed())
+                    })
+                })
+                .collect();
+            for call in calls {
+                let (result, took) = call.await.unwrap();
+                let err = result.unwrap_err();
+                assert!(matches!(err, DatastoreError::Unavailable(_)), "{err:?}");
+                assert!(
+                    err.to_string().contains("did not answer within 800ms")
+                        || chain(&err).contains("did not answer within 800ms"),
+                    "{}",
+                    chain(&err)
+                );
+                assert!(took < TIMEOUT + Duration::from_secs(2), "{took:?}");
+            }
+        }
+        // Another server writes meanwhile.
+        other.set_bundle(bundle("example.org", 1)).await.unwrap();
+
+        hole.forward();
+        // The listener subscribes again on a new connection, and says so.
+        assert!(woken(&mut rx).await, "the listener did not subscribe again");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        rx.mark_unchanged();
+        // As many calls at once as the pool holds, and more: no connection of the
+        // black hole is used again, and none of them holds a place in the pool.
+        for _ in 0..2 {
+            let calls: Vec<_> = (0..8)
+                .map(|_| {
+                    let ds = Arc::clone(&ds);
+                    tokio::spawn(async move { ds.list_agents().await })
+                })
+                .collect();
+            for call in calls {
+                assert_eq!(call.await.unwrap().unwrap().len(), 4);
+            }
+        }
+        // Nothing of the failed writes was written; the other server's change is there.
+        assert!(ds.list_entries().await.unwrap().is_empty());
+        assert_eq!(ds.current_revision().await.unwrap(), 5);
+        // And the other server's next change is announced.
+        other.set_bundle(bundle("example.org", 2)).await.unwrap();
+        assert!(woken(&mut rx).await, "no wake-up after a write elsewhere");
+        ds.create_entry(new_entry("w/after", AGENT_A, &["unix:uid:1"]))
+            .await
+            .unwrap();
+
+        // Closing returns even with a call stuck in the black hole.
+        hole.swallow();
+        let stuck = {
+            let ds = Arc::clone(&ds);
+            tokio::spawn(async move { ds.list_agents().await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let started = Instant::now();
+        ds.close().await;
+        assert!(started.elapsed() < TIMEOUT * 3, "{:?}", started.elapsed());
+        assert!(stuck.await.unwrap().is_err());
+        drop((ds, other, hole));
+        drop_postgres(&config).await;
+    }
+
     #[tokio::test]
     async fn connections_get_the_session_settings_unless_the_string_sets_them() {
         let Some(config) = fresh_postgres().await else {
             return;
         };
         let url = url::Url::parse(&config.connection_string).unwrap();
-        // The same database in libpq's key=value form, with one setting of its own.
-        let keyword_value = PostgresConfig {
+        // The same database in libpq's key=value form, with settings of its own.
+        let password = url.password().map(|pw| {
+            url::form_urlencoded::parse(format!("p={pw}").as_bytes())
+                .next()
+                .unwrap()
+                .1
+                .into_owned()
+        });
+        let keyword_value = |options: &str| PostgresConfig {
             connection_string: format!(
-                "host={} port={} user={} dbname={} options='-c lock_timeout=3s'",
+                "host={} port={} user={} password='{}' dbname={} options='{options}'",
                 url.host_str().unwrap(),
                 url.port().unwrap_or(5432),
                 url.username(),
+                password.as_deref().unwrap_or_default(),
                 url.path().trim_start_matches('/'),
             ),
             max_connections: 2,
         };
-        for (config, lock_timeout) in [(&config, "10s"), (&keyword_value, "3s")] {
-            let ds = PostgresDatastore::open(config).await.unwrap();
+        for (config, lock_timeout, statement_timeout) in [
+            (config.clone(), "10s", "20s"),
+            (keyword_value("-c lock_timeout=3s"), "3s", "20s"),
+            // `-cname=value` and `--name=value` (`-` for `_`) count too.
+            (
+                keyword_value("-clock_timeout=4s --statement-timeout=7s"),
+                "4s",
+                "7s",
+            ),
+        ] {
+            let ds = PostgresDatastore::open(&config).await.unwrap();
             let mut conn = ds.pool.acquire().await.unwrap();
             let show = |setting: &'static str| format!("SHOW {setting}");
             let mut setting = async |name| -> String {
@@ -2271,6 +3054,7 @@ mod tests {
                     .unwrap()
             };
             assert_eq!(setting("lock_timeout").await, lock_timeout);
+            assert_eq!(setting("statement_timeout").await, statement_timeout);
             assert_eq!(setting("idle_in_transaction_session_timeout").await, "1min");
             assert_eq!(setting("application_name").await, APPLICATION_NAME);
             drop(conn);

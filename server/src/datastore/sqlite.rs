@@ -537,6 +537,30 @@ async fn current_revision_in(conn: &mut SqliteConnection) -> Result<u64, Datasto
     stored_u64(revision, "current revision")
 }
 
+/// What a caller learns of a join token it could not consume, consuming nothing: an
+/// expired, unused token is useless to anyone, so it is deleted, and "expired" is said
+/// only to a caller who holds its secret; anything else is
+/// [`TokenOutcome::Invalid`].
+async fn unconsumable_token(
+    conn: &mut SqliteConnection,
+    id: &str,
+    secret_hash: &[u8; 32],
+    now: i64,
+) -> Result<TokenOutcome, DatastoreError> {
+    let expired_hash: Option<Vec<u8>> = sqlx::query_scalar(
+        "DELETE FROM join_tokens WHERE id = ? AND used_at IS NULL AND expires_at <= ? \
+         RETURNING secret_hash",
+    )
+    .bind(id)
+    .bind(now)
+    .fetch_optional(conn)
+    .await?;
+    Ok(match expired_hash {
+        Some(hash) if hash.as_slice() == secret_hash.as_slice() => TokenOutcome::Expired,
+        _ => TokenOutcome::Invalid,
+    })
+}
+
 #[async_trait::async_trait]
 impl Datastore for SqliteDatastore {
     async fn create_entry(&self, entry: NewEntry) -> Result<RegistrationEntry, DatastoreError> {
@@ -745,21 +769,8 @@ impl Datastore for SqliteDatastore {
                 .transpose()?;
             return Ok(TokenOutcome::Consumed { alias });
         }
-
-        // Not consumable. An expired, unused token is useless to anyone: delete it, and
-        // say "expired" only to a caller who holds its secret.
-        let expired_hash: Option<Vec<u8>> = sqlx::query_scalar(
-            "DELETE FROM join_tokens WHERE id = ? AND used_at IS NULL AND expires_at <= ? \
-             RETURNING secret_hash",
-        )
-        .bind(id)
-        .bind(now)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(match expired_hash {
-            Some(hash) if hash.as_slice() == secret_hash.as_slice() => TokenOutcome::Expired,
-            _ => TokenOutcome::Invalid,
-        })
+        let mut conn = self.pool.acquire().await?;
+        unconsumable_token(&mut conn, id, secret_hash, now).await
     }
 
     async fn upsert_agent(&self, agent: AttestedAgent) -> Result<(), DatastoreError> {
@@ -790,10 +801,13 @@ impl Datastore for SqliteDatastore {
         .fetch_optional(&mut *tx)
         .await?;
         let Some(alias) = consumed else {
-            tx.rollback().await?;
-            // Not consumable: the same answer (and expired-token cleanup) as
-            // `consume_join_token`, which now consumes nothing.
-            return self.consume_join_token(id, secret_hash, now).await;
+            // Not consumable: the answer (and expired-token cleanup) of
+            // `consume_join_token`, in this transaction. Never by trying to consume
+            // again: a token that became consumable meanwhile would be spent without
+            // an agent recorded.
+            let outcome = unconsumable_token(&mut tx, id, secret_hash, now_secs).await?;
+            tx.commit().await?;
+            return Ok(outcome);
         };
         let alias = alias
             .map(|a| stored_spiffe_id(&a, &format!("join_tokens[{id}].alias")))

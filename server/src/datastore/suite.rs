@@ -733,6 +733,68 @@ async fn attestation_spends_the_token_and_records_the_agent_together(t: &Target)
     assert_eq!(ds.list_agents().await.unwrap().len(), 1);
 }
 
+/// SECURITY.md §3.10 item 101: a token is never spent without an agent recorded, not
+/// even when it becomes consumable while an attestation that could not consume it works
+/// out why (the token is created in the middle of a stream of attempts).
+async fn a_token_appearing_during_attestation_is_not_spent_without_an_agent(t: &Target) {
+    let ds = t.open().await;
+    for round in 0..40 {
+        let token_id = format!("late{round}");
+        let agent_id = format!("spiffe://example.org/tessera/agent/join_token/late{round}");
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let attempts: Vec<_> = (0..4)
+            .map(|_| {
+                let ds = Arc::clone(&ds);
+                let stop = Arc::clone(&stop);
+                let token_id = token_id.clone();
+                let mut candidate = agent(&agent_id, "01");
+                candidate.aliases.clear();
+                tokio::spawn(async move {
+                    let mut consumed = 0;
+                    // A few more attempts after the token exists.
+                    let mut after = 3;
+                    while after > 0 {
+                        if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                            after -= 1;
+                        }
+                        match ds
+                            .attest_with_join_token(
+                                &token_id,
+                                &[5; 32],
+                                at(1_000),
+                                candidate.clone(),
+                            )
+                            .await
+                            .unwrap()
+                        {
+                            TokenOutcome::Consumed { .. } => consumed += 1,
+                            TokenOutcome::Invalid => {}
+                            TokenOutcome::Expired => panic!("not expired"),
+                        }
+                    }
+                    consumed
+                })
+            })
+            .collect();
+        // Let the attempts run, then create the token among them.
+        tokio::time::sleep(Duration::from_millis(2 + round % 5)).await;
+        ds.create_join_token(token(&token_id, 5, at(2_000)))
+            .await
+            .unwrap();
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut consumed = 0;
+        for attempt in attempts {
+            consumed += attempt.await.unwrap();
+        }
+        let recorded = ds.get_agent(&id(&agent_id)).await.unwrap();
+        assert_eq!(consumed, 1, "round {round}: the token is consumed once");
+        assert!(
+            recorded.is_some_and(|a| a.aliases == vec![id(ALIAS)]),
+            "round {round}: consumed without the agent recorded"
+        );
+    }
+}
+
 async fn banned_agent_cannot_be_recorded_renewed_or_attested_again(t: &Target) {
     let ds = t.open().await;
     let agent_id = "spiffe://example.org/tessera/agent/join_token/tok";
@@ -2350,6 +2412,7 @@ suite!(
     join_token_is_single_use,
     expired_join_token_is_reported_and_deleted,
     attestation_spends_the_token_and_records_the_agent_together,
+    a_token_appearing_during_attestation_is_not_spent_without_an_agent,
     banned_agent_cannot_be_recorded_renewed_or_attested_again,
     evicting_deletes_the_agent_and_lifts_a_ban,
     revoking_an_identity_lists_its_serials_and_stops_recording,
