@@ -1645,6 +1645,36 @@ mod tests {
         rx
     }
 
+    /// A datastore restored from an older backup: its revision is below the one the
+    /// server published. The server follows it back, and a stream that had seen the
+    /// newer revision gets a snapshot instead of waiting for the feed to catch up.
+    #[tokio::test]
+    async fn a_revision_that_went_back_gives_streams_a_snapshot() {
+        let h = harness().await;
+        let a = attested(&h, "a").await;
+        let ctx = h.node.authenticate(Some(&a), "test").await.unwrap();
+        let real = h.state.datastore.current_revision().await.unwrap();
+        // The stream and the server believe in a revision far ahead of the datastore.
+        h.state.revisions.send_replace(real + 1000);
+        let parent = ctx.id.clone();
+        let mut sync = start_sync(&h, ctx, real + 1000);
+        let first = next(&mut sync).await;
+        assert!(first.snapshot, "ahead of the datastore: a snapshot at once");
+        assert_eq!(first.revision, real);
+        h.state.publish_revision().await;
+        assert_eq!(
+            *h.state.revisions.borrow(),
+            real,
+            "followed the datastore back"
+        );
+        // A write now reaches the stream as a delta from the datastore's revision.
+        templated_entry(&h, "spiffe://example.org/ai/late/{instance}", &parent).await;
+        h.state.publish_revision().await;
+        let delta = next(&mut sync).await;
+        assert!(!delta.snapshot);
+        assert_eq!(delta.entries.len(), 1, "{delta:?}");
+    }
+
     #[tokio::test]
     async fn sync_carries_revocations_to_every_agent_crls_and_the_final_status() {
         let h = harness().await;

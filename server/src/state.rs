@@ -109,17 +109,41 @@ impl ServerState {
     }
 
     /// Wakes `Sync` streams after a write.
+    ///
+    /// The revision only moves forward, except when the datastore's own revision went
+    /// back (a database restored from an older backup): confirmed by a second read, so
+    /// that a read racing a newer one is not taken for it. Streams then wake, find
+    /// their revision ahead of the datastore and send their agents a snapshot.
     pub async fn publish_revision(&self) {
-        match self.datastore.current_revision().await {
-            Ok(revision) => {
-                self.revisions.send_if_modified(|current| {
-                    let newer = revision > *current;
-                    if newer {
-                        *current = revision;
-                    }
-                    newer
-                });
+        let revision = match self.datastore.current_revision().await {
+            Ok(revision) => revision,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot read the current revision");
+                return;
             }
+        };
+        let current = *self.revisions.borrow();
+        if revision >= current {
+            self.revisions.send_if_modified(|current| {
+                let newer = revision > *current;
+                if newer {
+                    *current = revision;
+                }
+                newer
+            });
+            return;
+        }
+        match self.datastore.current_revision().await {
+            Ok(again) if again < *self.revisions.borrow() => {
+                tracing::warn!(
+                    revision = again,
+                    previous = current,
+                    "the datastore's revision went back (restored from a backup?): \
+                     agents get a snapshot"
+                );
+                self.revisions.send_replace(again);
+            }
+            Ok(_) => {}
             Err(err) => tracing::warn!(error = %err, "cannot read the current revision"),
         }
     }
