@@ -23,15 +23,19 @@
 //! events (a serial mismatch) belong to the callers.
 
 mod postgres;
+mod rows;
 mod sqlite;
 #[cfg(test)]
 mod suite;
 
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use sqlx::SqlSafeStr as _;
+use sqlx::migrate::{Migration, MigrationType, Migrator};
 use tessera_plugin_sdk::{RegistrationEntry, Selector, SpiffeId, SpiffeIdTemplate, TrustDomain};
 
 use crate::config::PostgresConfig;
@@ -785,6 +789,27 @@ impl From<sqlx::Error> for DatastoreError {
     }
 }
 
+/// A sqlx [`Migrator`] of embedded migrations, given in version order as
+/// (version, description, SQL); each backend embeds its own with `include_str!`
+/// (sqlx's `migrate!` macro needs the `macros` feature, which the workspace does not
+/// enable).
+pub(crate) fn migrator_of(migrations: &[(i64, &'static str, &'static str)]) -> Migrator {
+    Migrator::with_migrations(
+        migrations
+            .iter()
+            .map(|&(version, description, sql)| {
+                Migration::new(
+                    version,
+                    Cow::Borrowed(description),
+                    MigrationType::Simple,
+                    sql.into_sql_str(),
+                    false,
+                )
+            })
+            .collect(),
+    )
+}
+
 // Conversions shared by every implementation.
 
 /// The `endpoint_spiffe_id` column of a profile.
@@ -801,15 +826,33 @@ pub(crate) fn revision_to_i64(revision: u64) -> Result<i64, DatastoreError> {
         .map_err(|_| DatastoreError::Corrupt("changes.revision: out of range".to_owned()))
 }
 
+/// Maps a unique violation to a [`DatastoreError::Conflict`] saying `what` collided (the
+/// database's own message names a constraint, which tells an operator nothing).
+fn conflict_saying(e: sqlx::Error, what: impl FnOnce() -> String) -> DatastoreError {
+    match DatastoreError::from(e) {
+        DatastoreError::Conflict(_) => DatastoreError::Conflict(what()),
+        other => other,
+    }
+}
+
 /// Maps the unique violation of an entry write (only `similarity_key` can collide: ids
 /// are random and never change) to a [`DatastoreError::Conflict`] that says so.
 pub(crate) fn similar_entry_conflict(e: sqlx::Error) -> DatastoreError {
-    match DatastoreError::from(e) {
-        DatastoreError::Conflict(_) => DatastoreError::Conflict(
-            "an entry with the same spiffe_id, parent_id and selectors exists".to_owned(),
-        ),
-        other => other,
-    }
+    conflict_saying(e, || {
+        "an entry with the same spiffe_id, parent_id and selectors exists".to_owned()
+    })
+}
+
+/// Maps the unique violation of a join token insert (its id is the key) to a
+/// [`DatastoreError::Conflict`] that says so.
+pub(crate) fn join_token_conflict(e: sqlx::Error) -> DatastoreError {
+    conflict_saying(e, || "a join token with this id exists".to_owned())
+}
+
+/// Maps the unique violation of a federation relationship insert (the trust domain
+/// `td` is the key) to a [`DatastoreError::Conflict`] that says so.
+pub(crate) fn federation_conflict(e: sqlx::Error, td: &str) -> DatastoreError {
+    conflict_saying(e, || format!("a federation relationship with {td} exists"))
 }
 
 /// A [`NewEntry`] checked and converted to the `entries` columns, ready for binding.
@@ -881,6 +924,242 @@ impl EntryColumns {
             created_revision,
             revision,
         }
+    }
+}
+
+/// The columns of an [`AttestedAgent`] that are stored converted, ready for binding.
+pub(crate) struct AgentColumns {
+    /// `expires_at`, unix seconds.
+    pub(crate) expires_at: i64,
+    /// `first_attested_at`, unix seconds.
+    pub(crate) first_attested_at: i64,
+    /// `last_seen_at`, unix seconds.
+    pub(crate) last_seen_at: i64,
+    /// `aliases`, a JSON list.
+    pub(crate) aliases: String,
+}
+
+impl AgentColumns {
+    /// Converts the fields of `agent`; [`DatastoreError::InvalidArgument`] for a time
+    /// that cannot be stored.
+    pub(crate) fn new(agent: &AttestedAgent) -> Result<Self, DatastoreError> {
+        Ok(Self {
+            expires_at: to_unix_secs(agent.expires_at, "agent expires_at")?,
+            first_attested_at: to_unix_secs(agent.first_attested_at, "agent first_attested_at")?,
+            last_seen_at: to_unix_secs(agent.last_seen_at, "agent last_seen_at")?,
+            aliases: json_list(&agent.aliases)?,
+        })
+    }
+}
+
+/// The authorities of a bundle or of a contribution in their storage form, ready for
+/// binding.
+pub(crate) struct AuthorityColumns {
+    /// `x509_authorities`: a JSON list of the hex DER certificates.
+    pub(crate) x509_authorities: String,
+    /// `jwt_authorities`: see [`jwt_authorities_json`].
+    pub(crate) jwt_authorities: String,
+}
+
+impl AuthorityColumns {
+    /// Converts the authorities; [`DatastoreError::InvalidArgument`] for a JWT
+    /// authority expiry that cannot be stored.
+    pub(crate) fn new(
+        x509_authorities: &[Vec<u8>],
+        jwt_authorities: &[StoredJwtAuthority],
+    ) -> Result<Self, DatastoreError> {
+        let hex_x509: Vec<String> = x509_authorities.iter().map(hex::encode).collect();
+        Ok(Self {
+            x509_authorities: json_list(&hex_x509)?,
+            jwt_authorities: jwt_authorities_json(jwt_authorities)?,
+        })
+    }
+}
+
+/// The `bundles` columns of a bundle to store (besides its trust domain and revision).
+pub(crate) struct BundleColumns {
+    /// `x509_authorities` and `jwt_authorities`.
+    pub(crate) authorities: AuthorityColumns,
+    /// `sequence_number`.
+    pub(crate) sequence_number: i64,
+}
+
+impl BundleColumns {
+    /// The columns of a bundle given to [`Datastore::set_bundle`];
+    /// [`DatastoreError::InvalidArgument`] when it cannot be stored.
+    pub(crate) fn new(bundle: &StoredBundle) -> Result<Self, DatastoreError> {
+        let sequence_number = i64::try_from(bundle.sequence_number).map_err(|_| {
+            DatastoreError::InvalidArgument("bundle sequence number above i64::MAX".to_owned())
+        })?;
+        Ok(Self {
+            authorities: AuthorityColumns::new(&bundle.x509_authorities, &bundle.jwt_authorities)?,
+            sequence_number,
+        })
+    }
+
+    /// Step 3 of [`Datastore::publish_authorities`]: the trust domain's bundle rebuilt
+    /// from its remaining `contributions`, with the sequence number after the `stored`
+    /// bundle's (1 for the first); `None` when its authorities are the stored bundle's.
+    pub(crate) fn rebuilt(
+        stored: Option<StoredBundle>,
+        contributions: &[AuthorityContribution],
+    ) -> Result<Option<Self>, DatastoreError> {
+        let (x509, jwt) = merge_contributions(contributions);
+        if stored
+            .as_ref()
+            .is_some_and(|b| b.x509_authorities == x509 && b.jwt_authorities == jwt)
+        {
+            return Ok(None);
+        }
+        let sequence_number = stored.map_or(Ok(1), |b| {
+            i64::try_from(b.sequence_number)
+                .ok()
+                .and_then(|n| n.checked_add(1))
+                .ok_or_else(|| {
+                    DatastoreError::Corrupt(format!(
+                        "bundles[{}].sequence_number: out of range",
+                        b.trust_domain
+                    ))
+                })
+        })?;
+        Ok(Some(Self {
+            authorities: AuthorityColumns::new(&x509, &jwt)?,
+            sequence_number,
+        }))
+    }
+}
+
+/// The `authority_contributions` columns of a contribution to publish, checked and
+/// converted, ready for binding.
+pub(crate) struct ContributionColumns {
+    /// `x509_authorities` and `jwt_authorities`.
+    pub(crate) authorities: AuthorityColumns,
+    /// `expires_at`, unix seconds.
+    pub(crate) expires_at: i64,
+    /// The publication time, unix seconds: `updated_at`, and the instant other
+    /// contributions are expired against.
+    pub(crate) now: i64,
+}
+
+impl ContributionColumns {
+    /// Checks and converts `contribution` published at `now`;
+    /// [`DatastoreError::InvalidArgument`] when it cannot be stored.
+    pub(crate) fn new(
+        contribution: &AuthorityContribution,
+        now: SystemTime,
+    ) -> Result<Self, DatastoreError> {
+        check_server_id(&contribution.server_id)?;
+        Ok(Self {
+            authorities: AuthorityColumns::new(
+                &contribution.x509_authorities,
+                &contribution.jwt_authorities,
+            )?,
+            expires_at: to_unix_secs(contribution.expires_at, "contribution expires_at")?,
+            now: to_unix_secs(now, "now")?,
+        })
+    }
+}
+
+/// The `revocations` columns of [`Datastore::revoke_identity`], ready for binding.
+pub(crate) struct RevocationColumns<'a> {
+    /// `revoked_at`, unix seconds.
+    pub(crate) revoked_at: i64,
+    /// `expires_at` as asked (the stored one may be later), unix seconds.
+    pub(crate) expires_at: i64,
+    /// The scope, sorted and deduplicated (also the scope of the change).
+    pub(crate) scope: Vec<&'a str>,
+    /// `scope`, the JSON list of [`Self::scope`].
+    pub(crate) scope_json: String,
+}
+
+impl<'a> RevocationColumns<'a> {
+    /// Converts the arguments of [`Datastore::revoke_identity`];
+    /// [`DatastoreError::InvalidArgument`] for a time that cannot be stored.
+    pub(crate) fn new(
+        revoked_at: SystemTime,
+        expires_at: SystemTime,
+        scope: &'a [SpiffeId],
+    ) -> Result<Self, DatastoreError> {
+        let revoked_at = to_unix_secs(revoked_at, "revoked_at")?;
+        let expires_at = to_unix_secs(expires_at, "revocation expires_at")?;
+        let mut scope: Vec<&str> = scope.iter().map(SpiffeId::as_str).collect();
+        scope.sort_unstable();
+        scope.dedup();
+        Ok(Self {
+            revoked_at,
+            expires_at,
+            scope_json: scope_json(&scope)?,
+            scope,
+        })
+    }
+}
+
+/// The `scope` column of a change or a revocation: the agent IDs as a JSON list, sorted
+/// and deduplicated.
+pub(crate) fn scope_json(scope: &[&str]) -> Result<String, DatastoreError> {
+    let mut scope: Vec<&str> = scope.to_vec();
+    scope.sort_unstable();
+    scope.dedup();
+    serde_json::to_string(&scope).map_err(|e| DatastoreError::Internal(Box::new(e)))
+}
+
+/// The `instance_svids` rows of [`Datastore::record_instance_svids`], column by column
+/// in input order, ready for binding.
+pub(crate) struct InstanceSvidColumns<'a> {
+    /// `spiffe_id` of each row.
+    pub(crate) spiffe_ids: Vec<&'a str>,
+    /// `serial` of each row.
+    pub(crate) serials: Vec<&'a str>,
+    /// `expires_at` of each row, unix seconds.
+    pub(crate) expires_at: Vec<i64>,
+}
+
+impl<'a> InstanceSvidColumns<'a> {
+    /// Converts `svids`; [`DatastoreError::InvalidArgument`] for an expiry that cannot
+    /// be stored.
+    pub(crate) fn new(svids: &'a [InstanceSvid]) -> Result<Self, DatastoreError> {
+        let mut columns = Self {
+            spiffe_ids: Vec::with_capacity(svids.len()),
+            serials: Vec::with_capacity(svids.len()),
+            expires_at: Vec::with_capacity(svids.len()),
+        };
+        for svid in svids {
+            columns.spiffe_ids.push(svid.spiffe_id.as_str());
+            columns.serials.push(svid.serial.as_str());
+            columns
+                .expires_at
+                .push(to_unix_secs(svid.expires_at, "instance SVID expires_at")?);
+        }
+        Ok(columns)
+    }
+
+    /// The answer of [`Datastore::record_instance_svids`]: per input, whether its row
+    /// stayed (its serial is not among the `withdrawn` ones).
+    pub(crate) fn recorded(&self, withdrawn: &[String]) -> Vec<bool> {
+        self.serials
+            .iter()
+            .map(|serial| !withdrawn.iter().any(|w| w == serial))
+            .collect()
+    }
+}
+
+/// Refuses a renewal to the serial being renewed ([`Datastore::rotate_agent_serial`]).
+pub(crate) fn check_new_serial(
+    current_serial: &str,
+    new_serial: &str,
+) -> Result<(), DatastoreError> {
+    if new_serial == current_serial {
+        return Err(DatastoreError::InvalidArgument(
+            "the new agent serial equals the current one".to_owned(),
+        ));
+    }
+    Ok(())
+}
+
+/// Adds the `alias` a consumed join token carried to the agent's aliases (once).
+pub(crate) fn add_alias(agent: &mut AttestedAgent, alias: Option<&SpiffeId>) {
+    if let Some(alias) = alias.filter(|a| !agent.aliases.contains(a)) {
+        agent.aliases.push(alias.clone());
     }
 }
 
@@ -1062,7 +1341,8 @@ pub(crate) fn stored_spiffe_id(s: &str, what: &str) -> Result<SpiffeId, Datastor
         .map_err(|e| DatastoreError::Corrupt(format!("{what}: invalid SPIFFE ID: {e}")))
 }
 
-/// A stored JSON array of strings, each parsed by `parse`.
+/// A stored SPIFFE ID template; `what` names the row and column for the error (never
+/// the value).
 pub(crate) fn stored_spiffe_id_template(
     s: &str,
     what: &str,
@@ -1071,6 +1351,8 @@ pub(crate) fn stored_spiffe_id_template(
         .map_err(|e| DatastoreError::Corrupt(format!("{what}: invalid SPIFFE ID template: {e}")))
 }
 
+/// A stored JSON array of strings, each parsed by `parse`; `what` names the row and
+/// column for the error.
 pub(crate) fn stored_json_list<T, E: std::fmt::Display>(
     json: &str,
     what: &str,

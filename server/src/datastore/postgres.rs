@@ -76,23 +76,30 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use sqlx::error::DatabaseError;
-use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::migrate::Migrator;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{
     PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions, PgRow, PgSslMode,
 };
-use sqlx::{Connection as _, Postgres, Row, SqlSafeStr, Transaction};
-use tessera_plugin_sdk::{RegistrationEntry, Selector, SpiffeId, TrustDomain};
+use sqlx::{Connection as _, Postgres, Row, Transaction};
+use tessera_plugin_sdk::{RegistrationEntry, SpiffeId};
 use tokio::sync::watch;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
+use super::rows::{
+    BoolColumn, FeedBounds, agent_from_row, bundle_from_row, change_from_row,
+    contribution_from_row, entry_from_row, relationship_from_row, revocation_from_row,
+    revocations_with_serials, revoked_serials, select_agents, select_bundles, select_changes,
+    select_contributions, select_entries, select_relationships, select_revocations, token_alias,
+    unconsumable_outcome,
+};
 use super::{
-    AttestedAgent, AuthorityContribution, Change, ChangeKind, ChangeSet, Datastore, DatastoreError,
-    EndpointProfile, EntryColumns, FederationRelationship, InstanceSvid, NewEntry, NewJoinToken,
-    Revocation, RevokedSerial, StoredBundle, TokenOutcome, check_server_id, endpoint_id_column,
-    from_unix_secs, json_list, jwt_authorities_json, merge_contributions, new_entry_id,
-    now_unix_secs, revision_to_i64, similar_entry_conflict, stored_json_list,
-    stored_jwt_authorities, stored_spiffe_id, stored_spiffe_id_template, stored_u64, to_unix_secs,
+    AgentColumns, AttestedAgent, AuthorityContribution, BundleColumns, ChangeKind, ChangeSet,
+    ContributionColumns, Datastore, DatastoreError, EntryColumns, FederationRelationship,
+    InstanceSvid, InstanceSvidColumns, NewEntry, NewJoinToken, Revocation, RevocationColumns,
+    RevokedSerial, StoredBundle, TokenOutcome, add_alias, check_new_serial, endpoint_id_column,
+    federation_conflict, join_token_conflict, migrator_of, new_entry_id, now_unix_secs,
+    revision_to_i64, scope_json, similar_entry_conflict, stored_u64, to_unix_secs,
 };
 use crate::config::PostgresConfig;
 
@@ -153,29 +160,6 @@ macro_rules! current_revision {
     () => {
         "GREATEST(COALESCE((SELECT MAX(revision) FROM changes), 0), \
          (SELECT pruned_through FROM change_feed WHERE id = 1))"
-    };
-}
-
-/// The columns of `entries` read back into a [`RegistrationEntry`], in a `SELECT`.
-macro_rules! select_entries {
-    ($tail:literal) => {
-        concat!(
-            "SELECT id, spiffe_id, parent_id, selectors, x509_svid_ttl_secs, ",
-            "jwt_svid_ttl_secs, jwt_audiences, jwt_multi_audience, dns_names, hint, ",
-            "federates_with, created_revision, revision FROM entries ",
-            $tail
-        )
-    };
-}
-
-/// The columns of `agents` read back into an [`AttestedAgent`], in a `SELECT`.
-macro_rules! select_agents {
-    ($tail:literal) => {
-        concat!(
-            "SELECT spiffe_id, attestation_type, serial, previous_serial, expires_at, aliases, ",
-            "first_attested_at, last_seen_at, banned_at FROM agents ",
-            $tail
-        )
     };
 }
 
@@ -416,20 +400,7 @@ async fn migrate(options: &PgConnectOptions) -> Result<(), DatastoreError> {
 
 /// The embedded migrations as a sqlx [`Migrator`].
 fn migrator() -> Migrator {
-    Migrator::with_migrations(
-        MIGRATIONS
-            .iter()
-            .map(|&(version, description, sql)| {
-                Migration::new(
-                    version,
-                    Cow::Borrowed(description),
-                    MigrationType::Simple,
-                    sql.into_sql_str(),
-                    false,
-                )
-            })
-            .collect(),
-    )
+    migrator_of(MIGRATIONS)
 }
 
 /// Parses `connection_string`: a `postgres://` (or `postgresql://`) URL, or libpq's
@@ -819,10 +790,6 @@ async fn record_change(
     object_id: &str,
     scope: &[&str],
 ) -> Result<u64, DatastoreError> {
-    let mut scope: Vec<&str> = scope.to_vec();
-    scope.sort_unstable();
-    scope.dedup();
-    let scope = serde_json::to_string(&scope).map_err(|e| DatastoreError::Internal(Box::new(e)))?;
     let revision: i64 = sqlx::query_scalar(concat!(
         "INSERT INTO changes (revision, kind, object_id, recorded_at, scope) VALUES ((SELECT ",
         current_revision!(),
@@ -831,7 +798,7 @@ async fn record_change(
     .bind(kind.as_str())
     .bind(object_id)
     .bind(now_unix_secs())
-    .bind(scope)
+    .bind(scope_json(scope)?)
     .fetch_one(conn)
     .await?;
     stored_u64(revision, "changes.revision")
@@ -843,10 +810,7 @@ async fn upsert_agent_in(
     conn: &mut PgConnection,
     agent: &AttestedAgent,
 ) -> Result<(), DatastoreError> {
-    let expires_at = to_unix_secs(agent.expires_at, "agent expires_at")?;
-    let first_attested_at = to_unix_secs(agent.first_attested_at, "agent first_attested_at")?;
-    let last_seen_at = to_unix_secs(agent.last_seen_at, "agent last_seen_at")?;
-    let aliases = json_list(&agent.aliases)?;
+    let columns = AgentColumns::new(agent)?;
 
     // One statement decides: a banned row is left alone (the DO UPDATE's WHERE is
     // false, so no row changes).
@@ -868,10 +832,10 @@ async fn upsert_agent_in(
     .bind(&agent.attestation_type)
     .bind(&agent.serial)
     .bind(agent.previous_serial.as_deref())
-    .bind(expires_at)
-    .bind(&aliases)
-    .bind(first_attested_at)
-    .bind(last_seen_at)
+    .bind(columns.expires_at)
+    .bind(&columns.aliases)
+    .bind(columns.first_attested_at)
+    .bind(columns.last_seen_at)
     .execute(&mut *conn)
     .await?
     .rows_affected();
@@ -888,141 +852,19 @@ async fn upsert_agent_in(
     Ok(())
 }
 
-fn entry_from_row(row: &PgRow) -> Result<RegistrationEntry, DatastoreError> {
-    let id: String = row.try_get("id")?;
-    let what = |col: &str| format!("entries[{id}].{col}");
-    let spiffe_id =
-        stored_spiffe_id_template(&row.try_get::<String, _>("spiffe_id")?, &what("spiffe_id"))?;
-    let parent_id = stored_spiffe_id(&row.try_get::<String, _>("parent_id")?, &what("parent_id"))?;
-    let selectors = stored_json_list(
-        &row.try_get::<String, _>("selectors")?,
-        &what("selectors"),
-        Selector::parse,
-    )?;
-    let ttl = |col: &str| -> Result<Option<Duration>, DatastoreError> {
-        row.try_get::<Option<i64>, _>(col)?
-            .map(|s| stored_u64(s, &what(col)).map(Duration::from_secs))
-            .transpose()
-    };
-    let x509_svid_ttl = ttl("x509_svid_ttl_secs")?;
-    let jwt_svid_ttl = ttl("jwt_svid_ttl_secs")?;
-    let jwt_audiences = stored_json_list(
-        &row.try_get::<String, _>("jwt_audiences")?,
-        &what("jwt_audiences"),
-        |s| Ok::<_, std::convert::Infallible>(s.to_owned()),
-    )?;
-    let jwt_multi_audience: bool = row.try_get("jwt_multi_audience")?;
-    let dns_names = stored_json_list(
-        &row.try_get::<String, _>("dns_names")?,
-        &what("dns_names"),
-        |s| Ok::<_, std::convert::Infallible>(s.to_owned()),
-    )?;
-    let hint: String = row.try_get("hint")?;
-    let federates_with = stored_json_list(
-        &row.try_get::<String, _>("federates_with")?,
-        &what("federates_with"),
-        TrustDomain::new,
-    )?;
-    let created_revision = stored_u64(row.try_get("created_revision")?, &what("created_revision"))?;
-    let revision = stored_u64(row.try_get("revision")?, &what("revision"))?;
-    Ok(RegistrationEntry {
-        id,
-        spiffe_id,
-        parent_id,
-        selectors,
-        x509_svid_ttl,
-        jwt_svid_ttl,
-        jwt_audiences,
-        jwt_multi_audience,
-        dns_names,
-        hint,
-        federates_with,
-        created_revision,
-        revision,
-    })
-}
-
-fn agent_from_row(row: &PgRow) -> Result<AttestedAgent, DatastoreError> {
-    let raw_id: String = row.try_get("spiffe_id")?;
-    // An unparseable key cannot name its row; the message names the column only.
-    let spiffe_id = stored_spiffe_id(&raw_id, "agents.spiffe_id")?;
-    let what = |col: &str| format!("agents[{spiffe_id}].{col}");
-    Ok(AttestedAgent {
-        attestation_type: row.try_get("attestation_type")?,
-        serial: row.try_get("serial")?,
-        previous_serial: row.try_get("previous_serial")?,
-        expires_at: from_unix_secs(row.try_get("expires_at")?, &what("expires_at"))?,
-        aliases: stored_json_list(
-            &row.try_get::<String, _>("aliases")?,
-            &what("aliases"),
-            SpiffeId::parse,
-        )?,
-        first_attested_at: from_unix_secs(
-            row.try_get("first_attested_at")?,
-            &what("first_attested_at"),
-        )?,
-        last_seen_at: from_unix_secs(row.try_get("last_seen_at")?, &what("last_seen_at"))?,
-        banned_at: row
-            .try_get::<Option<i64>, _>("banned_at")?
-            .map(|t| from_unix_secs(t, &what("banned_at")))
-            .transpose()?,
-        spiffe_id,
-    })
-}
-
-fn bundle_from_row(row: &PgRow) -> Result<StoredBundle, DatastoreError> {
-    let trust_domain: String = row.try_get("trust_domain")?;
-    let what = |col: &str| format!("bundles[{trust_domain}].{col}");
-    let x509_authorities = stored_json_list(
-        &row.try_get::<String, _>("x509_authorities")?,
-        &what("x509_authorities"),
-        |s| hex::decode(s),
-    )?;
-    let jwt_authorities = stored_jwt_authorities(
-        &row.try_get::<String, _>("jwt_authorities")?,
-        &what("jwt_authorities"),
-    )?;
-    let sequence_number = stored_u64(row.try_get("sequence_number")?, &what("sequence_number"))?;
-    Ok(StoredBundle {
-        trust_domain,
-        x509_authorities,
-        jwt_authorities,
-        sequence_number,
-    })
-}
-
 /// The contributions to `trust_domain`'s bundle, ordered by server id.
 async fn contributions_in(
     conn: &mut PgConnection,
     trust_domain: &str,
 ) -> Result<Vec<AuthorityContribution>, DatastoreError> {
-    let rows = sqlx::query(
-        "SELECT server_id, x509_authorities, jwt_authorities, expires_at \
-         FROM authority_contributions WHERE trust_domain = $1 ORDER BY server_id",
-    )
+    let rows = sqlx::query(select_contributions!(
+        "WHERE trust_domain = $1 ORDER BY server_id"
+    ))
     .bind(trust_domain)
     .fetch_all(&mut *conn)
     .await?;
     rows.iter()
-        .map(|row| {
-            let server_id: String = row.try_get("server_id")?;
-            let what =
-                |col: &str| format!("authority_contributions[{trust_domain}/{server_id}].{col}");
-            Ok(AuthorityContribution {
-                trust_domain: trust_domain.to_owned(),
-                x509_authorities: stored_json_list(
-                    &row.try_get::<String, _>("x509_authorities")?,
-                    &what("x509_authorities"),
-                    |s| hex::decode(s),
-                )?,
-                jwt_authorities: stored_jwt_authorities(
-                    &row.try_get::<String, _>("jwt_authorities")?,
-                    &what("jwt_authorities"),
-                )?,
-                expires_at: from_unix_secs(row.try_get("expires_at")?, &what("expires_at"))?,
-                server_id,
-            })
-        })
+        .map(|row| contribution_from_row(row, trust_domain))
         .collect()
 }
 
@@ -1030,11 +872,8 @@ async fn contributions_in(
 async fn store_bundle_in(
     conn: &mut PgConnection,
     trust_domain: &str,
-    x509_authorities: &[Vec<u8>],
-    jwt_authorities: &str,
-    sequence_number: i64,
+    bundle: &BundleColumns,
 ) -> Result<(), DatastoreError> {
-    let hex_x509: Vec<String> = x509_authorities.iter().map(hex::encode).collect();
     let revision = record_change(conn, ChangeKind::BundleUpdated, trust_domain, &[]).await?;
     sqlx::query(
         "INSERT INTO bundles (trust_domain, x509_authorities, jwt_authorities, \
@@ -1046,9 +885,9 @@ async fn store_bundle_in(
            revision = excluded.revision",
     )
     .bind(trust_domain)
-    .bind(json_list(&hex_x509)?)
-    .bind(jwt_authorities)
-    .bind(sequence_number)
+    .bind(&bundle.authorities.x509_authorities)
+    .bind(&bundle.authorities.jwt_authorities)
+    .bind(bundle.sequence_number)
     .bind(revision_to_i64(revision)?)
     .execute(&mut *conn)
     .await?;
@@ -1073,84 +912,15 @@ async fn delete_bundle_in(
     Ok(true)
 }
 
-fn relationship_from_row(row: &PgRow) -> Result<FederationRelationship, DatastoreError> {
-    let raw: String = row.try_get("trust_domain")?;
-    let trust_domain = TrustDomain::new(&raw).map_err(|e| {
-        DatastoreError::Corrupt(format!(
-            "federation_relationships.trust_domain: invalid trust domain: {e}"
-        ))
-    })?;
-    let what = |col: &str| format!("federation_relationships[{trust_domain}].{col}");
-    let profile: String = row.try_get("profile")?;
-    let endpoint_id: Option<String> = row.try_get("endpoint_spiffe_id")?;
-    let profile = match (profile.as_str(), endpoint_id) {
-        ("https_web", _) => EndpointProfile::HttpsWeb,
-        ("https_spiffe", Some(id)) => EndpointProfile::HttpsSpiffe {
-            endpoint_spiffe_id: stored_spiffe_id(&id, &what("endpoint_spiffe_id"))?,
-        },
-        _ => {
-            return Err(DatastoreError::Corrupt(format!(
-                "{}: unknown profile or missing endpoint SPIFFE ID",
-                what("profile")
-            )));
-        }
-    };
-    Ok(FederationRelationship {
-        bundle_endpoint_url: row.try_get("bundle_endpoint_url")?,
-        profile,
-        trust_domain,
-    })
-}
-
-fn change_from_row(row: &PgRow) -> Result<Change, DatastoreError> {
-    let revision = stored_u64(row.try_get("revision")?, "changes.revision")?;
-    let kind: String = row.try_get("kind")?;
-    let kind = ChangeKind::from_stored(&kind).ok_or_else(|| {
-        DatastoreError::Corrupt(format!("changes[{revision}].kind: unknown kind"))
-    })?;
-    let scope: String = row.try_get("scope")?;
-    let scope = serde_json::from_str(&scope).map_err(|_| {
-        DatastoreError::Corrupt(format!(
-            "changes[{revision}].scope: not a JSON list of strings"
-        ))
-    })?;
-    Ok(Change {
-        revision,
-        kind,
-        object_id: row.try_get("object_id")?,
-        scope,
-    })
-}
-
-/// A `revocations` row (`spiffe_id, revoked_at, expires_at, scope`) with its serials.
-fn revocation_from_row(row: &PgRow, serials: Vec<String>) -> Result<Revocation, DatastoreError> {
-    let raw_id: String = row.try_get("spiffe_id")?;
-    let spiffe_id = stored_spiffe_id(&raw_id, "revocations.spiffe_id")?;
-    let what = |col: &str| format!("revocations[{spiffe_id}].{col}");
-    Ok(Revocation {
-        revoked_at: from_unix_secs(row.try_get("revoked_at")?, &what("revoked_at"))?,
-        expires_at: from_unix_secs(row.try_get("expires_at")?, &what("expires_at"))?,
-        scope: stored_json_list(
-            &row.try_get::<String, _>("scope")?,
-            &what("scope"),
-            SpiffeId::parse,
-        )?,
-        serials,
-        spiffe_id,
-    })
-}
-
 /// The revocation of `spiffe_id` with its serials, read inside `conn`'s transaction.
 async fn revocation_in(
     conn: &mut PgConnection,
     spiffe_id: &str,
 ) -> Result<Option<Revocation>, DatastoreError> {
-    let Some(row) = sqlx::query(
-        "SELECT spiffe_id, revoked_at, expires_at, scope FROM revocations WHERE spiffe_id = $1",
-    )
-    .bind(spiffe_id)
-    .fetch_optional(&mut *conn)
-    .await?
+    let Some(row) = sqlx::query(select_revocations!("WHERE spiffe_id = $1"))
+        .bind(spiffe_id)
+        .fetch_optional(&mut *conn)
+        .await?
     else {
         return Ok(None);
     };
@@ -1181,10 +951,7 @@ async fn unconsumable_token(
     .bind(now)
     .fetch_optional(conn)
     .await?;
-    Ok(match expired_hash {
-        Some(hash) if hash.as_slice() == secret_hash.as_slice() => TokenOutcome::Expired,
-        _ => TokenOutcome::Invalid,
-    })
+    Ok(unconsumable_outcome(expired_hash, secret_hash))
 }
 
 /// Reads the current revision inside `conn`'s transaction (or as its own statement).
@@ -1193,6 +960,23 @@ async fn current_revision_in(conn: &mut PgConnection) -> Result<u64, DatastoreEr
         .fetch_one(conn)
         .await?;
     stored_u64(revision, "current revision")
+}
+
+/// Reads the bounds of the change feed inside `conn`'s transaction.
+async fn feed_bounds_in(conn: &mut PgConnection) -> Result<FeedBounds, DatastoreError> {
+    let current = current_revision_in(&mut *conn).await?;
+    let pruned_through: i64 =
+        sqlx::query_scalar("SELECT pruned_through FROM change_feed WHERE id = 1")
+            .fetch_one(conn)
+            .await?;
+    FeedBounds::new(current, pruned_through)
+}
+
+/// PostgreSQL has a boolean type, and the schema uses it.
+impl BoolColumn for Postgres {
+    fn get_bool(row: &PgRow, col: &str, _what: &str) -> Result<bool, DatastoreError> {
+        Ok(row.try_get(col)?)
+    }
 }
 
 #[async_trait::async_trait]
@@ -1385,13 +1169,8 @@ impl Datastore for PostgresDatastore {
             .bind(expires_at)
             .execute(&mut *conn)
             .await;
-            match result.map_err(DatastoreError::from) {
-                Ok(_) => Ok(()),
-                Err(DatastoreError::Conflict(_)) => Err(DatastoreError::Conflict(
-                    "a join token with this id exists".to_owned(),
-                )),
-                Err(e) => Err(e),
-            }
+            result.map_err(join_token_conflict)?;
+            Ok(())
         })
         .await
     }
@@ -1417,9 +1196,7 @@ impl Datastore for PostgresDatastore {
             .fetch_optional(&mut *conn)
             .await?;
             if let Some(alias) = consumed {
-                let alias = alias
-                    .map(|a| stored_spiffe_id(&a, &format!("join_tokens[{id}].alias")))
-                    .transpose()?;
+                let alias = token_alias(id, alias)?;
                 return Ok(TokenOutcome::Consumed { alias });
             }
             unconsumable_token(conn, id, secret_hash, now).await
@@ -1466,12 +1243,8 @@ impl Datastore for PostgresDatastore {
                 tx.commit().await?;
                 return Ok(outcome);
             };
-            let alias = alias
-                .map(|a| stored_spiffe_id(&a, &format!("join_tokens[{id}].alias")))
-                .transpose()?;
-            if let Some(alias) = alias.as_ref().filter(|a| !agent.aliases.contains(a)) {
-                agent.aliases.push(alias.clone());
-            }
+            let alias = token_alias(id, alias)?;
+            add_alias(&mut agent, alias.as_ref());
             // A banned agent fails here, and dropping `tx` rolls the token back to unused.
             upsert_agent_in(&mut tx, &agent).await?;
             tx.commit().await?;
@@ -1515,11 +1288,7 @@ impl Datastore for PostgresDatastore {
         new_serial: &str,
         new_expires_at: SystemTime,
     ) -> Result<bool, DatastoreError> {
-        if new_serial == current_serial {
-            return Err(DatastoreError::InvalidArgument(
-                "the new agent serial equals the current one".to_owned(),
-            ));
-        }
+        check_new_serial(current_serial, new_serial)?;
         let expires_at = to_unix_secs(new_expires_at, "agent expires_at")?;
         self.bounded(async move |conn| {
             let mut tx = begin_write(conn).await?;
@@ -1588,36 +1357,23 @@ impl Datastore for PostgresDatastore {
 
     async fn get_bundle(&self, trust_domain: &str) -> Result<Option<StoredBundle>, DatastoreError> {
         self.bounded(async move |conn| {
-            sqlx::query(
-                "SELECT trust_domain, x509_authorities, jwt_authorities, sequence_number \
-                 FROM bundles WHERE trust_domain = $1",
-            )
-            .bind(trust_domain)
-            .fetch_optional(&mut *conn)
-            .await?
-            .as_ref()
-            .map(bundle_from_row)
-            .transpose()
+            sqlx::query(select_bundles!("WHERE trust_domain = $1"))
+                .bind(trust_domain)
+                .fetch_optional(&mut *conn)
+                .await?
+                .as_ref()
+                .map(bundle_from_row)
+                .transpose()
         })
         .await
     }
 
     async fn set_bundle(&self, bundle: StoredBundle) -> Result<(), DatastoreError> {
-        let sequence_number = i64::try_from(bundle.sequence_number).map_err(|_| {
-            DatastoreError::InvalidArgument("bundle sequence number above i64::MAX".to_owned())
-        })?;
-        let jwt_authorities = jwt_authorities_json(&bundle.jwt_authorities)?;
+        let columns = BundleColumns::new(&bundle)?;
 
         self.bounded(async move |conn| {
             let mut tx = begin_write(conn).await?;
-            store_bundle_in(
-                &mut tx,
-                &bundle.trust_domain,
-                &bundle.x509_authorities,
-                &jwt_authorities,
-                sequence_number,
-            )
-            .await?;
+            store_bundle_in(&mut tx, &bundle.trust_domain, &columns).await?;
             tx.commit().await?;
             Ok(())
         })
@@ -1629,16 +1385,7 @@ impl Datastore for PostgresDatastore {
         contribution: AuthorityContribution,
         now: SystemTime,
     ) -> Result<bool, DatastoreError> {
-        check_server_id(&contribution.server_id)?;
-        let authorities: Vec<String> = contribution
-            .x509_authorities
-            .iter()
-            .map(hex::encode)
-            .collect();
-        let authorities = json_list(&authorities)?;
-        let jwt_authorities = jwt_authorities_json(&contribution.jwt_authorities)?;
-        let expires_at = to_unix_secs(contribution.expires_at, "contribution expires_at")?;
-        let now = to_unix_secs(now, "now")?;
+        let columns = ContributionColumns::new(&contribution, now)?;
         let td = contribution.trust_domain.as_str();
 
         self.bounded(async move |conn| {
@@ -1656,10 +1403,10 @@ impl Datastore for PostgresDatastore {
             )
             .bind(td)
             .bind(&contribution.server_id)
-            .bind(&authorities)
-            .bind(&jwt_authorities)
-            .bind(expires_at)
-            .bind(now)
+            .bind(&columns.authorities.x509_authorities)
+            .bind(&columns.authorities.jwt_authorities)
+            .bind(columns.expires_at)
+            .bind(columns.now)
             .execute(&mut *tx)
             .await?;
             sqlx::query(
@@ -1668,46 +1415,22 @@ impl Datastore for PostgresDatastore {
             )
             .bind(td)
             .bind(&contribution.server_id)
-            .bind(now)
+            .bind(columns.now)
             .execute(&mut *tx)
             .await?;
             let contributions = contributions_in(&mut tx, td).await?;
-            let (x509, jwt) = merge_contributions(&contributions);
-            let stored = sqlx::query(
-                "SELECT trust_domain, x509_authorities, jwt_authorities, sequence_number \
-                 FROM bundles WHERE trust_domain = $1",
-            )
-            .bind(td)
-            .fetch_optional(&mut *tx)
-            .await?
-            .as_ref()
-            .map(bundle_from_row)
-            .transpose()?;
-            if stored
+            let stored = sqlx::query(select_bundles!("WHERE trust_domain = $1"))
+                .bind(td)
+                .fetch_optional(&mut *tx)
+                .await?
                 .as_ref()
-                .is_some_and(|b| b.x509_authorities == x509 && b.jwt_authorities == jwt)
-            {
+                .map(bundle_from_row)
+                .transpose()?;
+            let Some(rebuilt) = BundleColumns::rebuilt(stored, &contributions)? else {
                 tx.commit().await?;
                 return Ok(false);
-            }
-            let sequence_number = stored.map_or(Ok(1), |b| {
-                i64::try_from(b.sequence_number)
-                    .ok()
-                    .and_then(|n| n.checked_add(1))
-                    .ok_or_else(|| {
-                        DatastoreError::Corrupt(format!(
-                            "bundles[{td}].sequence_number: out of range"
-                        ))
-                    })
-            })?;
-            store_bundle_in(
-                &mut tx,
-                td,
-                &x509,
-                &jwt_authorities_json(&jwt)?,
-                sequence_number,
-            )
-            .await?;
+            };
+            store_bundle_in(&mut tx, td, &rebuilt).await?;
             tx.commit().await?;
             Ok(true)
         })
@@ -1724,15 +1447,12 @@ impl Datastore for PostgresDatastore {
 
     async fn list_bundles(&self) -> Result<Vec<StoredBundle>, DatastoreError> {
         self.bounded(async move |conn| {
-            sqlx::query(
-                "SELECT trust_domain, x509_authorities, jwt_authorities, sequence_number \
-                 FROM bundles ORDER BY trust_domain",
-            )
-            .fetch_all(&mut *conn)
-            .await?
-            .iter()
-            .map(bundle_from_row)
-            .collect()
+            sqlx::query(select_bundles!("ORDER BY trust_domain"))
+                .fetch_all(&mut *conn)
+                .await?
+                .iter()
+                .map(bundle_from_row)
+                .collect()
         })
         .await
     }
@@ -1771,12 +1491,7 @@ impl Datastore for PostgresDatastore {
             .bind(now)
             .execute(&mut *tx)
             .await;
-            inserted.map_err(|e| match DatastoreError::from(e) {
-                DatastoreError::Conflict(_) => {
-                    DatastoreError::Conflict(format!("a federation relationship with {td} exists"))
-                }
-                other => other,
-            })?;
+            inserted.map_err(|e| federation_conflict(e, &td))?;
             record_change(&mut tx, ChangeKind::FederationUpdated, &td, &[]).await?;
             tx.commit().await?;
             Ok(())
@@ -1819,16 +1534,13 @@ impl Datastore for PostgresDatastore {
         trust_domain: &str,
     ) -> Result<Option<FederationRelationship>, DatastoreError> {
         self.bounded(async move |conn| {
-            sqlx::query(
-                "SELECT trust_domain, bundle_endpoint_url, profile, endpoint_spiffe_id \
-                 FROM federation_relationships WHERE trust_domain = $1",
-            )
-            .bind(trust_domain)
-            .fetch_optional(&mut *conn)
-            .await?
-            .as_ref()
-            .map(relationship_from_row)
-            .transpose()
+            sqlx::query(select_relationships!("WHERE trust_domain = $1"))
+                .bind(trust_domain)
+                .fetch_optional(&mut *conn)
+                .await?
+                .as_ref()
+                .map(relationship_from_row)
+                .transpose()
         })
         .await
     }
@@ -1837,15 +1549,12 @@ impl Datastore for PostgresDatastore {
         &self,
     ) -> Result<Vec<FederationRelationship>, DatastoreError> {
         self.bounded(async move |conn| {
-            sqlx::query(
-                "SELECT trust_domain, bundle_endpoint_url, profile, endpoint_spiffe_id \
-                 FROM federation_relationships ORDER BY trust_domain",
-            )
-            .fetch_all(&mut *conn)
-            .await?
-            .iter()
-            .map(relationship_from_row)
-            .collect()
+            sqlx::query(select_relationships!("ORDER BY trust_domain"))
+                .fetch_all(&mut *conn)
+                .await?
+                .iter()
+                .map(relationship_from_row)
+                .collect()
         })
         .await
     }
@@ -1944,13 +1653,7 @@ impl Datastore for PostgresDatastore {
         expires_at: SystemTime,
         scope: &[SpiffeId],
     ) -> Result<(Revocation, bool), DatastoreError> {
-        let revoked_at = to_unix_secs(revoked_at, "revoked_at")?;
-        let expires_at = to_unix_secs(expires_at, "revocation expires_at")?;
-        let mut scope: Vec<&str> = scope.iter().map(SpiffeId::as_str).collect();
-        scope.sort_unstable();
-        scope.dedup();
-        let scope_json =
-            serde_json::to_string(&scope).map_err(|e| DatastoreError::Internal(Box::new(e)))?;
+        let columns = RevocationColumns::new(revoked_at, expires_at, scope)?;
 
         self.bounded(async move |conn| {
             // The change-feed lock also orders this against `record_instance_svids`: the
@@ -1970,9 +1673,9 @@ impl Datastore for PostgresDatastore {
                  WHERE revocations.expires_at <= $2",
             )
             .bind(spiffe_id.as_str())
-            .bind(revoked_at)
-            .bind(expires_at)
-            .bind(&scope_json)
+            .bind(columns.revoked_at)
+            .bind(columns.expires_at)
+            .bind(&columns.scope_json)
             .execute(&mut *tx)
             .await?
             .rows_affected();
@@ -1982,7 +1685,7 @@ impl Datastore for PostgresDatastore {
                     &mut tx,
                     ChangeKind::IdentityRevoked,
                     spiffe_id.as_str(),
-                    &scope,
+                    &columns.scope,
                 )
                 .await?;
             }
@@ -2013,11 +1716,9 @@ impl Datastore for PostgresDatastore {
     async fn list_revocations(&self) -> Result<Vec<Revocation>, DatastoreError> {
         self.bounded(async move |conn| {
             let mut tx = begin_read(conn).await?;
-            let rows = sqlx::query(
-            "SELECT spiffe_id, revoked_at, expires_at, scope FROM revocations ORDER BY spiffe_id",
-        )
-        .fetch_all(&mut *tx)
-        .await?;
+            let rows = sqlx::query(select_revocations!("ORDER BY spiffe_id"))
+                .fetch_all(&mut *tx)
+                .await?;
             let serials: Vec<(String, String)> = sqlx::query_as(
                 "SELECT s.spiffe_id, s.serial FROM instance_svids s \
                  JOIN revocations r ON r.spiffe_id = s.spiffe_id ORDER BY s.serial",
@@ -2025,18 +1726,7 @@ impl Datastore for PostgresDatastore {
             .fetch_all(&mut *tx)
             .await?;
             tx.rollback().await?;
-            let mut by_id: std::collections::HashMap<String, Vec<String>> =
-                std::collections::HashMap::new();
-            for (id, serial) in serials {
-                by_id.entry(id).or_default().push(serial);
-            }
-            rows.iter()
-                .map(|row| {
-                    let id: String = row.try_get("spiffe_id")?;
-                    let serials = by_id.remove(&id).unwrap_or_default();
-                    revocation_from_row(row, serials)
-                })
-                .collect()
+            revocations_with_serials(&rows, serials)
         })
         .await
     }
@@ -2071,14 +1761,7 @@ impl Datastore for PostgresDatastore {
         if svids.is_empty() {
             return Ok(Vec::new());
         }
-        let mut spiffe_ids = Vec::with_capacity(svids.len());
-        let mut serials = Vec::with_capacity(svids.len());
-        let mut expiries = Vec::with_capacity(svids.len());
-        for svid in svids {
-            spiffe_ids.push(svid.spiffe_id.as_str());
-            serials.push(svid.serial.as_str());
-            expiries.push(to_unix_secs(svid.expires_at, "instance SVID expires_at")?);
-        }
+        let columns = InstanceSvidColumns::new(svids)?;
 
         self.bounded(async move |conn| {
             // Insert first, then take back what a revocation in force covers, under the
@@ -2089,9 +1772,9 @@ impl Datastore for PostgresDatastore {
                 "INSERT INTO instance_svids (serial, spiffe_id, expires_at) \
                  SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[])",
             )
-            .bind(&serials)
-            .bind(&spiffe_ids)
-            .bind(&expiries)
+            .bind(&columns.serials)
+            .bind(&columns.spiffe_ids)
+            .bind(&columns.expires_at)
             .execute(&mut *tx)
             .await?;
             let withdrawn: Vec<String> = sqlx::query_scalar(
@@ -2100,15 +1783,12 @@ impl Datastore for PostgresDatastore {
                    AND spiffe_id IN (SELECT spiffe_id FROM revocations WHERE expires_at > $2) \
                  RETURNING serial",
             )
-            .bind(&serials)
+            .bind(&columns.serials)
             .bind(now_unix_secs())
             .fetch_all(&mut *tx)
             .await?;
             tx.commit().await?;
-            Ok(serials
-                .iter()
-                .map(|serial| !withdrawn.iter().any(|w| w == serial))
-                .collect())
+            Ok(columns.recorded(&withdrawn))
         })
         .await
     }
@@ -2124,13 +1804,7 @@ impl Datastore for PostgresDatastore {
             .bind(now)
             .fetch_all(&mut *conn)
             .await?;
-            rows.into_iter()
-                .map(|(serial, revoked_at)| {
-                    let revoked_at =
-                        from_unix_secs(revoked_at, &format!("revocations[{serial}].revoked_at"))?;
-                    Ok(RevokedSerial { serial, revoked_at })
-                })
-                .collect()
+            revoked_serials(rows)
         })
         .await
     }
@@ -2169,23 +1843,15 @@ impl Datastore for PostgresDatastore {
             // One snapshot: the feed bounds and the rows agree. Commit order is revision
             // order, so the snapshot holds every revision up to its current one.
             let mut tx = begin_read(conn).await?;
-            let current = current_revision_in(&mut tx).await?;
-            let pruned_through: i64 =
-                sqlx::query_scalar("SELECT pruned_through FROM change_feed WHERE id = 1")
-                    .fetch_one(&mut *tx)
-                    .await?;
-            let pruned_through = stored_u64(pruned_through, "change_feed.pruned_through")?;
-            if revision > current || revision < pruned_through {
+            let bounds = feed_bounds_in(&mut tx).await?;
+            if bounds.lacks_changes_after(revision) {
                 tx.rollback().await?;
                 return Ok(ChangeSet::TooOld);
             }
-            let rows = sqlx::query(
-                "SELECT revision, kind, object_id, scope FROM changes WHERE revision > $1 \
-                 ORDER BY revision",
-            )
-            .bind(since)
-            .fetch_all(&mut *tx)
-            .await?;
+            let rows = sqlx::query(select_changes!("WHERE revision > $1 ORDER BY revision"))
+                .bind(since)
+                .fetch_all(&mut *tx)
+                .await?;
             tx.rollback().await?;
             rows.iter()
                 .map(change_from_row)
@@ -2198,18 +1864,10 @@ impl Datastore for PostgresDatastore {
     async fn prune_changes(&self, keep: u64) -> Result<u64, DatastoreError> {
         self.bounded(async move |conn| {
             let mut tx = begin_write(conn).await?;
-            let current = current_revision_in(&mut tx).await?;
-            let cutoff = current.saturating_sub(keep);
-            let pruned_through: i64 =
-                sqlx::query_scalar("SELECT pruned_through FROM change_feed WHERE id = 1")
-                    .fetch_one(&mut *tx)
-                    .await?;
-            let pruned_through = stored_u64(pruned_through, "change_feed.pruned_through")?;
-            if cutoff <= pruned_through {
+            let Some(cutoff) = feed_bounds_in(&mut tx).await?.prune_cutoff(keep)? else {
                 tx.rollback().await?;
                 return Ok(0);
-            }
-            let cutoff = revision_to_i64(cutoff)?;
+            };
             let removed = sqlx::query("DELETE FROM changes WHERE revision <= $1")
                 .bind(cutoff)
                 .execute(&mut *tx)
@@ -2268,28 +1926,14 @@ mod tests {
 
     use super::super::open_postgres;
     use super::super::suite::{
-        AGENT_A, agent, at, bundle, complete, drop_postgres, fresh_postgres, new_entry,
+        AGENT_A, agent, assert_embedded_migrations_match, at, bundle, complete, drop_postgres,
+        fresh_postgres, new_entry,
     };
     use super::*;
 
     #[test]
     fn embedded_migrations_match_the_directory() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/postgres");
-        let mut files: Vec<String> = std::fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .filter(|n| n.ends_with(".sql"))
-            .collect();
-        files.sort();
-        assert_eq!(
-            files.len(),
-            MIGRATIONS.len(),
-            "list every migration file in MIGRATIONS"
-        );
-        for (file, &(version, description, sql)) in files.iter().zip(MIGRATIONS) {
-            assert_eq!(file, &format!("{version:04}_{description}.sql"));
-            assert_eq!(std::fs::read_to_string(dir.join(file)).unwrap(), sql);
-        }
+        assert_embedded_migrations_match("postgres", MIGRATIONS);
     }
 
     #[test]

@@ -20,27 +20,33 @@
 //! (sqlx's `migrate!` macro needs the `macros` feature, which the workspace does not
 //! enable); a test checks the embedded list matches the directory.
 
-use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use sqlx::error::DatabaseError;
-use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::migrate::Migrator;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteError, SqliteJournalMode, SqlitePool,
     SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
-use sqlx::{Row, SqlSafeStr, Sqlite, Transaction};
-use tessera_plugin_sdk::{RegistrationEntry, Selector, SpiffeId, TrustDomain};
+use sqlx::{Row, Sqlite, Transaction};
+use tessera_plugin_sdk::{RegistrationEntry, SpiffeId};
 
+use super::rows::{
+    BoolColumn, FeedBounds, agent_from_row, bundle_from_row, change_from_row,
+    contribution_from_row, entry_from_row, relationship_from_row, revocation_from_row,
+    revocations_with_serials, revoked_serials, select_agents, select_bundles, select_changes,
+    select_contributions, select_entries, select_relationships, select_revocations, token_alias,
+    unconsumable_outcome,
+};
 use super::{
-    AttestedAgent, AuthorityContribution, Change, ChangeKind, ChangeSet, Datastore, DatastoreError,
-    EndpointProfile, EntryColumns, FederationRelationship, InstanceSvid, NewEntry, NewJoinToken,
-    Revocation, RevokedSerial, StoredBundle, TokenOutcome, check_server_id, endpoint_id_column,
-    from_unix_secs, json_list, jwt_authorities_json, merge_contributions, new_entry_id,
-    now_unix_secs, revision_to_i64, similar_entry_conflict, stored_bool, stored_json_list,
-    stored_jwt_authorities, stored_spiffe_id, stored_spiffe_id_template, stored_u64, to_unix_secs,
+    AgentColumns, AttestedAgent, AuthorityContribution, BundleColumns, ChangeKind, ChangeSet,
+    ContributionColumns, Datastore, DatastoreError, EntryColumns, FederationRelationship,
+    InstanceSvid, InstanceSvidColumns, NewEntry, NewJoinToken, Revocation, RevocationColumns,
+    RevokedSerial, StoredBundle, TokenOutcome, add_alias, check_new_serial, endpoint_id_column,
+    federation_conflict, join_token_conflict, json_list, migrator_of, new_entry_id, now_unix_secs,
+    revision_to_i64, scope_json, similar_entry_conflict, stored_bool, stored_u64, to_unix_secs,
 };
 
 /// The migrations, in version order: (version, description, SQL). Every file of
@@ -81,29 +87,6 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Pool size: SQLite serialises writers anyway; this bounds concurrent readers.
 const MAX_CONNECTIONS: u32 = 8;
-
-/// The columns of `entries` read back into a [`RegistrationEntry`], in a `SELECT`.
-macro_rules! select_entries {
-    ($tail:literal) => {
-        concat!(
-            "SELECT id, spiffe_id, parent_id, selectors, x509_svid_ttl_secs, ",
-            "jwt_svid_ttl_secs, jwt_audiences, jwt_multi_audience, dns_names, hint, ",
-            "federates_with, created_revision, revision FROM entries ",
-            $tail
-        )
-    };
-}
-
-/// The columns of `agents` read back into an [`AttestedAgent`], in a `SELECT`.
-macro_rules! select_agents {
-    ($tail:literal) => {
-        concat!(
-            "SELECT spiffe_id, attestation_type, serial, previous_serial, expires_at, aliases, ",
-            "first_attested_at, last_seen_at, banned_at FROM agents ",
-            $tail
-        )
-    };
-}
 
 /// `MAX(latest recorded revision, pruned_through)`: the current revision even when
 /// every change has been pruned.
@@ -168,24 +151,6 @@ fn migrator() -> Migrator {
     migrator_of(MIGRATIONS)
 }
 
-/// A sqlx [`Migrator`] of some of the embedded migrations (tests build older schemas).
-fn migrator_of(migrations: &[(i64, &'static str, &'static str)]) -> Migrator {
-    Migrator::with_migrations(
-        migrations
-            .iter()
-            .map(|&(version, description, sql)| {
-                Migration::new(
-                    version,
-                    Cow::Borrowed(description),
-                    MigrationType::Simple,
-                    sql.into_sql_str(),
-                    false,
-                )
-            })
-            .collect(),
-    )
-}
-
 /// Maps an error SQLite reported (other than a unique violation, which
 /// `From<sqlx::Error> for DatastoreError` maps for every backend) by its primary
 /// result code (<https://www.sqlite.org/rescode.html>).
@@ -212,10 +177,6 @@ async fn record_change(
     object_id: &str,
     scope: &[&str],
 ) -> Result<u64, DatastoreError> {
-    let mut scope: Vec<&str> = scope.to_vec();
-    scope.sort_unstable();
-    scope.dedup();
-    let scope = serde_json::to_string(&scope).map_err(|e| DatastoreError::Internal(Box::new(e)))?;
     let revision: i64 = sqlx::query_scalar(
         "INSERT INTO changes (kind, object_id, recorded_at, scope) VALUES (?, ?, ?, ?) \
          RETURNING revision",
@@ -223,7 +184,7 @@ async fn record_change(
     .bind(kind.as_str())
     .bind(object_id)
     .bind(now_unix_secs())
-    .bind(scope)
+    .bind(scope_json(scope)?)
     .fetch_one(conn)
     .await?;
     stored_u64(revision, "changes.revision")
@@ -235,10 +196,7 @@ async fn upsert_agent_in(
     conn: &mut SqliteConnection,
     agent: &AttestedAgent,
 ) -> Result<(), DatastoreError> {
-    let expires_at = to_unix_secs(agent.expires_at, "agent expires_at")?;
-    let first_attested_at = to_unix_secs(agent.first_attested_at, "agent first_attested_at")?;
-    let last_seen_at = to_unix_secs(agent.last_seen_at, "agent last_seen_at")?;
-    let aliases = json_list(&agent.aliases)?;
+    let columns = AgentColumns::new(agent)?;
 
     // One statement decides: a banned row is left alone (the DO UPDATE's WHERE is
     // false, so no row changes).
@@ -260,10 +218,10 @@ async fn upsert_agent_in(
     .bind(&agent.attestation_type)
     .bind(&agent.serial)
     .bind(agent.previous_serial.as_deref())
-    .bind(expires_at)
-    .bind(&aliases)
-    .bind(first_attested_at)
-    .bind(last_seen_at)
+    .bind(columns.expires_at)
+    .bind(&columns.aliases)
+    .bind(columns.first_attested_at)
+    .bind(columns.last_seen_at)
     .execute(&mut *conn)
     .await?
     .rows_affected();
@@ -280,145 +238,46 @@ async fn upsert_agent_in(
     Ok(())
 }
 
-fn entry_from_row(row: &SqliteRow) -> Result<RegistrationEntry, DatastoreError> {
-    let id: String = row.try_get("id")?;
-    let what = |col: &str| format!("entries[{id}].{col}");
-    let spiffe_id =
-        stored_spiffe_id_template(&row.try_get::<String, _>("spiffe_id")?, &what("spiffe_id"))?;
-    let parent_id = stored_spiffe_id(&row.try_get::<String, _>("parent_id")?, &what("parent_id"))?;
-    let selectors = stored_json_list(
-        &row.try_get::<String, _>("selectors")?,
-        &what("selectors"),
-        Selector::parse,
-    )?;
-    let ttl = |col: &str| -> Result<Option<Duration>, DatastoreError> {
-        row.try_get::<Option<i64>, _>(col)?
-            .map(|s| stored_u64(s, &what(col)).map(Duration::from_secs))
-            .transpose()
-    };
-    let x509_svid_ttl = ttl("x509_svid_ttl_secs")?;
-    let jwt_svid_ttl = ttl("jwt_svid_ttl_secs")?;
-    let jwt_audiences = stored_json_list(
-        &row.try_get::<String, _>("jwt_audiences")?,
-        &what("jwt_audiences"),
-        |s| Ok::<_, std::convert::Infallible>(s.to_owned()),
-    )?;
-    let jwt_multi_audience = stored_bool(
-        row.try_get("jwt_multi_audience")?,
-        &what("jwt_multi_audience"),
-    )?;
-    let dns_names = stored_json_list(
-        &row.try_get::<String, _>("dns_names")?,
-        &what("dns_names"),
-        |s| Ok::<_, std::convert::Infallible>(s.to_owned()),
-    )?;
-    let hint: String = row.try_get("hint")?;
-    let federates_with = stored_json_list(
-        &row.try_get::<String, _>("federates_with")?,
-        &what("federates_with"),
-        TrustDomain::new,
-    )?;
-    let created_revision = stored_u64(row.try_get("created_revision")?, &what("created_revision"))?;
-    let revision = stored_u64(row.try_get("revision")?, &what("revision"))?;
-    Ok(RegistrationEntry {
-        id,
-        spiffe_id,
-        parent_id,
-        selectors,
-        x509_svid_ttl,
-        jwt_svid_ttl,
-        jwt_audiences,
-        jwt_multi_audience,
-        dns_names,
-        hint,
-        federates_with,
-        created_revision,
-        revision,
-    })
-}
-
-fn agent_from_row(row: &SqliteRow) -> Result<AttestedAgent, DatastoreError> {
-    let raw_id: String = row.try_get("spiffe_id")?;
-    // An unparseable key cannot name its row; the message names the column only.
-    let spiffe_id = stored_spiffe_id(&raw_id, "agents.spiffe_id")?;
-    let what = |col: &str| format!("agents[{spiffe_id}].{col}");
-    Ok(AttestedAgent {
-        attestation_type: row.try_get("attestation_type")?,
-        serial: row.try_get("serial")?,
-        previous_serial: row.try_get("previous_serial")?,
-        expires_at: from_unix_secs(row.try_get("expires_at")?, &what("expires_at"))?,
-        aliases: stored_json_list(
-            &row.try_get::<String, _>("aliases")?,
-            &what("aliases"),
-            SpiffeId::parse,
-        )?,
-        first_attested_at: from_unix_secs(
-            row.try_get("first_attested_at")?,
-            &what("first_attested_at"),
-        )?,
-        last_seen_at: from_unix_secs(row.try_get("last_seen_at")?, &what("last_seen_at"))?,
-        banned_at: row
-            .try_get::<Option<i64>, _>("banned_at")?
-            .map(|t| from_unix_secs(t, &what("banned_at")))
-            .transpose()?,
-        spiffe_id,
-    })
-}
-
-fn bundle_from_row(row: &SqliteRow) -> Result<StoredBundle, DatastoreError> {
-    let trust_domain: String = row.try_get("trust_domain")?;
-    let what = |col: &str| format!("bundles[{trust_domain}].{col}");
-    let x509_authorities = stored_json_list(
-        &row.try_get::<String, _>("x509_authorities")?,
-        &what("x509_authorities"),
-        |s| hex::decode(s),
-    )?;
-    let jwt_authorities = stored_jwt_authorities(
-        &row.try_get::<String, _>("jwt_authorities")?,
-        &what("jwt_authorities"),
-    )?;
-    let sequence_number = stored_u64(row.try_get("sequence_number")?, &what("sequence_number"))?;
-    Ok(StoredBundle {
-        trust_domain,
-        x509_authorities,
-        jwt_authorities,
-        sequence_number,
-    })
-}
-
 /// The contributions to `trust_domain`'s bundle, ordered by server id.
 async fn contributions_in(
     conn: &mut SqliteConnection,
     trust_domain: &str,
 ) -> Result<Vec<AuthorityContribution>, DatastoreError> {
-    let rows = sqlx::query(
-        "SELECT server_id, x509_authorities, jwt_authorities, expires_at \
-         FROM authority_contributions WHERE trust_domain = ? ORDER BY server_id",
-    )
+    let rows = sqlx::query(select_contributions!(
+        "WHERE trust_domain = ? ORDER BY server_id"
+    ))
     .bind(trust_domain)
     .fetch_all(&mut *conn)
     .await?;
     rows.iter()
-        .map(|row| {
-            let server_id: String = row.try_get("server_id")?;
-            let what =
-                |col: &str| format!("authority_contributions[{trust_domain}/{server_id}].{col}");
-            Ok(AuthorityContribution {
-                trust_domain: trust_domain.to_owned(),
-                x509_authorities: stored_json_list(
-                    &row.try_get::<String, _>("x509_authorities")?,
-                    &what("x509_authorities"),
-                    |s| hex::decode(s),
-                )?,
-                jwt_authorities: stored_jwt_authorities(
-                    &row.try_get::<String, _>("jwt_authorities")?,
-                    &what("jwt_authorities"),
-                )?,
-                expires_at: from_unix_secs(row.try_get("expires_at")?, &what("expires_at"))?,
-                server_id,
-            })
-        })
+        .map(|row| contribution_from_row(row, trust_domain))
         .collect()
+}
+
+/// Stores a bundle inside a write transaction, recording [`ChangeKind::BundleUpdated`].
+async fn store_bundle_in(
+    conn: &mut SqliteConnection,
+    trust_domain: &str,
+    bundle: &BundleColumns,
+) -> Result<(), DatastoreError> {
+    let revision = record_change(conn, ChangeKind::BundleUpdated, trust_domain, &[]).await?;
+    sqlx::query(
+        "INSERT INTO bundles (trust_domain, x509_authorities, jwt_authorities, \
+         sequence_number, revision) VALUES (?, ?, ?, ?, ?) \
+         ON CONFLICT (trust_domain) DO UPDATE SET \
+           x509_authorities = excluded.x509_authorities, \
+           jwt_authorities = excluded.jwt_authorities, \
+           sequence_number = excluded.sequence_number, \
+           revision = excluded.revision",
+    )
+    .bind(trust_domain)
+    .bind(&bundle.authorities.x509_authorities)
+    .bind(&bundle.authorities.jwt_authorities)
+    .bind(bundle.sequence_number)
+    .bind(revision_to_i64(revision)?)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 /// Deletes a bundle inside a write transaction, recording [`ChangeKind::BundleDeleted`]
@@ -439,87 +298,15 @@ async fn delete_bundle_in(
     Ok(true)
 }
 
-fn relationship_from_row(row: &SqliteRow) -> Result<FederationRelationship, DatastoreError> {
-    let raw: String = row.try_get("trust_domain")?;
-    let trust_domain = TrustDomain::new(&raw).map_err(|e| {
-        DatastoreError::Corrupt(format!(
-            "federation_relationships.trust_domain: invalid trust domain: {e}"
-        ))
-    })?;
-    let what = |col: &str| format!("federation_relationships[{trust_domain}].{col}");
-    let profile: String = row.try_get("profile")?;
-    let endpoint_id: Option<String> = row.try_get("endpoint_spiffe_id")?;
-    let profile = match (profile.as_str(), endpoint_id) {
-        ("https_web", _) => EndpointProfile::HttpsWeb,
-        ("https_spiffe", Some(id)) => EndpointProfile::HttpsSpiffe {
-            endpoint_spiffe_id: stored_spiffe_id(&id, &what("endpoint_spiffe_id"))?,
-        },
-        _ => {
-            return Err(DatastoreError::Corrupt(format!(
-                "{}: unknown profile or missing endpoint SPIFFE ID",
-                what("profile")
-            )));
-        }
-    };
-    Ok(FederationRelationship {
-        bundle_endpoint_url: row.try_get("bundle_endpoint_url")?,
-        profile,
-        trust_domain,
-    })
-}
-
-fn change_from_row(row: &SqliteRow) -> Result<Change, DatastoreError> {
-    let revision = stored_u64(row.try_get("revision")?, "changes.revision")?;
-    let kind: String = row.try_get("kind")?;
-    let kind = ChangeKind::from_stored(&kind).ok_or_else(|| {
-        DatastoreError::Corrupt(format!("changes[{revision}].kind: unknown kind"))
-    })?;
-    let scope: String = row.try_get("scope")?;
-    let scope = serde_json::from_str(&scope).map_err(|_| {
-        DatastoreError::Corrupt(format!(
-            "changes[{revision}].scope: not a JSON list of strings"
-        ))
-    })?;
-    Ok(Change {
-        revision,
-        kind,
-        object_id: row.try_get("object_id")?,
-        scope,
-    })
-}
-
-/// A `revocations` row (`spiffe_id, revoked_at, expires_at, scope`) with its serials.
-fn revocation_from_row(
-    row: &SqliteRow,
-    serials: Vec<String>,
-) -> Result<Revocation, DatastoreError> {
-    let raw_id: String = row.try_get("spiffe_id")?;
-    let spiffe_id = stored_spiffe_id(&raw_id, "revocations.spiffe_id")?;
-    let what = |col: &str| format!("revocations[{spiffe_id}].{col}");
-    Ok(Revocation {
-        revoked_at: from_unix_secs(row.try_get("revoked_at")?, &what("revoked_at"))?,
-        expires_at: from_unix_secs(row.try_get("expires_at")?, &what("expires_at"))?,
-        scope: stored_json_list(
-            &row.try_get::<String, _>("scope")?,
-            &what("scope"),
-            SpiffeId::parse,
-        )?,
-        serials,
-        spiffe_id,
-    })
-}
-
 /// The revocation of `spiffe_id` with its serials, read inside `conn`'s transaction.
 async fn revocation_in(
     conn: &mut SqliteConnection,
     spiffe_id: &str,
 ) -> Result<Option<Revocation>, DatastoreError> {
-    let Some(row) = sqlx::query(
-        "SELECT spiffe_id, revoked_at, expires_at, scope FROM revocations WHERE spiffe_id = ?",
-    )
-    .bind(spiffe_id)
-    .fetch_optional(&mut *conn)
-    .await?
+    let Some(row) = sqlx::query(select_revocations!("WHERE spiffe_id = ?"))
+        .bind(spiffe_id)
+        .fetch_optional(&mut *conn)
+        .await?
     else {
         return Ok(None);
     };
@@ -535,6 +322,16 @@ async fn revocation_in(
 async fn current_revision_in(conn: &mut SqliteConnection) -> Result<u64, DatastoreError> {
     let revision: i64 = sqlx::query_scalar(CURRENT_REVISION).fetch_one(conn).await?;
     stored_u64(revision, "current revision")
+}
+
+/// Reads the bounds of the change feed inside `conn`'s transaction.
+async fn feed_bounds_in(conn: &mut SqliteConnection) -> Result<FeedBounds, DatastoreError> {
+    let current = current_revision_in(&mut *conn).await?;
+    let pruned_through: i64 =
+        sqlx::query_scalar("SELECT pruned_through FROM change_feed WHERE id = 1")
+            .fetch_one(conn)
+            .await?;
+    FeedBounds::new(current, pruned_through)
 }
 
 /// What a caller learns of a join token it could not consume, consuming nothing: an
@@ -555,10 +352,14 @@ async fn unconsumable_token(
     .bind(now)
     .fetch_optional(conn)
     .await?;
-    Ok(match expired_hash {
-        Some(hash) if hash.as_slice() == secret_hash.as_slice() => TokenOutcome::Expired,
-        _ => TokenOutcome::Invalid,
-    })
+    Ok(unconsumable_outcome(expired_hash, secret_hash))
+}
+
+/// SQLite's STRICT tables have no boolean type: a flag is an INTEGER, 0 or 1.
+impl BoolColumn for Sqlite {
+    fn get_bool(row: &SqliteRow, col: &str, what: &str) -> Result<bool, DatastoreError> {
+        stored_bool(row.try_get(col)?, what)
+    }
 }
 
 #[async_trait::async_trait]
@@ -734,13 +535,8 @@ impl Datastore for SqliteDatastore {
         .bind(expires_at)
         .execute(&self.pool)
         .await;
-        match result.map_err(DatastoreError::from) {
-            Ok(_) => Ok(()),
-            Err(DatastoreError::Conflict(_)) => Err(DatastoreError::Conflict(
-                "a join token with this id exists".to_owned(),
-            )),
-            Err(e) => Err(e),
-        }
+        result.map_err(join_token_conflict)?;
+        Ok(())
     }
 
     async fn consume_join_token(
@@ -764,9 +560,7 @@ impl Datastore for SqliteDatastore {
         .fetch_optional(&self.pool)
         .await?;
         if let Some(alias) = consumed {
-            let alias = alias
-                .map(|a| stored_spiffe_id(&a, &format!("join_tokens[{id}].alias")))
-                .transpose()?;
+            let alias = token_alias(id, alias)?;
             return Ok(TokenOutcome::Consumed { alias });
         }
         let mut conn = self.pool.acquire().await?;
@@ -809,12 +603,8 @@ impl Datastore for SqliteDatastore {
             tx.commit().await?;
             return Ok(outcome);
         };
-        let alias = alias
-            .map(|a| stored_spiffe_id(&a, &format!("join_tokens[{id}].alias")))
-            .transpose()?;
-        if let Some(alias) = alias.as_ref().filter(|a| !agent.aliases.contains(a)) {
-            agent.aliases.push(alias.clone());
-        }
+        let alias = token_alias(id, alias)?;
+        add_alias(&mut agent, alias.as_ref());
         upsert_agent_in(&mut tx, &agent).await?;
         tx.commit().await?;
         Ok(TokenOutcome::Consumed { alias })
@@ -849,11 +639,7 @@ impl Datastore for SqliteDatastore {
         new_serial: &str,
         new_expires_at: SystemTime,
     ) -> Result<bool, DatastoreError> {
-        if new_serial == current_serial {
-            return Err(DatastoreError::InvalidArgument(
-                "the new agent serial equals the current one".to_owned(),
-            ));
-        }
+        check_new_serial(current_serial, new_serial)?;
         let expires_at = to_unix_secs(new_expires_at, "agent expires_at")?;
         let mut tx = self.begin_write().await?;
         let rotated = sqlx::query(
@@ -916,52 +702,20 @@ impl Datastore for SqliteDatastore {
     }
 
     async fn get_bundle(&self, trust_domain: &str) -> Result<Option<StoredBundle>, DatastoreError> {
-        sqlx::query(
-            "SELECT trust_domain, x509_authorities, jwt_authorities, sequence_number \
-             FROM bundles WHERE trust_domain = ?",
-        )
-        .bind(trust_domain)
-        .fetch_optional(&self.pool)
-        .await?
-        .as_ref()
-        .map(bundle_from_row)
-        .transpose()
+        sqlx::query(select_bundles!("WHERE trust_domain = ?"))
+            .bind(trust_domain)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(bundle_from_row)
+            .transpose()
     }
 
     async fn set_bundle(&self, bundle: StoredBundle) -> Result<(), DatastoreError> {
-        let sequence_number = i64::try_from(bundle.sequence_number).map_err(|_| {
-            DatastoreError::InvalidArgument("bundle sequence number above i64::MAX".to_owned())
-        })?;
-        let authorities: Vec<String> = bundle.x509_authorities.iter().map(hex::encode).collect();
-        let authorities = json_list(&authorities)?;
-        let jwt_authorities = jwt_authorities_json(&bundle.jwt_authorities)?;
+        let columns = BundleColumns::new(&bundle)?;
 
         let mut tx = self.begin_write().await?;
-        let revision = record_change(
-            &mut tx,
-            ChangeKind::BundleUpdated,
-            &bundle.trust_domain,
-            &[],
-        )
-        .await?;
-        let revision = revision_to_i64(revision)?;
-        sqlx::query(
-            "INSERT INTO bundles (trust_domain, x509_authorities, jwt_authorities, \
-             sequence_number, revision) \
-             VALUES (?, ?, ?, ?, ?) \
-             ON CONFLICT (trust_domain) DO UPDATE SET \
-               x509_authorities = excluded.x509_authorities, \
-               jwt_authorities = excluded.jwt_authorities, \
-               sequence_number = excluded.sequence_number, \
-               revision = excluded.revision",
-        )
-        .bind(&bundle.trust_domain)
-        .bind(&authorities)
-        .bind(&jwt_authorities)
-        .bind(sequence_number)
-        .bind(revision)
-        .execute(&mut *tx)
-        .await?;
+        store_bundle_in(&mut tx, &bundle.trust_domain, &columns).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -971,16 +725,7 @@ impl Datastore for SqliteDatastore {
         contribution: AuthorityContribution,
         now: SystemTime,
     ) -> Result<bool, DatastoreError> {
-        check_server_id(&contribution.server_id)?;
-        let authorities: Vec<String> = contribution
-            .x509_authorities
-            .iter()
-            .map(hex::encode)
-            .collect();
-        let authorities = json_list(&authorities)?;
-        let jwt_authorities = jwt_authorities_json(&contribution.jwt_authorities)?;
-        let expires_at = to_unix_secs(contribution.expires_at, "contribution expires_at")?;
-        let now = to_unix_secs(now, "now")?;
+        let columns = ContributionColumns::new(&contribution, now)?;
         let td = contribution.trust_domain.as_str();
 
         let mut tx = self.begin_write().await?;
@@ -995,10 +740,10 @@ impl Datastore for SqliteDatastore {
         )
         .bind(td)
         .bind(&contribution.server_id)
-        .bind(&authorities)
-        .bind(&jwt_authorities)
-        .bind(expires_at)
-        .bind(now)
+        .bind(&columns.authorities.x509_authorities)
+        .bind(&columns.authorities.jwt_authorities)
+        .bind(columns.expires_at)
+        .bind(columns.now)
         .execute(&mut *tx)
         .await?;
         sqlx::query(
@@ -1007,55 +752,22 @@ impl Datastore for SqliteDatastore {
         )
         .bind(td)
         .bind(&contribution.server_id)
-        .bind(now)
+        .bind(columns.now)
         .execute(&mut *tx)
         .await?;
         let contributions = contributions_in(&mut tx, td).await?;
-        let (x509, jwt) = merge_contributions(&contributions);
-        let stored = sqlx::query(
-            "SELECT trust_domain, x509_authorities, jwt_authorities, sequence_number \
-             FROM bundles WHERE trust_domain = ?",
-        )
-        .bind(td)
-        .fetch_optional(&mut *tx)
-        .await?
-        .as_ref()
-        .map(bundle_from_row)
-        .transpose()?;
-        if stored
+        let stored = sqlx::query(select_bundles!("WHERE trust_domain = ?"))
+            .bind(td)
+            .fetch_optional(&mut *tx)
+            .await?
             .as_ref()
-            .is_some_and(|b| b.x509_authorities == x509 && b.jwt_authorities == jwt)
-        {
+            .map(bundle_from_row)
+            .transpose()?;
+        let Some(rebuilt) = BundleColumns::rebuilt(stored, &contributions)? else {
             tx.commit().await?;
             return Ok(false);
-        }
-        let sequence_number = stored.map_or(Ok(1), |b| {
-            i64::try_from(b.sequence_number)
-                .ok()
-                .and_then(|n| n.checked_add(1))
-                .ok_or_else(|| {
-                    DatastoreError::Corrupt(format!("bundles[{td}].sequence_number: out of range"))
-                })
-        })?;
-        let revision = record_change(&mut tx, ChangeKind::BundleUpdated, td, &[]).await?;
-        let revision = revision_to_i64(revision)?;
-        let hex_x509: Vec<String> = x509.iter().map(hex::encode).collect();
-        sqlx::query(
-            "INSERT INTO bundles (trust_domain, x509_authorities, jwt_authorities, \
-             sequence_number, revision) VALUES (?, ?, ?, ?, ?) \
-             ON CONFLICT (trust_domain) DO UPDATE SET \
-               x509_authorities = excluded.x509_authorities, \
-               jwt_authorities = excluded.jwt_authorities, \
-               sequence_number = excluded.sequence_number, \
-               revision = excluded.revision",
-        )
-        .bind(td)
-        .bind(json_list(&hex_x509)?)
-        .bind(jwt_authorities_json(&jwt)?)
-        .bind(sequence_number)
-        .bind(revision)
-        .execute(&mut *tx)
-        .await?;
+        };
+        store_bundle_in(&mut tx, td, &rebuilt).await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -1069,15 +781,12 @@ impl Datastore for SqliteDatastore {
     }
 
     async fn list_bundles(&self) -> Result<Vec<StoredBundle>, DatastoreError> {
-        sqlx::query(
-            "SELECT trust_domain, x509_authorities, jwt_authorities, sequence_number \
-             FROM bundles ORDER BY trust_domain",
-        )
-        .fetch_all(&self.pool)
-        .await?
-        .iter()
-        .map(bundle_from_row)
-        .collect()
+        sqlx::query(select_bundles!("ORDER BY trust_domain"))
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(bundle_from_row)
+            .collect()
     }
 
     async fn delete_bundle(&self, trust_domain: &str) -> Result<bool, DatastoreError> {
@@ -1110,12 +819,7 @@ impl Datastore for SqliteDatastore {
         .bind(now)
         .execute(&mut *tx)
         .await;
-        inserted.map_err(|e| match DatastoreError::from(e) {
-            DatastoreError::Conflict(_) => {
-                DatastoreError::Conflict(format!("a federation relationship with {td} exists"))
-            }
-            other => other,
-        })?;
+        inserted.map_err(|e| federation_conflict(e, &td))?;
         record_change(&mut tx, ChangeKind::FederationUpdated, &td, &[]).await?;
         tx.commit().await?;
         Ok(())
@@ -1152,30 +856,24 @@ impl Datastore for SqliteDatastore {
         &self,
         trust_domain: &str,
     ) -> Result<Option<FederationRelationship>, DatastoreError> {
-        sqlx::query(
-            "SELECT trust_domain, bundle_endpoint_url, profile, endpoint_spiffe_id \
-             FROM federation_relationships WHERE trust_domain = ?",
-        )
-        .bind(trust_domain)
-        .fetch_optional(&self.pool)
-        .await?
-        .as_ref()
-        .map(relationship_from_row)
-        .transpose()
+        sqlx::query(select_relationships!("WHERE trust_domain = ?"))
+            .bind(trust_domain)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(relationship_from_row)
+            .transpose()
     }
 
     async fn list_federation_relationships(
         &self,
     ) -> Result<Vec<FederationRelationship>, DatastoreError> {
-        sqlx::query(
-            "SELECT trust_domain, bundle_endpoint_url, profile, endpoint_spiffe_id \
-             FROM federation_relationships ORDER BY trust_domain",
-        )
-        .fetch_all(&self.pool)
-        .await?
-        .iter()
-        .map(relationship_from_row)
-        .collect()
+        sqlx::query(select_relationships!("ORDER BY trust_domain"))
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(relationship_from_row)
+            .collect()
     }
 
     async fn delete_federation_relationship(
@@ -1262,13 +960,7 @@ impl Datastore for SqliteDatastore {
         expires_at: SystemTime,
         scope: &[SpiffeId],
     ) -> Result<(Revocation, bool), DatastoreError> {
-        let revoked_at = to_unix_secs(revoked_at, "revoked_at")?;
-        let expires_at = to_unix_secs(expires_at, "revocation expires_at")?;
-        let mut scope: Vec<&str> = scope.iter().map(SpiffeId::as_str).collect();
-        scope.sort_unstable();
-        scope.dedup();
-        let scope_json =
-            serde_json::to_string(&scope).map_err(|e| DatastoreError::Internal(Box::new(e)))?;
+        let columns = RevocationColumns::new(revoked_at, expires_at, scope)?;
 
         let mut tx = self.begin_write().await?;
         // One statement: a revocation in force is kept as it is (idempotence); an
@@ -1284,9 +976,9 @@ impl Datastore for SqliteDatastore {
              WHERE revocations.expires_at <= ?2",
         )
         .bind(spiffe_id.as_str())
-        .bind(revoked_at)
-        .bind(expires_at)
-        .bind(&scope_json)
+        .bind(columns.revoked_at)
+        .bind(columns.expires_at)
+        .bind(&columns.scope_json)
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -1296,7 +988,7 @@ impl Datastore for SqliteDatastore {
                 &mut tx,
                 ChangeKind::IdentityRevoked,
                 spiffe_id.as_str(),
-                &scope,
+                &columns.scope,
             )
             .await?;
         }
@@ -1322,11 +1014,9 @@ impl Datastore for SqliteDatastore {
 
     async fn list_revocations(&self) -> Result<Vec<Revocation>, DatastoreError> {
         let mut tx = self.pool.begin().await?;
-        let rows = sqlx::query(
-            "SELECT spiffe_id, revoked_at, expires_at, scope FROM revocations ORDER BY spiffe_id",
-        )
-        .fetch_all(&mut *tx)
-        .await?;
+        let rows = sqlx::query(select_revocations!("ORDER BY spiffe_id"))
+            .fetch_all(&mut *tx)
+            .await?;
         let serials: Vec<(String, String)> = sqlx::query_as(
             "SELECT s.spiffe_id, s.serial FROM instance_svids s \
              JOIN revocations r ON r.spiffe_id = s.spiffe_id ORDER BY s.serial",
@@ -1334,18 +1024,7 @@ impl Datastore for SqliteDatastore {
         .fetch_all(&mut *tx)
         .await?;
         tx.rollback().await?;
-        let mut by_id: std::collections::HashMap<String, Vec<String>> =
-            std::collections::HashMap::new();
-        for (id, serial) in serials {
-            by_id.entry(id).or_default().push(serial);
-        }
-        rows.iter()
-            .map(|row| {
-                let id: String = row.try_get("spiffe_id")?;
-                let serials = by_id.remove(&id).unwrap_or_default();
-                revocation_from_row(row, serials)
-            })
-            .collect()
+        revocations_with_serials(&rows, serials)
     }
 
     async fn revoked_among(
@@ -1375,25 +1054,19 @@ impl Datastore for SqliteDatastore {
         if svids.is_empty() {
             return Ok(Vec::new());
         }
-        let rows = svids
-            .iter()
-            .map(|svid| {
-                Ok((
-                    svid.spiffe_id.as_str(),
-                    svid.serial.as_str(),
-                    to_unix_secs(svid.expires_at, "instance SVID expires_at")?,
-                ))
-            })
-            .collect::<Result<Vec<_>, DatastoreError>>()?;
-        let serials: Vec<&str> = rows.iter().map(|(_, serial, _)| *serial).collect();
-        let serials_json =
-            serde_json::to_string(&serials).map_err(|e| DatastoreError::Internal(Box::new(e)))?;
+        let columns = InstanceSvidColumns::new(svids)?;
+        let serials_json = json_list(&columns.serials)?;
 
         // Insert first, then take back what a revocation in force covers, all under the
         // write lock: a concurrent `revoke_identity` runs wholly before (and is seen
         // here) or wholly after (and lists the serials).
         let mut tx = self.begin_write().await?;
-        for (spiffe_id, serial, expires_at) in &rows {
+        let rows = columns
+            .serials
+            .iter()
+            .zip(&columns.spiffe_ids)
+            .zip(&columns.expires_at);
+        for ((serial, spiffe_id), expires_at) in rows {
             sqlx::query(
                 "INSERT INTO instance_svids (serial, spiffe_id, expires_at) VALUES (?, ?, ?)",
             )
@@ -1414,10 +1087,7 @@ impl Datastore for SqliteDatastore {
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(rows
-            .iter()
-            .map(|(_, serial, _)| !withdrawn.iter().any(|w| w == serial))
-            .collect())
+        Ok(columns.recorded(&withdrawn))
     }
 
     async fn revoked_serials(&self, now: SystemTime) -> Result<Vec<RevokedSerial>, DatastoreError> {
@@ -1430,13 +1100,7 @@ impl Datastore for SqliteDatastore {
         .bind(now)
         .fetch_all(&self.pool)
         .await?;
-        rows.into_iter()
-            .map(|(serial, revoked_at)| {
-                let revoked_at =
-                    from_unix_secs(revoked_at, &format!("revocations[{serial}].revoked_at"))?;
-                Ok(RevokedSerial { serial, revoked_at })
-            })
-            .collect()
+        revoked_serials(rows)
     }
 
     async fn prune_revocations(&self, now: SystemTime) -> Result<u64, DatastoreError> {
@@ -1468,22 +1132,15 @@ impl Datastore for SqliteDatastore {
         };
         // One read transaction: the feed bounds and the rows come from one snapshot.
         let mut tx = self.pool.begin().await?;
-        let current = current_revision_in(&mut tx).await?;
-        let pruned_through: i64 =
-            sqlx::query_scalar("SELECT pruned_through FROM change_feed WHERE id = 1")
-                .fetch_one(&mut *tx)
-                .await?;
-        let pruned_through = stored_u64(pruned_through, "change_feed.pruned_through")?;
-        if revision > current || revision < pruned_through {
+        let bounds = feed_bounds_in(&mut tx).await?;
+        if bounds.lacks_changes_after(revision) {
             tx.rollback().await?;
             return Ok(ChangeSet::TooOld);
         }
-        let rows = sqlx::query(
-            "SELECT revision, kind, object_id, scope FROM changes WHERE revision > ? ORDER BY revision",
-        )
-        .bind(since)
-        .fetch_all(&mut *tx)
-        .await?;
+        let rows = sqlx::query(select_changes!("WHERE revision > ? ORDER BY revision"))
+            .bind(since)
+            .fetch_all(&mut *tx)
+            .await?;
         tx.rollback().await?;
         rows.iter()
             .map(change_from_row)
@@ -1493,19 +1150,10 @@ impl Datastore for SqliteDatastore {
 
     async fn prune_changes(&self, keep: u64) -> Result<u64, DatastoreError> {
         let mut tx = self.begin_write().await?;
-        let current = current_revision_in(&mut tx).await?;
-        let cutoff = current.saturating_sub(keep);
-        let pruned_through: i64 =
-            sqlx::query_scalar("SELECT pruned_through FROM change_feed WHERE id = 1")
-                .fetch_one(&mut *tx)
-                .await?;
-        let pruned_through = stored_u64(pruned_through, "change_feed.pruned_through")?;
-        if cutoff <= pruned_through {
+        let Some(cutoff) = feed_bounds_in(&mut tx).await?.prune_cutoff(keep)? else {
             tx.rollback().await?;
             return Ok(0);
-        }
-        let cutoff = i64::try_from(cutoff)
-            .map_err(|_| DatastoreError::Corrupt("changes.revision: out of range".to_owned()))?;
+        };
         let removed = sqlx::query("DELETE FROM changes WHERE revision <= ?")
             .bind(cutoff)
             .execute(&mut *tx)
@@ -1535,28 +1183,13 @@ mod tests {
     //! behaviour as a [`Datastore`] is tested by the suite (`super::super::suite`),
     //! which runs against both implementations.
 
-    use super::super::suite::{AGENT_A, new_entry};
+    use super::super::suite::{AGENT_A, assert_embedded_migrations_match, new_entry};
     use super::super::{open_sqlite, similarity_key};
     use super::*;
 
     #[test]
     fn embedded_migrations_match_the_directory() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/sqlite");
-        let mut files: Vec<String> = std::fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .filter(|n| n.ends_with(".sql"))
-            .collect();
-        files.sort();
-        assert_eq!(
-            files.len(),
-            MIGRATIONS.len(),
-            "list every migration file in MIGRATIONS"
-        );
-        for (file, &(version, description, sql)) in files.iter().zip(MIGRATIONS) {
-            assert_eq!(file, &format!("{version:04}_{description}.sql"));
-            assert_eq!(std::fs::read_to_string(dir.join(file)).unwrap(), sql);
-        }
+        assert_embedded_migrations_match("sqlite", MIGRATIONS);
     }
 
     #[tokio::test]

@@ -221,6 +221,29 @@ macro_rules! suite {
     };
 }
 
+/// Checks that a backend's embedded `migrations` are exactly the `.sql` files of
+/// `server/migrations/<backend>/`, in order, named `<version:04>_<description>.sql`.
+pub(crate) fn assert_embedded_migrations_match(backend: &str, migrations: &[(i64, &str, &str)]) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("migrations")
+        .join(backend);
+    let mut files: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".sql"))
+        .collect();
+    files.sort();
+    assert_eq!(
+        files.len(),
+        migrations.len(),
+        "list every migration file in MIGRATIONS"
+    );
+    for (file, &(version, description, sql)) in files.iter().zip(migrations) {
+        assert_eq!(file, &format!("{version:04}_{description}.sql"));
+        assert_eq!(std::fs::read_to_string(dir.join(file)).unwrap(), sql);
+    }
+}
+
 pub(crate) fn id(s: &str) -> SpiffeId {
     SpiffeId::parse(s).unwrap()
 }
