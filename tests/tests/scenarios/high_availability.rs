@@ -35,6 +35,19 @@ async fn bundle_at(socket: &Path) -> tessera_proto::types::Bundle {
         .into_inner()
 }
 
+/// The serial of the only agent the server at `socket` knows.
+async fn only_agent_serial(socket: &Path) -> String {
+    let agents = admin_at(socket)
+        .await
+        .list_agents(tessera_proto::admin::ListAgentsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .agents;
+    assert_eq!(agents.len(), 1);
+    agents[0].serial.clone()
+}
+
 fn entry(parent: &str, spiffe_id: &str) -> CreateEntryRequest {
     CreateEntryRequest {
         entry: Some(Entry {
@@ -222,19 +235,7 @@ async fn two_servers_share_postgres_and_the_agent_fails_over_when_one_is_killed(
     verify(&chain, &served_bundle);
     let first_serial = serial(&chain[0]);
 
-    let agent_serial = |agents: Vec<tessera_proto::admin::Agent>| {
-        assert_eq!(agents.len(), 1);
-        agents[0].serial.clone()
-    };
-    let serial_via_a = agent_serial(
-        admin_at(&b.admin_socket())
-            .await
-            .list_agents(tessera_proto::admin::ListAgentsRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .agents,
-    );
+    let serial_via_a = only_agent_serial(&b.admin_socket()).await;
 
     // A dies without a goodbye.
     server_a.sigkill().await;
@@ -272,15 +273,7 @@ async fn two_servers_share_postgres_and_the_agent_fails_over_when_one_is_killed(
     // the SVID it had when A died.
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let serial = agent_serial(
-            admin_at(&b.admin_socket())
-                .await
-                .list_agents(tessera_proto::admin::ListAgentsRequest {})
-                .await
-                .unwrap()
-                .into_inner()
-                .agents,
-        );
+        let serial = only_agent_serial(&b.admin_socket()).await;
         if serial != serial_via_a {
             break;
         }

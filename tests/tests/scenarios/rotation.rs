@@ -8,11 +8,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tessera_agent::cli::with_header;
-use tessera_proto::workload::{JwtsvidRequest, ValidateJwtsvidRequest, X509svidRequest};
+use tessera_proto::workload::{JwtsvidRequest, ValidateJwtsvidRequest};
 use tessera_tests::Harness;
 
 use crate::support::{
-    ServerProcess, arg, raw_workload_client, run_product, split_der, verify, wait_healthy,
+    ServerProcess, arg, open_x509_stream, raw_workload_client, run_product, split_der, verify,
+    wait_healthy,
 };
 
 /// Key lifetimes of seconds: a CA is prepared 6 s after the previous one and signs
@@ -36,17 +37,7 @@ async fn svids_and_jwts_stay_valid_across_three_rotations() {
     )
     .await
     .unwrap();
-    let mut client = raw_workload_client(agent.socket_path()).await;
-    let mut stream = tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            if let Ok(stream) = client.fetch_x509svid(with_header(X509svidRequest {})).await {
-                break stream.into_inner();
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await
-    .expect("the stream opens");
+    let mut stream = open_x509_stream(agent.socket_path()).await;
 
     let mut issuers = BTreeSet::new();
     let mut kids = BTreeSet::new();

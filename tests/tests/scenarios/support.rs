@@ -33,6 +33,24 @@ pub async fn fetch_x509_raw(
         .ok_or_else(|| tonic::Status::aborted("stream ended"))
 }
 
+/// A `FetchX509SVID` stream for this process, opened as soon as the agent answers one
+/// (within 20 s).
+pub async fn open_x509_stream(
+    socket: &Path,
+) -> tonic::Streaming<tessera_proto::workload::X509svidResponse> {
+    let mut client = raw_workload_client(socket).await;
+    tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        loop {
+            if let Ok(stream) = client.fetch_x509svid(with_header(X509svidRequest {})).await {
+                break stream.into_inner();
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the stream opens")
+}
+
 /// A binary of the product (`tessera-server`, `tessera-agent`) from the same target
 /// directory as this test binary (`<target>/debug/deps/scenarios-<hash>` ->
 /// `<target>/debug/<name>`). Cargo does not build other packages' binaries for an

@@ -14,13 +14,9 @@ use rcgen::{
     KeyUsagePurpose, date_time_ymd,
 };
 use rustls::pki_types::{CertificateDer, UnixTime};
-use tessera_agent::cli::with_header;
-use tessera_proto::workload::X509svidRequest;
 use tessera_tests::{Harness, fetch_as, my_uid};
 
-use crate::support::{
-    chain_verifies, fetch_x509_raw, raw_workload_client, split_der, workload_bin,
-};
+use crate::support::{chain_verifies, fetch_x509_raw, open_x509_stream, split_der, workload_bin};
 
 /// An upstream CA made with rcgen.
 struct TestCa {
@@ -277,17 +273,7 @@ async fn rotation_keeps_the_bundle_and_new_svids_verify() {
     )
     .await
     .unwrap();
-    let mut client = raw_workload_client(agent.socket_path()).await;
-    let mut stream = tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            if let Ok(stream) = client.fetch_x509svid(with_header(X509svidRequest {})).await {
-                break stream.into_inner();
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await
-    .expect("the stream opens");
+    let mut stream = open_x509_stream(agent.socket_path()).await;
 
     let mut server_cas = BTreeSet::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
