@@ -7,12 +7,14 @@
 //! attestor's warm call (hash cache hit); P-256 signing (raw) vs X.509-SVID and JWT-SVID
 //! signing; P-256 verification (raw) vs JWT-SVID validation; a raw Unix-socket
 //! ping-pong vs `FetchX509SVID` on an open connection and on a new one, through a real
-//! server and agent; entry create/delete propagation to an open stream vs an admin round
-//! trip; the first SVID of a per-instance identity vs a cached fetch.
+//! server and agent (also with the agent on its own thread and runtime, current-thread
+//! and 2-worker multi-thread, and the client on another, as in two processes); entry
+//! create/delete propagation to an open stream vs an admin round trip; the first SVID of
+//! a per-instance identity vs a cached fetch.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
@@ -295,22 +297,7 @@ async fn workload_api(quick: bool) -> Result<Vec<Value>> {
     .map_err(|status| anyhow::anyhow!("entry: {status}"))?;
     let socket = agent.socket_path().to_owned();
 
-    // Open connection: each call is a new FetchX509SVID stream whose first message is
-    // awaited (what a client does on every refresh).
-    let channel = tessera_proto::uds::connect(&socket).await?;
-    let mut client = SpiffeWorkloadApiClient::new(channel);
-    let mut open = Vec::with_capacity(n);
-    for i in 0..n + 50 {
-        let start = Instant::now();
-        let mut stream = client
-            .fetch_x509svid(with_header(X509svidRequest {}))
-            .await?
-            .into_inner();
-        stream.message().await?.context("no SVID")?;
-        if i >= 50 {
-            open.push(start.elapsed());
-        }
-    }
+    let open = open_connection_samples(&socket, n).await?;
     let fresh_n = n / 5;
     let mut fresh = Vec::with_capacity(fresh_n);
     for _ in 0..fresh_n {
@@ -325,27 +312,216 @@ async fn workload_api(quick: bool) -> Result<Vec<Value>> {
         fresh.push(start.elapsed());
     }
     agent.stop().await?;
+
+    // The same open-connection calls with the agent and the client each on their own
+    // thread and runtime, as two processes would be: the agent on a current-thread
+    // runtime, then on a 2-worker multi-thread one (PERF.md: measure both).
+    let mut separate = Vec::new();
+    for (name, multi_thread) in [("bench-ct", false), ("bench-mt", true)] {
+        let agent = AgentThread::start(&h, name, multi_thread).await?;
+        h.create_entry(
+            &agent.agent_id,
+            &format!("spiffe://example.org/{name}"),
+            &[&selector],
+            0,
+        )
+        .await
+        .map_err(|status| anyhow::anyhow!("entry: {status}"))?;
+        let samples = client_thread_samples(agent.socket_path.clone(), n).await;
+        agent.stop().await?;
+        separate.push(samples?);
+    }
+
     let floor_p50 = latency(&floor)?["p50"].as_f64().unwrap_or(0.0);
-    let open_latency = latency(&open)?;
     let fresh_latency = latency(&fresh)?;
-    let open_p50 = open_latency["p50"].as_f64().unwrap_or(0.0);
     let fresh_p50 = fresh_latency["p50"].as_f64().unwrap_or(0.0);
     Ok(vec![
         json!({ "name": "uds_ping_pong", "latency": latency(&floor)?, "note": "two threads, one byte each way" }),
-        json!({
-            "name": "fetch_x509svid_open_connection",
-            "latency": open_latency,
-            "floor": "uds_ping_pong",
-            "ratio_to_floor_p50": ratio(open_p50, floor_p50),
-            "note": "client and agent in one process on a 2-worker tokio runtime (they may share or cross cores); attestation is cached per process, every call re-validates it (liveness, exe inode, status ids, cgroup)"
-        }),
+        open_connection_result(
+            "fetch_x509svid_open_connection",
+            &open,
+            floor_p50,
+            "client and agent in one process on a 2-worker tokio runtime (they may share or cross cores); attestation is cached per process, every call re-validates it (liveness, exe inode, status ids, cgroup)",
+        )?,
         json!({
             "name": "fetch_x509svid_new_connection",
             "latency": fresh_latency,
             "floor": "uds_ping_pong",
             "ratio_to_floor_p50": ratio(fresh_p50, floor_p50),
         }),
+        open_connection_result(
+            "fetch_x509svid_open_connection_agent_current_thread",
+            &separate[0],
+            floor_p50,
+            "agent on its own thread with a current-thread tokio runtime, client on another thread with its own current-thread runtime (as two processes; threads not pinned, they may share or cross cores); server on the main runtime, off the measured path",
+        )?,
+        open_connection_result(
+            "fetch_x509svid_open_connection_agent_multi_thread",
+            &separate[1],
+            floor_p50,
+            "agent on its own 2-worker multi-thread tokio runtime (started from its own thread), client on another thread with its own current-thread runtime (as two processes; threads not pinned, they may share or cross cores); server on the main runtime, off the measured path",
+        )?,
     ])
+}
+
+/// `n` `FetchX509SVID` calls on one open connection to `socket`, after 50 unmeasured
+/// ones: each call is a new stream whose first message is awaited (what a client does
+/// on every refresh).
+async fn open_connection_samples(socket: &Path, n: usize) -> Result<Vec<Duration>> {
+    use tessera_agent::cli::with_header;
+    use tessera_proto::workload::X509svidRequest;
+    use tessera_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+
+    let channel = tessera_proto::uds::connect(socket).await?;
+    let mut client = SpiffeWorkloadApiClient::new(channel);
+    let mut open = Vec::with_capacity(n);
+    for i in 0..n + 50 {
+        let start = Instant::now();
+        let mut stream = client
+            .fetch_x509svid(with_header(X509svidRequest {}))
+            .await?
+            .into_inner();
+        stream.message().await?.context("no SVID")?;
+        if i >= 50 {
+            open.push(start.elapsed());
+        }
+    }
+    Ok(open)
+}
+
+/// The JSON result of an open-connection measurement against the `uds_ping_pong` floor.
+fn open_connection_result(
+    name: &str,
+    samples: &[Duration],
+    floor_p50: f64,
+    note: &str,
+) -> Result<Value> {
+    let open_latency = latency(samples)?;
+    let open_p50 = open_latency["p50"].as_f64().unwrap_or(0.0);
+    Ok(json!({
+        "name": name,
+        "latency": open_latency,
+        "floor": "uds_ping_pong",
+        "ratio_to_floor_p50": ratio(open_p50, floor_p50),
+        "note": note,
+    }))
+}
+
+/// [`open_connection_samples`] run by a client on its own thread with its own
+/// current-thread runtime, as a workload process would.
+async fn client_thread_samples(socket: PathBuf, n: usize) -> Result<Vec<Duration>> {
+    let (done, result) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("bench-client".into())
+        .spawn(move || {
+            let samples = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|runtime| runtime.block_on(open_connection_samples(&socket, n)));
+            let _ = done.send(samples);
+        })?;
+    result.await.context("client thread ended")?
+}
+
+/// An agent on its own OS thread with its own tokio runtime (current-thread or 2-worker
+/// multi-thread), as the agent process would run it. The runtime blocks on a stop
+/// signal; [`AgentThread::stop`] (or dropping it) stops the agent, then the runtime
+/// shuts down with the thread.
+struct AgentThread {
+    agent_id: String,
+    socket_path: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl AgentThread {
+    /// Starts the agent `name` of `h` and waits until it has synced.
+    async fn start(h: &tessera_tests::Harness, name: &str, multi_thread: bool) -> Result<Self> {
+        // The per-uid request rate limit would refuse a benchmark's thousands of calls.
+        let mut config = h.agent_config(name);
+        config.max_requests_per_second_per_uid = 0;
+        let token = h.join_token(None).await;
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Result<(String, PathBuf)>>();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name(format!("{name}-agent"))
+            .spawn(move || -> Result<()> {
+                let runtime = if multi_thread {
+                    tokio::runtime::Builder::new_multi_thread()
+                        .worker_threads(2)
+                        .enable_all()
+                        .build()?
+                } else {
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()?
+                };
+                let result = runtime.block_on(async move {
+                    let agent = match tessera_agent::start(config, Some(token)).await {
+                        Ok(agent) => agent,
+                        Err(err) => {
+                            let _ = ready_tx.send(Err(anyhow::anyhow!("agent start: {err}")));
+                            return Ok(());
+                        }
+                    };
+                    tessera_tests::wait_until("agent synced", Duration::from_secs(10), || {
+                        agent.is_synced()
+                    })
+                    .await;
+                    let ready = (
+                        agent.agent_id().as_str().to_owned(),
+                        agent.socket_path().to_owned(),
+                    );
+                    if ready_tx.send(Ok(ready)).is_ok() {
+                        // Serve until told to stop (or until the sender is dropped).
+                        let _ = stop_rx.await;
+                    }
+                    agent.stop().await
+                });
+                runtime.shutdown_timeout(Duration::from_secs(5));
+                result.map_err(Into::into)
+            })?;
+        let mut this = Self {
+            agent_id: String::new(),
+            socket_path: PathBuf::new(),
+            stop: Some(stop),
+            thread: Some(thread),
+        };
+        match ready_rx.await {
+            Ok(Ok((agent_id, socket_path))) => {
+                this.agent_id = agent_id;
+                this.socket_path = socket_path;
+                Ok(this)
+            }
+            Ok(Err(err)) => {
+                this.stop().await?;
+                Err(err)
+            }
+            Err(_) => {
+                this.stop().await?;
+                anyhow::bail!("agent thread ended before it was ready")
+            }
+        }
+    }
+
+    /// Stops the agent and waits for its thread (and runtime) to end.
+    async fn stop(mut self) -> Result<()> {
+        self.stop.take();
+        let thread = self.thread.take().context("agent thread already joined")?;
+        tokio::task::spawn_blocking(move || thread.join())
+            .await?
+            .map_err(|_| anyhow::anyhow!("agent thread panicked"))?
+    }
+}
+
+impl Drop for AgentThread {
+    fn drop(&mut self) {
+        self.stop.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// Latencies of one propagation run: entry create -> SVID on the stream, entry delete
