@@ -1208,7 +1208,7 @@ fn system_time(unix: i64) -> SystemTime {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::Arc;
     use std::time::Instant;
 
@@ -2237,7 +2237,7 @@ mod tests {
     }
 
     /// webpki path validation of `chain` (leaf first) against `roots`, both usages.
-    fn verify_path(chain: &[Vec<u8>], roots: &[Vec<u8>]) -> Result<(), webpki::Error> {
+    pub(crate) fn verify_path(chain: &[Vec<u8>], roots: &[Vec<u8>]) -> Result<(), webpki::Error> {
         let root_ders: Vec<CertificateDer<'_>> = roots
             .iter()
             .map(|d| CertificateDer::from(d.as_slice()))

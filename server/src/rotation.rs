@@ -2035,6 +2035,19 @@ mod tests {
             .unwrap()
     }
 
+    /// The rotation of the data directory `data` (disk key manager), opened at `now`.
+    async fn reopen(data: &Path, now: SystemTime) -> Rotation {
+        Rotation::open_with(
+            config(Some(data.to_owned())),
+            disk(data).await,
+            None,
+            None,
+            now,
+        )
+        .await
+        .unwrap()
+    }
+
     async fn disk(dir: &Path) -> Arc<dyn KeyManager> {
         Arc::new(DiskKeyManager::open(dir.join("keys")).await.unwrap())
     }
@@ -2129,15 +2142,7 @@ mod tests {
         // clock the CA's self-test uses.
         let t0 = SystemTime::now() - Duration::from_secs(40);
 
-        let rotation = Rotation::open_with(
-            config(Some(data.clone())),
-            disk(&data).await,
-            None,
-            None,
-            t0,
-        )
-        .await
-        .unwrap();
+        let rotation = reopen(&data, t0).await;
         let first_serial = rotation.x509().serial_hex();
         let first_kid = rotation.jwt().current().kid().to_owned();
         assert!(rotation.publish(ds.as_ref(), t0).await.unwrap());
@@ -2154,15 +2159,7 @@ mod tests {
         // Crash: nothing published, nothing activated.
         drop(rotation);
 
-        let rotation = Rotation::open_with(
-            config(Some(data.clone())),
-            disk(&data).await,
-            None,
-            None,
-            at(t0, 32),
-        )
-        .await
-        .unwrap();
+        let rotation = reopen(&data, at(t0, 32)).await;
         let journal = rotation.journal().await;
         assert_eq!(
             journal.x509_in(KeyState::Prepared),
@@ -2246,15 +2243,7 @@ mod tests {
         assert_eq!(stored(ds.as_ref()).await.jwt_authorities.len(), 1);
 
         // A restart after all that resumes with the same keys.
-        let again = Rotation::open_with(
-            config(Some(data.clone())),
-            disk(&data).await,
-            None,
-            None,
-            at(t0, 40),
-        )
-        .await
-        .unwrap();
+        let again = reopen(&data, at(t0, 40)).await;
         assert_eq!(again.x509().serial_hex(), prepared.serial);
         assert_eq!(again.jwt().current().kid(), prepared_jwt.kid);
         assert!(
@@ -2267,15 +2256,7 @@ mod tests {
     async fn a_missing_key_stops_the_start() {
         let dir = tempfile::tempdir().unwrap();
         let data = private_dir(&dir);
-        let rotation = Rotation::open_with(
-            config(Some(data.clone())),
-            disk(&data).await,
-            None,
-            None,
-            SystemTime::now(),
-        )
-        .await
-        .unwrap();
+        let rotation = reopen(&data, SystemTime::now()).await;
         let key_id = rotation.x509().active().key_id().to_owned();
         drop(rotation);
         std::fs::remove_file(data.join("keys").join(format!("{key_id}.key"))).unwrap();
@@ -2571,32 +2552,7 @@ mod tests {
 
     /// webpki path validation of an issued chain (leaf first) against `roots`.
     fn verifies(chain: &[Vec<u8>], roots: &[Vec<u8>]) -> bool {
-        use rustls::pki_types::{CertificateDer, UnixTime};
-        let root_ders: Vec<CertificateDer<'_>> = roots
-            .iter()
-            .map(|d| CertificateDer::from(d.as_slice()))
-            .collect();
-        let anchors: Vec<_> = root_ders
-            .iter()
-            .map(|d| webpki::anchor_from_trusted_cert(d).unwrap())
-            .collect();
-        let leaf = CertificateDer::from(chain[0].as_slice());
-        let intermediates: Vec<CertificateDer<'_>> = chain[1..]
-            .iter()
-            .map(|d| CertificateDer::from(d.as_slice()))
-            .collect();
-        webpki::EndEntityCert::try_from(&leaf)
-            .unwrap()
-            .verify_for_usage(
-                webpki::ALL_VERIFICATION_ALGS,
-                &anchors,
-                &intermediates,
-                UnixTime::now(),
-                webpki::KeyUsage::client_auth(),
-                None,
-                None,
-            )
-            .is_ok()
+        crate::ca::tests::verify_path(chain, roots).is_ok()
     }
 
     fn svid_chain(rotation: &Rotation) -> Vec<Vec<u8>> {
@@ -2696,15 +2652,7 @@ mod tests {
         let files = write_upstream(dir.path(), Duration::from_secs(30 * 24 * 3600));
         let ds = datastore(&data).await;
         let t0 = SystemTime::now() - Duration::from_secs(40);
-        let plain = Rotation::open_with(
-            config(Some(data.clone())),
-            disk(&data).await,
-            None,
-            None,
-            t0,
-        )
-        .await
-        .unwrap();
+        let plain = reopen(&data, t0).await;
         let self_signed = plain.x509().certificate_der();
         // A self-signed CA's journal record keeps its old shape: no upstream fields.
         let text = String::from_utf8(plain.journal().await.to_bytes()).unwrap();
@@ -2767,15 +2715,7 @@ mod tests {
         drop(switched);
 
         // And back: a self-signed CA is prepared beside the upstream-signed active one.
-        let back = Rotation::open_with(
-            config(Some(data.clone())),
-            disk(&data).await,
-            None,
-            None,
-            at(t0, 53),
-        )
-        .await
-        .unwrap();
+        let back = reopen(&data, at(t0, 53)).await;
         let journal = back.journal().await;
         let prepared_back = journal.x509_in(KeyState::Prepared).unwrap().clone();
         assert!(!prepared_back.is_upstream_signed());

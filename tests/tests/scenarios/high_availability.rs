@@ -6,7 +6,6 @@
 //! itself (SECURITY.md §3.10 item 101).
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tessera_proto::admin::admin_client::AdminClient;
@@ -18,8 +17,8 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 use crate::support::{
-    ServerProcess, attest_at, ca_der, fetch_x509_raw, new_key_and_csr, split_der, verify,
-    wait_healthy,
+    ServerProcess, attest_at, ca_der, concurrent_attestations, fetch_x509_raw, new_key_and_csr,
+    split_der, verify, wait_healthy,
 };
 
 async fn admin_at(socket: &Path) -> AdminClient<Channel> {
@@ -102,6 +101,24 @@ async fn wait_for_svid(
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Creates an entry for this process under `agent_id` through the admin API at
+/// `admin_socket`, then waits (up to `limit`) until the agent at `agent_socket` serves
+/// its SVID; returns the chain and bundle served.
+async fn create_and_wait(
+    admin_socket: &Path,
+    agent_socket: &Path,
+    agent_id: &str,
+    spiffe_id: &str,
+    limit: Duration,
+) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+    admin_at(admin_socket)
+        .await
+        .create_entry(entry(agent_id, spiffe_id))
+        .await
+        .unwrap();
+    wait_for_svid(agent_socket, spiffe_id, limit, |_| true).await
 }
 
 /// Whether `ca` (DER) signed `leaf` (DER).
@@ -207,16 +224,12 @@ async fn two_servers_share_postgres_and_the_agent_fails_over_when_one_is_killed(
 
     // An entry written through B reaches the agent synced with A: B's write wakes A.
     let started = Instant::now();
-    admin_at(&b.admin_socket())
-        .await
-        .create_entry(entry(&agent_id, "spiffe://example.org/ha/before"))
-        .await
-        .unwrap();
-    let (chain, served_bundle) = wait_for_svid(
+    let (chain, served_bundle) = create_and_wait(
+        &b.admin_socket(),
         &agent_socket,
+        &agent_id,
         "spiffe://example.org/ha/before",
         Duration::from_secs(10),
-        |_| true,
     )
     .await;
     let woke = started.elapsed();
@@ -243,16 +256,12 @@ async fn two_servers_share_postgres_and_the_agent_fails_over_when_one_is_killed(
 
     // The agent moves to B: a new entry written through B arrives, signed by B, and
     // the first workload's SVID is renewed by B before it expires.
-    admin_at(&b.admin_socket())
-        .await
-        .create_entry(entry(&agent_id, "spiffe://example.org/ha/after"))
-        .await
-        .unwrap();
-    let (chain, served_bundle) = wait_for_svid(
+    let (chain, served_bundle) = create_and_wait(
+        &b.admin_socket(),
         &agent_socket,
+        &agent_id,
         "spiffe://example.org/ha/after",
         Duration::from_secs(20),
-        |_| true,
     )
     .await;
     eprintln!("served by B {:?} after A was killed", killed.elapsed());
@@ -304,22 +313,16 @@ async fn concurrent_token_use_across_two_servers_has_one_winner() {
     let a = Harness::start_with(&datastore_config(&db)).await;
     let b = Harness::start_with(&datastore_config(&db)).await;
     let token = a.join_token(None).await;
-    let barrier = Arc::new(tokio::sync::Barrier::new(8));
-    let tasks: Vec<_> = (0..8)
+    let targets = (0..8)
         .map(|i| {
             let server = if i % 2 == 0 { &a } else { &b };
-            let (address, ca, token) = (server.node_address(), ca_der(server), token.clone());
-            let barrier = Arc::clone(&barrier);
-            tokio::spawn(async move {
-                let csr = new_key_and_csr().1;
-                barrier.wait().await;
-                attest_at(&address, ca, token.as_bytes(), csr).await
-            })
+            (server.node_address(), ca_der(server))
         })
         .collect();
+    let results = concurrent_attestations(targets, &token).await;
     let mut winners = 0;
-    for task in tasks {
-        match task.await.unwrap() {
+    for result in results {
+        match result {
             Ok(_) => winners += 1,
             Err(status) => assert_eq!(status.code(), Code::InvalidArgument, "{status:?}"),
         }

@@ -25,7 +25,8 @@ use x509_parser::prelude::FromDer;
 
 use crate::support::{
     Credential, SERVER_ID, attest_at, attest_messages_at, attest_raw, attested_agent, ca_der,
-    new_key_and_csr, new_x509_svid, node_client, node_client_with, node_tls, workload_credential,
+    concurrent_attestations, new_key_and_csr, new_x509_svid, node_client, node_client_with,
+    node_tls, workload_credential,
 };
 
 /// The message of an unknown or spent token (suite `join-token`).
@@ -116,22 +117,11 @@ async fn concurrent_use_of_one_token_succeeds_once() {
     // Item 82: SPIRE 1.14.6 fixed a TOCTOU here.
     let h = Harness::start().await;
     let token = h.join_token(None).await;
-    let csrs: Vec<Vec<u8>> = (0..8).map(|_| new_key_and_csr().1).collect();
-    let barrier = Arc::new(tokio::sync::Barrier::new(8));
-    let tasks: Vec<_> = csrs
-        .into_iter()
-        .map(|csr| {
-            let (address, ca, token) = (h.node_address(), ca_der(&h), token.clone());
-            let barrier = Arc::clone(&barrier);
-            tokio::spawn(async move {
-                barrier.wait().await;
-                attest_at(&address, ca, token.as_bytes(), csr).await
-            })
-        })
-        .collect();
+    let targets = vec![(h.node_address(), ca_der(&h)); 8];
+    let results = concurrent_attestations(targets, &token).await;
     let mut ok = 0;
-    for task in tasks {
-        match task.await.unwrap() {
+    for result in results {
+        match result {
             Ok(svid) => {
                 assert_eq!(svid.spiffe_id, agent_id_of_token(&token));
                 ok += 1;

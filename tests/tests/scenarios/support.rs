@@ -306,6 +306,31 @@ pub async fn attest_at(
     attest_messages_at(address, ca, vec![join_token_params(token, csr)]).await
 }
 
+/// One `token` presented by concurrent attestations, one per `(address, ca)` target,
+/// released together by a barrier; their results in target order.
+pub async fn concurrent_attestations(
+    targets: Vec<(String, Vec<u8>)>,
+    token: &str,
+) -> Vec<Result<tessera_proto::node::AgentSvid, tonic::Status>> {
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(targets.len()));
+    let tasks: Vec<_> = targets
+        .into_iter()
+        .map(|(address, ca)| {
+            let (csr, token) = (new_key_and_csr().1, token.to_owned());
+            let barrier = std::sync::Arc::clone(&barrier);
+            tokio::spawn(async move {
+                barrier.wait().await;
+                attest_at(&address, ca, token.as_bytes(), csr).await
+            })
+        })
+        .collect();
+    let mut results = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        results.push(task.await.expect("attestation task"));
+    }
+    results
+}
+
 /// `join_token` attestation with `token` (raw bytes, so malformed tokens can be sent)
 /// and `csr` against the harness's server.
 pub async fn attest_raw(
